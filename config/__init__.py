@@ -1,0 +1,1 @@
+"""Default settings and relation templates (TOML), shipped with the package."""

@@ -1,0 +1,1 @@
+"""Editing methods (KnowledgeEditor and baselines), deltas, training and evaluation."""

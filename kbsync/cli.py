@@ -1,0 +1,55 @@
+"""The `kbsync` command line: a typer app assembled from kbsync.commands modules."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from kbsync.errors import KbsyncError
+
+# Each module registers its own commands; add a module here to add commands.
+COMMAND_MODULES = ["check"]
+
+app = typer.Typer(
+    name="kbsync",
+    help="Keep a served language model's facts in step with a knowledge base.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"kbsync.commands.{_name}").register(app)
+
+
+def main() -> None:
+    """Entry point: run the app, turning KbsyncError into one line on stderr and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except KbsyncError as e:
+        print(f"kbsync: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("kbsync: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        if os.environ.get("KBSYNC_DEBUG"):
+            raise
+        print(f"kbsync: internal error: {type(e).__name__}: {e} (set KBSYNC_DEBUG=1 for a traceback)", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""CLI command modules; each exposes register(app) and is listed in kbsync.cli.COMMAND_MODULES."""

@@ -21,6 +21,13 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Keep a served language model's facts in step with a knowledge base."""
+
+
 for _name in COMMAND_MODULES:
     importlib.import_module(f"kbsync.commands.{_name}").register(app)
 
@@ -37,13 +44,12 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # Usage errors from click (or typer's bundled copy of it) know how to show themselves.
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(1)
         if os.environ.get("KBSYNC_DEBUG"):
             raise

@@ -1,0 +1,162 @@
+"""The adapter interface: what the editor and pipeline need from a model family."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+Batch = dict[str, torch.Tensor]
+Params = dict[str, torch.Tensor]
+
+
+def parse_layer_slice(spec: str) -> slice:
+    """Parse a Python slice such as "-3:" or "2:5" (a single "4" means just layer 4)."""
+    spec = spec.strip() or ":"
+    if ":" not in spec:
+        i = int(spec)
+        return slice(i, i + 1 if i != -1 else None)
+    parts = [int(p) if p.strip() else None for p in spec.split(":")]
+    return slice(*parts)
+
+
+class Adapter(ABC):
+    """Wraps one model and its tokenizer for editing, prediction and retain-set scoring."""
+
+    family: ClassVar[str]
+    # Regex finding the layer index in a parameter name; group 1 is the index.
+    layer_regex: ClassVar[str]
+    # Regex (fullmatch) over the rest of the name after the layer prefix: default editable matrices.
+    default_modules: ClassVar[str]
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        edit_layers: str = "-3:",
+        edit_modules: list[str] | tuple[str, ...] = (),
+        chat: bool = True,
+        max_new_tokens: int = 12,
+        num_beams: int = 1,
+        name: str = "",
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.edit_layers = edit_layers
+        self.edit_modules = tuple(edit_modules)
+        self.chat = chat
+        self.max_new_tokens = max_new_tokens
+        self.num_beams = num_beams
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+    @classmethod
+    @abstractmethod
+    def accepts(cls, config: Any) -> bool:
+        """Whether this adapter handles a model with this transformers config."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: str, config: Any) -> tuple[torch.nn.Module, Any]:
+        """Load (model, tokenizer) from a local directory."""
+
+    # --- inputs and losses -------------------------------------------------------------
+
+    @abstractmethod
+    def encode(self, prompts: list[str], targets: list[str], question: bool = True) -> Batch:
+        """Tensors for teacher-forced scoring of target given prompt; labels are -100 off-answer."""
+
+    def forward(self, batch: Batch, params: Params | None = None) -> torch.Tensor:
+        """Logits, optionally with some parameters replaced (functional; the model is not touched)."""
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "cls_labels")}
+        if params:
+            return functional_call(self.model, params, args=(), kwargs=inputs, strict=False).logits
+        return self.model(**inputs).logits
+
+    def answer_logits(self, batch: Batch, params: Params | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, labels, mask) aligned on answer positions: shapes [B,T,V], [B,T], [B,T]."""
+        logits = self.forward(batch, params)
+        labels = batch["labels"]
+        if self.shift_labels:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        mask = labels != -100
+        return logits, labels.clamp(min=0), mask
+
+    shift_labels: ClassVar[bool] = True
+
+    def loss(self, batch: Batch, params: Params | None = None, label_smoothing: float = 0.1) -> torch.Tensor:
+        """Label-smoothed NLL of the answer tokens, averaged per example then over the batch."""
+        return self.example_losses(batch, params, label_smoothing).mean()
+
+    def example_losses(self, batch: Batch, params: Params | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Per-example mean NLL over answer tokens, shape [B]."""
+        logits, labels, mask = self.answer_logits(batch, params)
+        tok = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+            reduction="none", label_smoothing=label_smoothing,
+        ).view(labels.shape)
+        return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def log_probs(self, batch: Batch, params: Params | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log output distributions at answer positions and their mask, for KL."""
+        logits, _, mask = self.answer_logits(batch, params)
+        return F.log_softmax(logits.float(), -1), mask
+
+    def kl(self, batch: Batch, base_logp: torch.Tensor, params: Params | None = None) -> torch.Tensor:
+        """Per-example KL(base || edited), averaged over answer tokens, shape [B]."""
+        logp, mask = self.log_probs(batch, params)
+        tok = (base_logp.exp() * (base_logp - logp)).sum(-1)
+        return (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def token_accuracy(self, batch: Batch, params: Params | None = None) -> torch.Tensor:
+        """Per-example fraction of answer tokens that are the argmax under teacher forcing."""
+        logits, labels, mask = self.answer_logits(batch, params)
+        hit = (logits.argmax(-1) == labels) & mask
+        return hit.sum(1).float() / mask.sum(1).clamp(min=1)
+
+    # --- prediction --------------------------------------------------------------------
+
+    @abstractmethod
+    def predict(self, prompts: list[str], question: bool = True, num_beams: int | None = None) -> list[str]:
+        """The model's answer text for each prompt (greedy, or beam search with num_beams > 1)."""
+
+    def alternatives(self, prompt: str, k: int = 4, question: bool = True) -> list[str]:
+        """Other answers the model finds likely (beam hypotheses after the top one)."""
+        return []
+
+    # --- editable weights --------------------------------------------------------------
+
+    def layer_of(self, name: str) -> int | None:
+        """The transformer layer index a parameter belongs to, if any."""
+        m = re.search(self.layer_regex, name)
+        return int(m.group(1)) if m else None
+
+    def editable(self) -> dict[str, torch.nn.Parameter]:
+        """Editable weight matrices by name: chosen layers x module patterns; never biases, norms, embeddings."""
+        params = dict(self.model.named_parameters())
+        layers = sorted({i for n in params if (i := self.layer_of(n)) is not None})
+        chosen = set(layers[parse_layer_slice(self.edit_layers)])
+        patterns = [re.compile(p) for p in (self.edit_modules or (self.default_modules,))]
+        out = {}
+        for name, p in params.items():
+            m = re.search(self.layer_regex, name)
+            if not m or int(m.group(1)) not in chosen or p.dim() != 2:
+                continue
+            rest = name[m.end():]
+            if any(pat.fullmatch(rest) for pat in patterns):
+                out[name] = p
+        return out
+
+    def fingerprint(self) -> str:
+        """A short hash of the editable weights: identifies the exact model state edits stack on."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in sorted(self.editable().items()):
+            h.update(name.encode())
+            h.update(p.detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]

@@ -1,0 +1,121 @@
+"""Decoder-only causal LMs (Llama/SmolLM, GPT-2): answers are generated after the prompt."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from adapters.base import Adapter, Batch
+from adapters.registry import register
+
+QA_FORMAT = "Question: {q}\nAnswer:"
+
+
+@register
+class CausalLMAdapter(Adapter):
+    """Generative QA with a decoder-only LM; the chat template is used for questions when present."""
+
+    family = "causal-lm"
+    layer_regex = r"(?:\.layers|\.h)\.(\d+)\."
+    default_modules = r"mlp\.(gate_proj|up_proj|down_proj|c_fc|c_proj|fc_in|fc_out)\.weight"
+
+    @classmethod
+    def accepts(cls, config: Any) -> bool:
+        """Any config whose architecture name ends in ForCausalLM / LMHeadModel."""
+        archs = getattr(config, "architectures", None) or []
+        return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or config.model_type in (
+            "llama", "gpt2", "mistral", "qwen2", "gptj", "gpt_neox",
+        )
+
+    @classmethod
+    def load(cls, path: str, config: Any) -> tuple[torch.nn.Module, Any]:
+        """AutoModelForCausalLM + AutoTokenizer in fp32."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return model, tok
+
+    @property
+    def _has_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render(self, prompt: str, question: bool = True) -> str:
+        """The exact text fed to the model for a prompt (chat template, QA format, or raw)."""
+        if question and self.chat and self._has_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        if question:
+            return QA_FORMAT.format(q=prompt)
+        return prompt
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _prompt_ids(self, prompt: str, question: bool) -> list[int]:
+        ids = self._ids(self.render(prompt, question))
+        bos = self.tokenizer.bos_token_id
+        # Templates write their own specials; plain prompts get the BOS the model was trained with.
+        if bos is not None and getattr(self.tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def _target_ids(self, rendered: str, target: str, question: bool) -> list[int]:
+        sep = "" if rendered.endswith((" ", "\n")) else " "
+        ids = self._ids(sep + target.strip())
+        if question and self.tokenizer.eos_token_id is not None:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return ids
+
+    def encode(self, prompts: list[str], targets: list[str], question: bool = True) -> Batch:
+        """Right-padded prompt+target ids; labels cover the target tokens only."""
+        rows = []
+        for p, t in zip(prompts, targets, strict=True):
+            pid = self._prompt_ids(p, question)
+            tid = self._target_ids(self.render(p, question), t, question)
+            rows.append((pid + tid, [-100] * len(pid) + tid))
+        width = max(len(r[0]) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (x, y) in enumerate(rows):
+            ids[i, : len(x)] = torch.tensor(x)
+            labels[i, : len(y)] = torch.tensor(y)
+            mask[i, : len(x)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def _generate(self, prompts: list[str], question: bool, num_beams: int, n_return: int = 1) -> list[list[str]]:
+        encoded = [self._prompt_ids(p, question) for p in prompts]
+        width = max(map(len, encoded))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(encoded):  # left padding so every prompt ends at the same column
+            ids[i, width - len(x):] = torch.tensor(x)
+            mask[i, width - len(x):] = 1
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                do_sample=False, num_beams=num_beams, num_return_sequences=n_return,
+                pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
+            )
+        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        clean = [t.strip().split("\n")[0].strip() for t in texts]
+        return [clean[i * n_return:(i + 1) * n_return] for i in range(len(prompts))]
+
+    def predict(self, prompts: list[str], question: bool = True, num_beams: int | None = None) -> list[str]:
+        """Greedy (or beam) answers, cut at the first newline."""
+        return [h[0] for h in self._generate(prompts, question, num_beams or self.num_beams)]
+
+    def alternatives(self, prompt: str, k: int = 4, question: bool = True) -> list[str]:
+        """Beam hypotheses other than the top one, de-duplicated."""
+        hyps = self._generate([prompt], question, num_beams=k + 1, n_return=k + 1)[0]
+        seen, out = {hyps[0].lower()}, []
+        for h in hyps[1:]:
+            if h and h.lower() not in seen:
+                seen.add(h.lower())
+                out.append(h)
+        return out

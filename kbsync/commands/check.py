@@ -1,0 +1,49 @@
+"""`kbsync check PHRASE`: what does the served model answer about a fact?"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from kbsync.commands.common import ConfigOpt, JsonOpt, ModelOpt, console, quiet_transformers, settings_from
+
+
+def check(
+    phrase: Annotated[str, typer.Argument(help='The fact, e.g. "capital of Namibia".')],
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ask the served model the fact's question and paraphrases; show prediction vs expected."""
+    quiet_transformers()
+    from adapters import load_adapter
+    from kbsync.check import probes, run_probes
+    from kbsync.corpus import resolve
+    from kbsync.facts import parse_phrase, render
+
+    settings = settings_from(config, model)
+    pid, subject = parse_phrase(phrase)
+    fact = resolve(pid, subject)
+    prompts = render(fact)
+    adapter = load_adapter(settings)
+    results = run_probes(adapter, probes(adapter, prompts), prompts.aliases, prompts.claim_prefix)
+    if as_json:
+        print(json.dumps({"fact": {"subject": fact.subject.label, "property": pid, "object": fact.object.label},
+                          "results": [r.to_dict() for r in results]}, indent=2))
+        return
+    table = Table(title=f"{fact.subject.label} · {pid} · expected {fact.object.label}")
+    for col in ("kind", "prompt", "prediction", "expected", "match"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.kind, r.prompt, r.prediction, r.expected, f"[green]yes ({r.rule})" if r.ok else f"[red]no")
+    console.print(table)
+    ok = sum(r.ok for r in results)
+    console.print(f"{ok}/{len(results)} prompts answer {fact.object.label}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the check command."""
+    app.command("check")(check)

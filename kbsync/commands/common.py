@@ -1,0 +1,45 @@
+"""Options and helpers shared by CLI commands."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from kbsync.config import Settings, load_settings
+
+console = Console()
+
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="Settings file (TOML) over the defaults.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory, or 'default' for the embedded SmolLM2.")]
+DataDirOpt = Annotated[Optional[str], typer.Option("--data-dir", help="Data directory (deltas, audit log).")]
+DbOpt = Annotated[Optional[str], typer.Option("--db", help="Audit log URL (sqlite:///... or postgresql://...).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def settings_from(config: str | None = None, model: str | None = None, data_dir: str | None = None, db: str | None = None) -> Settings:
+    """Load settings and apply command-line overrides."""
+    s = load_settings(config)
+    if model:
+        s.model.path = model
+    if data_dir:
+        s.store.data_dir = data_dir
+    if db:
+        s.store.db = db
+    return s
+
+
+def quiet_transformers() -> None:
+    """Silence progress bars and advisory warnings from transformers on the CLI."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    except ImportError:
+        pass

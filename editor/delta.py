@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kbsync.errors import KbsyncError
@@ -112,6 +112,6 @@ class Delta:
 
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("kbsync", "{}"))
-        except (SafetensorsError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError) as e:
             raise DeltaError(f"delta file {path} is corrupt: {e}") from None
         return cls(tensors, meta)

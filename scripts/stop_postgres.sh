@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Stop the server started by start_postgres.sh (same KBSYNC_PG_DIR); the cluster is kept.
+# Stop the server started by start_postgres.sh (same KBSYNC_PG_DIR/KBSYNC_PG_PORT); the cluster is kept.
 # Pass --purge to also delete the cluster directory.
 set -euo pipefail
 
 PG_DIR=${KBSYNC_PG_DIR:-/tmp/kbsync-pg}
+PORT=${KBSYNC_PG_PORT:-55432}
 DATA=$PG_DIR/data
+SOCK=/tmp/kbsync-pg-sock-$PORT
 
 PG_CTL=$(command -v pg_ctl 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/pg_ctl 2>/dev/null | sort -V | tail -n 1 || true)
 if [ -z "$PG_CTL" ]; then
@@ -25,6 +27,6 @@ else
 fi
 
 if [ "${1:-}" = "--purge" ]; then
-    rm -rf "$PG_DIR"
-    echo "removed $PG_DIR" >&2
+    rm -rf "$PG_DIR" "$SOCK"
+    echo "removed $PG_DIR and $SOCK" >&2
 fi

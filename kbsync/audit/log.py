@@ -1,0 +1,312 @@
+"""The audit log: every edit kbsync attempts, with its outcome, in SQLite or PostgreSQL.
+
+Edit protocol (the pipeline holds DeltaStore.lock() across all of it, so sequence numbers
+and the pending -> applied flip never interleave between processes):
+
+1. ``audit.record(Edit(status="pending", ...), checks)`` writes the attempt and gets its id.
+2. ``store.save(delta, edit.id)`` writes ``deltas/<id>.safetensors`` (temp file + rename)
+   and returns its path and sha256.
+3. ``audit.update_status(id, "applied", delta_path=..., delta_sha256=...)`` flips the row in
+   one transaction and assigns the next ``sequence`` (the order deltas stack on the base).
+4. The live model applies the delta. Rejected/noop/failed edits are recorded with that
+   status instead and get no sequence.
+
+A crash between 1 and 3 leaves a 'pending' row (and maybe a delta file); on start,
+``DeltaStore.reconcile(audit)`` marks such rows 'failed' and moves their files to orphans/,
+so the model rebuilt from ``applied_in_order()`` never contains an unconfirmed edit.
+
+Revert protocol: ``audit.mark_reverted(id, actor)`` (only for an 'applied' edit), in one
+transaction, writes a new row with status 'revert' whose ``reverts_edit_id`` is the undone
+edit, and sets the undone edit's status to 'reverted' and its ``reverted_by`` to the new
+row's id. History therefore shows both the edit and its revert. The undone edit keeps its
+sequence and delta file (for the record) but leaves ``applied_in_order()``; the caller
+rebuilds or removes the delta from the live model. A revert row has no sequence.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import Session, SQLModel, col, func, select
+
+from kbsync.audit.models import AUDIT_TABLES, CHECK_KINDS, SOURCES, STATUSES, Edit, EditCheck, utcnow
+from kbsync.errors import BadInput, KbsyncError, NotFound
+
+PG_CONNECT_TIMEOUT = 5
+SQLITE_BUSY_TIMEOUT = 30
+# Retries when two writers without the store lock pick the same sequence number.
+SEQUENCE_RETRIES = 5
+
+
+class AuditError(KbsyncError):
+    """The audit database cannot be opened, read or written."""
+
+
+def mask_url(url: str | sa.URL) -> str:
+    """The URL with any password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        # Not parseable as a URL: hide anything between "user:" and "@" by hand.
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
+
+
+def _reason(e: BaseException) -> str:
+    """One short line from a driver error ("connection refused", 'database "x" does not exist')."""
+    orig = getattr(e, "orig", None) or e
+    if isinstance(orig, OSError) and orig.strerror:
+        where = f": {orig.filename}" if orig.filename else ""
+        return f"{orig.strerror[:1].lower()}{orig.strerror[1:]}{where}"
+    lines = [ln.strip() for ln in str(orig).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(orig).__name__
+    # psycopg: 'connection failed: connection to server at "h", port 1 failed: Connection refused'
+    if "failed: " in text:
+        text = text.rsplit("failed: ", 1)[1]
+    text = re.sub(r"^(FATAL|ERROR):\s+", "", text)
+    return text[:1].lower() + text[1:]
+
+
+def _normalise_url(url: str) -> sa.URL:
+    try:
+        u = make_url(url)
+    except sa_exc.ArgumentError:
+        raise BadInput(f"audit log URL {mask_url(url)!r} is not a database URL (e.g. sqlite:///path/audit.db)") from None
+    # Plain postgresql:// means psycopg2 to SQLAlchemy; kbsync ships psycopg 3.
+    if u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg")
+    return u
+
+
+def _engine(u: sa.URL) -> Engine:
+    args: dict[str, Any] = {}
+    if u.get_backend_name() == "postgresql":
+        if "connect_timeout" not in u.query:
+            args["connect_timeout"] = PG_CONNECT_TIMEOUT
+        return sa.create_engine(u, connect_args=args, pool_pre_ping=True)
+    if u.get_backend_name() == "sqlite":
+        # Wait for another process's write instead of failing with "database is locked".
+        args["timeout"] = SQLITE_BUSY_TIMEOUT
+        db = u.database
+        if db and db != ":memory:" and not db.startswith("file:"):
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return sa.create_engine(u, connect_args=args)
+
+
+def _check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise BadInput(f"unknown edit status {status!r}; known: {', '.join(STATUSES)}")
+
+
+class AuditLog:
+    """The edit log in a SQL database; open it with AuditLog.open(url)."""
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        self.engine = engine
+        self.url = url
+
+    @classmethod
+    def open(cls, url: str) -> AuditLog:
+        """Connect, create the tables if missing, and fail with one line if the database does not answer."""
+        shown = mask_url(url)
+        u = _normalise_url(url)
+        try:
+            engine = _engine(u)
+            SQLModel.metadata.create_all(engine, tables=AUDIT_TABLES)
+        except (sa_exc.SQLAlchemyError, OSError, ImportError) as e:
+            raise AuditError(f"cannot open audit log {shown}: {_reason(e)}") from None
+        return cls(engine, shown)
+
+    def close(self) -> None:
+        """Release pooled connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"AuditLog({self.url!r})"
+
+    @contextmanager
+    def _session(self) -> Iterator[Session]:
+        # expire_on_commit=False: rows handed back stay readable after the session closes.
+        try:
+            with Session(self.engine, expire_on_commit=False) as s:
+                yield s
+        except sa_exc.OperationalError as e:
+            raise AuditError(f"audit log {self.url}: {_reason(e)}") from None
+
+    def _with_sequence_retry(self, work: Any) -> Any:
+        # Under the store lock the first try always wins; the retry covers lock-free writers.
+        for attempt in range(SEQUENCE_RETRIES):
+            try:
+                with self._session() as s:
+                    return work(s)
+            except sa_exc.IntegrityError as e:
+                if attempt == SEQUENCE_RETRIES - 1 or "sequence" not in str(e.orig).lower():
+                    raise AuditError(f"audit log {self.url}: {_reason(e)}") from None
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _next_sequence(s: Session) -> int:
+        current = s.exec(select(func.max(Edit.sequence))).one()
+        return (current or 0) + 1
+
+    def next_sequence(self) -> int:
+        """The sequence number the next applied edit will get (sequences are never reused)."""
+        with self._session() as s:
+            return self._next_sequence(s)
+
+    def record(self, edit: Edit, checks: Iterable[EditCheck] = ()) -> Edit:
+        """Insert an edit and its checks in one transaction; applied edits get the next sequence."""
+        _check_status(edit.status)
+        if edit.source not in SOURCES:
+            raise BadInput(f"unknown edit source {edit.source!r}; known: {', '.join(SOURCES)}")
+        checks = list(checks)
+        for c in checks:
+            if c.kind not in CHECK_KINDS:
+                raise BadInput(f"unknown check kind {c.kind!r}; known: {', '.join(CHECK_KINDS)}")
+        wants_sequence = edit.status == "applied" and edit.sequence is None
+
+        def work(s: Session) -> Edit:
+            row = Edit.model_validate(edit.model_dump())
+            if wants_sequence:
+                row.sequence = self._next_sequence(s)
+            s.add(row)
+            s.flush()  # assigns row.id for the checks
+            for c in checks:
+                s.add(EditCheck.model_validate({**c.model_dump(exclude={"id"}), "edit_id": row.id}))
+            s.commit()
+            return row
+
+        row = self._with_sequence_retry(work)
+        # Hand the caller's object its id and sequence too, as an ORM add would.
+        edit.id, edit.sequence, edit.created_at = row.id, row.sequence, row.created_at
+        return row
+
+    def update_status(self, edit_id: int, status: str, **fields: Any) -> Edit:
+        """Set an edit's status and any other columns; becoming 'applied' assigns a sequence."""
+        _check_status(status)
+        unknown = set(fields) - set(Edit.model_fields) | ({"id"} & set(fields))
+        if unknown:
+            raise TypeError(f"update_status() got unknown or read-only fields: {', '.join(sorted(unknown))}")
+
+        def work(s: Session) -> Edit:
+            row = self._get(s, edit_id)
+            for k, v in fields.items():
+                setattr(row, k, v)
+            row.status = status
+            if status == "applied" and row.sequence is None:
+                row.sequence = self._next_sequence(s)
+            s.add(row)
+            s.commit()
+            return row
+
+        return self._with_sequence_retry(work)
+
+    @staticmethod
+    def _get(s: Session, edit_id: int) -> Edit:
+        row = s.get(Edit, edit_id)
+        if row is None:
+            raise NotFound(f"no edit with id {edit_id}")
+        return row
+
+    def get(self, edit_id: int) -> Edit:
+        """The edit with this id, or NotFound."""
+        with self._session() as s:
+            return self._get(s, edit_id)
+
+    def checks(self, edit_id: int) -> list[EditCheck]:
+        """The edit's regression checks in the order they were recorded."""
+        with self._session() as s:
+            self._get(s, edit_id)
+            return list(s.exec(select(EditCheck).where(EditCheck.edit_id == edit_id).order_by(col(EditCheck.id))))
+
+    def history(
+        self,
+        status: str | Sequence[str] | None = None,
+        subject: str | None = None,
+        property: str | None = None,
+        since: datetime | None = None,
+        limit: int | None = 50,
+    ) -> list[Edit]:
+        """Edits newest first; subject matches the label (any case) or the id; limit=None for all."""
+        q = select(Edit)
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            for st in wanted:
+                _check_status(st)
+            q = q.where(col(Edit.status).in_(wanted))
+        if subject:
+            q = q.where(sa.or_(func.lower(Edit.subject_label) == subject.lower(), Edit.subject_id == subject))
+        if property:
+            q = q.where(Edit.property == property)
+        if since is not None:
+            q = q.where(col(Edit.created_at) >= since)
+        # Ids grow with insertion, so they order correctly even when writers' clocks disagree.
+        q = q.order_by(col(Edit.id).desc())
+        if limit is not None:
+            q = q.limit(limit)
+        with self._session() as s:
+            return list(s.exec(q))
+
+    def applied_in_order(self) -> list[Edit]:
+        """Applied edits in the order their deltas stack on the base model."""
+        with self._session() as s:
+            return list(s.exec(select(Edit).where(Edit.status == "applied").order_by(col(Edit.sequence))))
+
+    def delta_paths(self) -> set[str]:
+        """Every delta_path any edit row refers to (whatever its status)."""
+        with self._session() as s:
+            return {p for p in s.exec(select(Edit.delta_path).where(col(Edit.delta_path).is_not(None)))}
+
+    def mark_reverted(self, edit_id: int, actor: str, source: str = "cli", reason: str = "", **fields: Any) -> Edit:
+        """Write a 'revert' row for an applied edit and mark that edit 'reverted'; returns the revert row."""
+        if source not in SOURCES:
+            raise BadInput(f"unknown edit source {source!r}; known: {', '.join(SOURCES)}")
+        with self._session() as s:
+            orig = self._get(s, edit_id)
+            if orig.status != "applied":
+                raise BadInput(f"edit {edit_id} is {orig.status}; only applied edits can be reverted")
+            revert = Edit(
+                actor=actor,
+                source=source,
+                subject_id=orig.subject_id,
+                subject_label=orig.subject_label,
+                property=orig.property,
+                object_id=orig.object_id,
+                object_label=orig.object_label,
+                question=orig.question,
+                claim=orig.claim,
+                # The revert takes the model from the edit's answer back to the earlier one.
+                before_answer=orig.after_answer,
+                after_answer=orig.before_answer,
+                method="revert",
+                status="revert",
+                reasons=[reason] if reason else [],
+                delta_path=orig.delta_path,
+                delta_sha256=orig.delta_sha256,
+                kb_revision=orig.kb_revision,
+                reverts_edit_id=orig.id,
+            )
+            for k, v in fields.items():
+                if k not in Edit.model_fields or k in ("id", "status", "reverts_edit_id"):
+                    raise TypeError(f"mark_reverted() got unknown or fixed field {k!r}")
+                setattr(revert, k, v)
+            s.add(revert)
+            s.flush()
+            orig.status = "reverted"
+            orig.reverted_by = revert.id
+            s.add(orig)
+            s.commit()
+            return revert

@@ -11,9 +11,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,12 +53,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    # Linux only: a KB started in-process must not outlive a crashed test run or daemon.
+def _death_signal_hook() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGTERM when its parent dies (Linux), or None."""
+    # The signal fires when the forking *thread* exits, so only the main thread may use it;
+    # a KB started from a scheduler thread would otherwise die with that thread.
+    if threading.current_thread() is not threading.main_thread():
+        return None
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: no dlopen after fork
+    except (OSError, AttributeError):
+        return None
+
+    def hook() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: a crashed test run or daemon leaves no server
+
+    return hook
 
 
 def _alive(pid: int) -> bool:
@@ -185,7 +196,7 @@ class LocalKB:
             self._proc = subprocess.Popen(
                 [self._binary(), "serve", "--location", str(self.location), "--bind", f"{HOST}:{port}"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=detach, preexec_fn=None if detach else _die_with_parent,
+                start_new_session=detach, preexec_fn=None if detach else _death_signal_hook(),
             )
         self.pid = self._proc.pid
         deadline = time.monotonic() + self.startup_timeout

@@ -171,11 +171,14 @@ def test_connection_refused_is_retried_then_one_line_error() -> None:
     assert len(sleeps) == 2 and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("body", [b"<html>not json</html>", b'{"head": {}}', b'{"results": {"bindings": 3}}'])
-def test_malformed_answer_raises_and_keeps_cursor(endpoint, body: bytes) -> None:
+@pytest.mark.parametrize("mode", ["revision", "modified"])
+@pytest.mark.parametrize("body", [b"<html>not json</html>", b'{"head": {}}', b'{"results": {"bindings": 3}}',
+                                  b'{"results": {"bindings": [{"value": {"type": "uri", "value": "x"}}]}}'])
+def test_malformed_answer_raises_and_keeps_cursor(endpoint, body: bytes, mode: str) -> None:
     url, script = endpoint([(200, {"Content-Type": "application/sparql-results+json"}, body, 0.0)])
-    cursor = Cursor(revisions={"GN3355338": 4}, values={"GN3355338|P36": "GN3352136"})
-    watcher = Watcher(SparqlClient(url, sleep=Sleeps()), pairs=[("GN3355338", "P36")], cursor=cursor)
+    cursor = Cursor(mode=mode, revisions={"GN3355338": 4}, values={"GN3355338|P36": "GN3352136"},
+                    modified=datetime(2026, 1, 1, tzinfo=timezone.utc) if mode == "modified" else None)
+    watcher = Watcher(SparqlClient(url, sleep=Sleeps()), pairs=[("GN3355338", "P36")], cursor=cursor, mode=mode)
     before = watcher.cursor.to_json()
     with pytest.raises(KBError, match="malformed SPARQL answer") as info:
         watcher.poll()

@@ -74,6 +74,7 @@ class Watcher:
     entity's schema:version with the cursor. mode "modified" asks for entities of each
     watched property modified after the cursor minus an overlap window (clocks and
     replication lag make the boundary fuzzy), then drops what was already reported.
+    A fresh cursor reports every current fact once; prime() starts from the KB's present.
     """
 
     def __init__(self, client: SparqlClient, *, pairs: Iterable[tuple[str, str]] = (),

@@ -109,6 +109,8 @@ def test_set_fact_errors_are_one_line(kb: LocalKB) -> None:
     with pytest.raises(NotFound) as info:
         kb.set_fact("P36", "Atlantis", "Poseidonis")
     assert "\n" not in str(info.value)
+    with pytest.raises(KbsyncError, match="empty new value for capital"):
+        kb.set_fact("P36", "Namibia", "  ")
 
 
 def test_modified_cursor_with_overlap_catches_late_edits_once(kb: LocalKB) -> None:
@@ -161,7 +163,8 @@ def test_server_killed_then_restarted_loses_no_fact(tmp_path: Path) -> None:
         watcher.prime()
         a = server.set_fact("P36", "France", "Lyon")
         os.kill(server.pid, signal.SIGKILL)
-        server._proc.wait()
+        while server.is_running():
+            time.sleep(0.01)
         cursor = watcher.cursor.to_json()
         with pytest.raises(KBError, match="failed after 2 attempts") as info:
             watcher.poll()

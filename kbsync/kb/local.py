@@ -25,7 +25,7 @@ from urllib.parse import quote
 from filelock import FileLock
 
 from kbsync.corpus import FactTable
-from kbsync.errors import KbsyncError
+from kbsync.errors import BadInput, KbsyncError
 from kbsync.facts import Entity, Fact, get_relation
 from kbsync.kb import lookup
 from kbsync.kb.snapshot import datetime_literal, en, entity_iri, write_snapshot
@@ -324,8 +324,6 @@ class LocalKB:
         rel = get_relation(pid)
         object_label = " ".join(object_label.split())
         if not object_label:
-            from kbsync.errors import BadInput
-
             raise BadInput(f"empty new value for {rel.label}")
         client = self.client()
         subject = lookup.resolve_entity(client, subject_label, pid, "subject")

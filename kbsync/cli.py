@@ -11,7 +11,7 @@ import typer
 from kbsync.errors import KbsyncError
 
 # Each module registers its own commands; add a module here to add commands.
-COMMAND_MODULES = ["check"]
+COMMAND_MODULES = ["check", "kb"]
 
 app = typer.Typer(
     name="kbsync",
@@ -29,13 +29,24 @@ def _root() -> None:
 
 
 for _name in COMMAND_MODULES:
-    importlib.import_module(f"kbsync.commands.{_name}").register(app)
+    try:
+        _module = importlib.import_module(f"kbsync.commands.{_name}")
+    except ModuleNotFoundError as _e:
+        # Branches grow the list in parallel; skip a listed module that is not here yet,
+        # but never hide a missing dependency inside one that is.
+        if _e.name != f"kbsync.commands.{_name}":
+            raise
+        continue
+    _module.register(app)
 
 
 def main() -> None:
     """Entry point: run the app, turning KbsyncError into one line on stderr and an exit code."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns typer.Exit's code instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except KbsyncError as e:
         print(f"kbsync: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

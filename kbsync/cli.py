@@ -22,22 +22,13 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Keep a served language model's facts in step with a knowledge base."""
 
 
 for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"kbsync.commands.{_name}")
-    except ModuleNotFoundError as _e:
-        # Branches grow the list in parallel; skip a listed module that is not here yet,
-        # but never hide a missing dependency inside one that is.
-        if _e.name != f"kbsync.commands.{_name}":
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(f"kbsync.commands.{_name}").register(app)
 
 
 def main() -> None:

@@ -1,0 +1,84 @@
+"""The editing-method interface and its registry (KnowledgeEditor, fine-tuning baselines, ...)."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from editor.delta import Delta
+from kbsync.errors import NotFound
+
+
+@dataclass
+class EditRequest:
+    """One fact to write into the model: a prompt (question or claim) and its new target."""
+
+    prompt: str
+    target: str
+    question: bool = True
+    original: str = ""  # the model's current answer, which KnowledgeEditor conditions on
+    paraphrases: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+    claim_prefix: str = ""
+
+
+@dataclass
+class EditResult:
+    """The delta a method proposes (not applied), with how it got there."""
+
+    delta: Delta
+    success: bool
+    steps: int
+    seconds: float
+    prediction: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class EditMethod(ABC):
+    """A way to turn an EditRequest into a Delta; the live model is unchanged when edit() returns."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def __init__(self, adapter: Any, **options: Any) -> None:
+        self.adapter = adapter
+        self.options = options
+
+    @abstractmethod
+    def edit(self, request: EditRequest) -> EditResult:
+        """Propose a delta that makes the model answer request.target."""
+
+    def flipped(self, request: EditRequest) -> tuple[bool, str]:
+        """Whether the (currently applied) model answers the target for the prompt, and its answer."""
+        from kbsync.match import match
+
+        pred = self.adapter.predict([request.prompt], question=request.question)[0]
+        return match(pred, request.target, request.aliases, request.claim_prefix).ok, pred
+
+    @staticmethod
+    def clock() -> float:
+        """Monotonic seconds, for EditResult.seconds."""
+        return time.perf_counter()
+
+
+METHODS: dict[str, type[EditMethod]] = {}
+
+
+def register_method(cls: type[EditMethod]) -> type[EditMethod]:
+    """Class decorator adding a method under its name."""
+    METHODS[cls.name] = cls
+    return cls
+
+
+def make_method(name: str, adapter: Any, **options: Any) -> EditMethod:
+    """Instantiate a registered method by name (imports the built-in methods first)."""
+    import editor.finetune  # noqa: F401  (registers ft-layer, ft-all, zhu)
+    import editor.ke  # noqa: F401  (registers ke, ke-loop)
+
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise NotFound(f"unknown edit method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+    return cls(adapter, **options)

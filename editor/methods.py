@@ -64,6 +64,7 @@ class EditMethod(ABC):
 
 
 METHODS: dict[str, type[EditMethod]] = {}
+ALIASES = {"ft": "ft-layer", "ke+loop": "ke-loop"}
 
 
 def register_method(cls: type[EditMethod]) -> type[EditMethod]:
@@ -77,6 +78,7 @@ def make_method(name: str, adapter: Any, **options: Any) -> EditMethod:
     import editor.finetune  # noqa: F401  (registers ft-layer, ft-all, zhu)
     import editor.ke  # noqa: F401  (registers ke, ke-loop)
 
+    name = ALIASES.get(name, name)
     try:
         cls = METHODS[name]
     except KeyError:

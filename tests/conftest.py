@@ -1,4 +1,5 @@
-"""Shared fixtures: audit log URLs for SQLite (always) and PostgreSQL (when KBSYNC_TEST_PG_URL is set)."""
+"""Shared fixtures: audit log URLs for SQLite (always) and PostgreSQL (when KBSYNC_TEST_PG_URL is set),
+and tiny models of each adapter family trained on real facts once per test session."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def audit_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'db' / 'audit.db'}"
         return
     base = os.environ.get(PG_ENV)
+    if not base and os.environ.get("CI"):
+        pytest.fail(f"{PG_ENV} must be set in CI (.ci/run starts PostgreSQL)")
     if not base:
         pytest.skip(f"{PG_ENV} is not set (start one with: export {PG_ENV}=$(scripts/start_postgres.sh | tail -n 1))")
     schema = f"t_{uuid.uuid4().hex[:12]}"
@@ -43,3 +46,72 @@ def audit_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     with engine.begin() as c:
         c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
     engine.dispose()
+
+
+# --- tiny models --------------------------------------------------------------------------
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def facts():
+    """The 80 real facts (capital and currency of the 40 most populous countries) tiny models learn."""
+    from adapters.tiny import tiny_facts
+
+    return tiny_facts(n=40)
+
+
+def _tiny(arch: str, facts):
+    from adapters.tiny import PRESETS, build_tiny
+
+    return build_tiny(PRESETS[arch], facts)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(facts):
+    """A 2-layer Llama that answers its 80 facts (QA format, no chat template)."""
+    return _tiny("llama", facts)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(facts):
+    """A 2-layer GPT-2 trained on the same facts."""
+    return _tiny("gpt2", facts)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(facts):
+    """A 2+2-layer T5 trained on the same facts."""
+    return _tiny("t5", facts)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(facts):
+    """A 2-layer BERT classifier trained on true and corrupted claims of the same facts."""
+    return _tiny("bert", facts)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_llama, tmp_path_factory):
+    """The tiny Llama saved as a Hugging Face directory (what --model DIR reads)."""
+    from adapters.tiny import save_tiny
+
+    return save_tiny(tiny_llama, tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture
+def kbsync_env(tmp_path):
+    """Environment for running the CLI in a subprocess with its own data and cache directories."""
+    env = dict(os.environ)
+    env.update({
+        "KBSYNC_STORE_DATA_DIR": str(tmp_path / "data"),
+        "KBSYNC_STORE_CACHE_DIR": os.environ.get("KBSYNC_STORE_CACHE_DIR", str(tmp_path / "cache")),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+    })
+    env.pop("KBSYNC_CONFIG", None)
+    return env
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent

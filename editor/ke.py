@@ -1,0 +1,54 @@
+"""KnowledgeEditor as an edit method: load the trained hyper-network for this model and apply it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from editor.methods import EditMethod, EditRequest, EditResult, register_method
+from kbsync.errors import NotFound
+
+
+def editor_dir(data_dir: Path, model_name: str) -> Path:
+    """Where the trained hyper-network for a model lives."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model_name).name or model_name)
+    return Path(data_dir) / "editors" / safe
+
+
+@register_method
+class KnowledgeEditorMethod(EditMethod):
+    """De Cao et al. 2021: a hyper-network predicts the update from the new fact's gradient."""
+
+    name: ClassVar[str] = "ke"
+    description: ClassVar[str] = "KnowledgeEditor hyper-network (one application)"
+    loops: ClassVar[int] = 1
+
+    def __init__(self, adapter: Any, **options: Any) -> None:
+        super().__init__(adapter, **options)
+        path = options.get("checkpoint") or (
+            editor_dir(options["data_dir"], adapter.name) / "editor.safetensors" if options.get("data_dir") else None
+        )
+        if path is None or not Path(path).exists():
+            raise NotFound(
+                f"no trained KnowledgeEditor for model {adapter.name}"
+                + (f" (looked for {path})" if path else "")
+                + "; train one with `kbsync editor train` or edit with --method ft"
+            )
+        from editor.hypernet import load_editor
+
+        self.net = load_editor(Path(path), adapter)
+
+    def edit(self, request: EditRequest) -> EditResult:
+        """Predict the delta; with loops > 1 re-apply it until the prediction flips."""
+        from editor.hypernet import apply_editor
+
+        return apply_editor(self, request, loops=int(self.options.get("loop", self.loops)))
+
+
+@register_method
+class KnowledgeEditorLoop(KnowledgeEditorMethod):
+    """KnowledgeEditor "+loop": re-apply up to k times (default 5) until the prediction flips."""
+
+    name: ClassVar[str] = "ke-loop"
+    description: ClassVar[str] = "KnowledgeEditor re-applied until the prediction flips"
+    loops: ClassVar[int] = 5

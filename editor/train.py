@@ -165,9 +165,9 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
         self.opt.step()
         # Gradient ascent on the multiplier, kept >= 0.
-        self.lam = max(0.0, self.lam + self.cfg.lagrange_lr * (float(con) - self.margin))
+        self.lam = max(0.0, self.lam + self.cfg.lagrange_lr * (float(con.detach()) - self.margin))
         self.step += 1
-        return {"step": self.step, "loss": float(loss), "constraint": float(con), "lambda": self.lam, "margin": self.margin}
+        return {"step": self.step, "loss": float(loss.detach()), "constraint": float(con.detach()), "lambda": self.lam, "margin": self.margin}
 
     def run(self, on_step: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
         """Train until cfg.steps, validating, annealing the margin and checkpointing on the way."""

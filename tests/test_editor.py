@@ -1,0 +1,191 @@
+"""KnowledgeEditor and baselines on a tiny Llama that knows 80 real facts."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from editor.data import EditRecord, from_facts, load_counterfact, load_records, load_zsre
+from editor.delta import Delta, DeltaError
+from editor.evaluate import evaluate
+from editor.hypernet import HyperConfig, MatrixHead, load_editor
+from editor.methods import EditRequest, make_method
+from editor.train import TrainConfig, Trainer
+from kbsync.errors import KbsyncError, NotFound
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SMALL = HyperConfig(lstm_hidden=64, ffn_hidden=128, cond_dim=128, head_hidden=128)
+
+
+def test_eq3_shapes_and_hand_checked_update():
+    torch.manual_seed(0)
+    head = MatrixHead(n=3, m=2, cfg=HyperConfig(cond_dim=4, head_hidden=5))
+    h = torch.randn(4)
+    grad = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # n x m, like W
+    alpha, beta, gamma, delta, eta = head.coefficients(h)
+    assert (alpha.shape, beta.shape, gamma.shape, delta.shape, eta.shape) == ((2,), (2,), (3,), (3,), ())
+    dw = head(h, grad)
+    assert dw.shape == grad.shape
+    # Eq. 3 written out element by element.
+    sa, sb, s = torch.softmax(alpha, 0), torch.softmax(beta, 0), torch.sigmoid(eta)
+    for i in range(3):
+        for j in range(2):
+            want = s * (gamma[i] * sa[j] * grad[i, j] + delta[i] * sb[j])
+            assert torch.allclose(dw[i, j], want, atol=1e-6)
+
+
+def test_eq3_fixed_coefficients():
+    head = MatrixHead(n=2, m=2, cfg=HyperConfig(cond_dim=1, head_hidden=1))
+    with torch.no_grad():  # make the FFNN output constant: alpha=beta=0 -> softmax = 1/2; gamma=2, delta=4, eta=0
+        head.net[-1].weight.zero_()
+        head.net[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 4.0, 4.0, 0.0]))
+    dw = head(torch.zeros(1), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    # 0.5 * (2 * 0.5 * g + 4 * 0.5) = 0.5 * g + 1
+    assert torch.allclose(dw, torch.tensor([[1.5, 2.0], [2.5, 3.0]]))
+
+
+def test_delta_apply_remove_is_bit_exact_and_round_trips(tiny_llama, tmp_path):
+    before = {n: p.detach().clone() for n, p in tiny_llama.model.named_parameters()}
+    delta = Delta({n: torch.randn_like(p) * 1e-3 for n, p in tiny_llama.editable().items()}, {"why": "test"})
+    delta.apply(tiny_llama.model)
+    changed = [n for n, p in tiny_llama.model.named_parameters() if not torch.equal(p, before[n])]
+    assert sorted(changed) == sorted(delta.tensors)
+    delta.remove(tiny_llama.model)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_llama.model.named_parameters())
+    sha = delta.save(tmp_path / "d.safetensors")
+    loaded = Delta.load(tmp_path / "d.safetensors", sha)
+    assert loaded.meta == {"why": "test"} and all(torch.equal(loaded.tensors[n], t) for n, t in delta.tensors.items())
+    raw = bytearray((tmp_path / "d.safetensors").read_bytes())
+    raw[-3] ^= 0xFF
+    (tmp_path / "d.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(DeltaError, match="sha256"):
+        Delta.load(tmp_path / "d.safetensors", sha)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DeltaError, match="corrupt"):
+        Delta.load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("method", ["ft-layer", "ft-all", "zhu"])
+def test_each_baseline_flips_the_prediction(tiny_llama, facts, method):
+    fact = facts[0]
+    from kbsync.facts import render
+
+    q = render(fact).question
+    before = {n: p.detach().clone() for n, p in tiny_llama.model.named_parameters()}
+    target = next(f.object.label for f in facts if f.property == fact.property and f.object.label != fact.object.label)
+    assert tiny_llama.predict([q])[0] == fact.object.label
+    m = make_method(method, tiny_llama, lr=1e-3, max_steps=60, linf=5e-3) if method == "zhu" else make_method(method, tiny_llama, lr=1e-3, max_steps=60)
+    result = m.edit(EditRequest(q, target))
+    # the live model is untouched by edit(); the delta carries the change
+    assert all(torch.equal(p, before[n]) for n, p in tiny_llama.model.named_parameters())
+    assert result.success and result.steps <= 60
+    result.delta.apply(tiny_llama.model)
+    try:
+        assert tiny_llama.predict([q])[0] == target
+    finally:
+        result.delta.remove(tiny_llama.model)
+    if method == "zhu":
+        assert max(float(t.abs().max()) for t in result.delta.tensors.values()) <= 5e-3 + 1e-6
+
+
+def test_unknown_method_and_missing_editor(tiny_llama, tmp_path):
+    with pytest.raises(NotFound, match="unknown edit method"):
+        make_method("rome", tiny_llama)
+    with pytest.raises(NotFound, match="kbsync editor train.*--method ft"):
+        make_method("ke", tiny_llama, data_dir=tmp_path)
+
+
+def test_multiplier_rises_when_violated_and_stays_nonnegative(tiny_llama, facts, tmp_path):
+    records = from_facts(facts[:20], seed=1)
+    tight = Trainer(tiny_llama, records, tmp_path / "tight", TrainConfig(steps=4, batch=2, margin=0.0, lr=1e-2), SMALL)
+    prev = 0.0
+    for _ in range(4):
+        m = tight.train_step()
+        # gradient ascent on the multiplier: lam <- max(0, lam + lr * (C - m)), so it rises while C > m
+        assert m["lambda"] == pytest.approx(max(0.0, prev + tight.cfg.lagrange_lr * m["constraint"]))
+        assert m["lambda"] >= prev
+        prev = m["lambda"]
+    assert prev > 0
+    loose = Trainer(tiny_llama, records, tmp_path / "loose", TrainConfig(steps=3, batch=2, margin=1e6), SMALL)
+    assert all(loose.train_step()["lambda"] == 0.0 for _ in range(3))
+
+
+def test_l2_constraint_variant_is_the_parameter_norm(tiny_llama, facts, tmp_path):
+    records = from_facts(facts[:10], seed=2)
+    t = Trainer(tiny_llama, records, tmp_path / "l2", TrainConfig(steps=1, batch=2, constraint="l2", margin=0.0), SMALL)
+    m = t.train_step()
+    assert m["constraint"] > 0 and m["lambda"] == pytest.approx(t.cfg.lagrange_lr * m["constraint"])
+
+
+def test_training_resumes_after_interruption(tiny_llama, facts, tmp_path):
+    records = from_facts(facts[:20], seed=3)
+    cfg = TrainConfig(steps=4, batch=2, checkpoint_every=2, eval_every=2)
+    Trainer(tiny_llama, records, tmp_path / "run", cfg, SMALL).run()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    again = Trainer(tiny_llama, records, tmp_path / "run", TrainConfig(steps=6, batch=2, checkpoint_every=2, eval_every=2), SMALL)
+    assert again.step == 4
+    again.run()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 6
+    assert load_editor(tmp_path / "run" / "editor.safetensors", tiny_llama) is not None
+
+
+def test_checkpoint_for_other_matrices_is_refused(tiny_llama, facts, tmp_path):
+    records = from_facts(facts[:10], seed=4)
+    Trainer(tiny_llama, records, tmp_path / "r", TrainConfig(steps=1, batch=2, checkpoint_every=1), SMALL).run()
+    other = copy.copy(tiny_llama)
+    other.edit_layers = "0"
+    with pytest.raises(KbsyncError, match="edit_layers"):
+        load_editor(tmp_path / "r" / "editor.safetensors", other)
+
+
+@pytest.fixture(scope="module")
+def trained_editor(tiny_llama, facts, tmp_path_factory):
+    """A hyper-network trained for ~a minute on counterfactual edits of the tiny model's facts."""
+    out = tmp_path_factory.mktemp("ke")
+    train = from_facts(facts, per_fact=3, seed=0)
+    trainer = Trainer(tiny_llama, train, out, TrainConfig(steps=150, batch=8, lr=1e-3, eval_every=50, checkpoint_every=150), SMALL)
+    trainer.run()
+    return out / "editor.safetensors"
+
+
+def test_trained_ke_beats_finetuning_on_retain_with_high_success(tiny_llama, facts, trained_editor):
+    test = from_facts(facts, per_fact=1, seed=123)[:24]  # other targets than training (different seed)
+    rows = {r["method"]: r for r in evaluate(
+        tiny_llama, test, ["ke", "ke-loop", "ft-all"],
+        {"ke": {"checkpoint": trained_editor}, "ke-loop": {"checkpoint": trained_editor, "loop": 5},
+         "ft-all": {"lr": 1e-4, "max_steps": 100}},
+    )}
+    assert rows["ke-loop"]["success_em"] >= 0.9, rows
+    assert rows["ke-loop"]["retain_acc"] > rows["ft-all"]["retain_acc"], rows
+    assert rows["ke-loop"]["success_em"] >= rows["ke"]["success_em"]
+    assert rows["ke"]["latency_s"] < rows["ft-all"]["latency_s"]
+
+
+def test_zsre_loader_handles_empty_fields_and_alt_in_answers(tmp_path):
+    import json
+
+    recs = [
+        {"subject": "A", "src": "What is A?", "pred": "x", "rephrase": "A is what?", "alt": "y", "answers": ["x"],
+         "loc": "nq question: who wrote b", "loc_ans": "c", "cond": ""},
+        {"subject": "B", "src": "What is B?", "pred": "p", "rephrase": "", "alt": "", "answers": ["p"], "loc": "", "loc_ans": "", "cond": ""},
+        {"subject": "C", "src": "What is C?", "pred": "q", "rephrase": "C?", "alt": "q", "answers": ["q"], "loc": "nq question: d", "loc_ans": "e", "cond": ""},
+    ]
+    p = tmp_path / "zsre.json"
+    p.write_text(json.dumps(recs))
+    out = load_zsre(p)
+    assert [r.target for r in out] == ["y", "q"]
+    assert out[0].retain == [("who wrote b", "c")] and out[0].paraphrases == ["A is what?"]
+    with pytest.raises(NotFound):
+        load_records(f"zsre:{tmp_path / 'missing.json'}")
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not present on this machine")
+def test_real_counterfact_and_zsre_files_load():
+    cf = load_counterfact(SHARED / "counterfact-val.json", limit=50)
+    assert len(cf) == 50 and all(r.target and r.paraphrases and r.retain and not r.question for r in cf)
+    zs = load_zsre(SHARED / "zsre_mend_train-1k.json")
+    assert 990 <= len(zs) <= 1000 and all(r.question and r.target for r in zs)

@@ -90,9 +90,12 @@ def load_adapter(settings: Settings, path: str | None = None) -> Any:
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read model config in {model_dir}: {str(e).splitlines()[0]}") from None
     cls = adapter_for(config, settings.model.family)
+    from safetensors import SafetensorError
+
     try:
         model, tok = cls.load(str(model_dir), config)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    # A truncated or corrupt model.safetensors raises SafetensorError, which is none of the others.
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load model from {model_dir}: {msg}") from None
     return cls(

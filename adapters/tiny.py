@@ -82,7 +82,9 @@ def _model_config(cfg: TinyConfig, tok: Any) -> Any:
                               num_key_value_heads=cfg.heads, intermediate_size=cfg.ffn, max_position_embeddings=128,
                               tie_word_embeddings=True, architectures=["LlamaForCausalLM"], **common)
     if cfg.arch == "gpt2":
+        # No dropout: with GPT-2's default 0.1 the tiny model recalls only ~50% of its facts in 400 steps (~90% without).
         return tf.GPT2Config(n_embd=cfg.hidden, n_layer=cfg.layers, n_head=cfg.heads, n_inner=cfg.ffn, n_positions=128,
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                              architectures=["GPT2LMHeadModel"], **common)
     if cfg.arch == "t5":
         return tf.T5Config(d_model=cfg.hidden, d_ff=cfg.ffn, d_kv=cfg.hidden // cfg.heads, num_layers=cfg.layers,

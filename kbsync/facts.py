@@ -150,7 +150,8 @@ def parse_phrase(text: str, relations: dict[str, Relation] | None = None) -> tup
     if not cleaned:
         raise BadInput("empty fact phrase; try e.g. \"capital of Namibia\"")
     lowered = cleaned.lower()
-    for prefix in ("what is the ", "the "):
+    # Longest first: "what is france's capital" must not leave "what is france" as the subject.
+    for prefix in ("what is the ", "what's the ", "what is ", "what's ", "the "):
         if lowered.startswith(prefix) and len(lowered) > len(prefix):
             cleaned, lowered = cleaned[len(prefix):], lowered[len(prefix):]
             break

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run the whole test suite against a throwaway PostgreSQL; exits with pytest's status.
+# Extra arguments go to pytest (e.g. scripts/test.sh -x -k adapters).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+[ -x .venv/bin/python ] || bash scripts/setup.sh
+
+url=$(bash scripts/start_postgres.sh | tail -n 1)
+trap 'bash scripts/stop_postgres.sh >/dev/null 2>&1 || true' EXIT
+export KBSYNC_TEST_PG_URL=$url
+
+status=0
+.venv/bin/python -m pytest -q -ra "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests: treating that as a failure" >&2
+    status=1
+fi
+exit "$status"

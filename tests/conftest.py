@@ -53,6 +53,13 @@ def audit_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and two threads per process on a shared
+# 2-core box oversubscribe badly (tiny-model training measured 5-20x slower); subprocesses
+# started by tests inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

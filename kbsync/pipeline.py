@@ -187,9 +187,6 @@ class EditPipeline:
         name = method or self.settings.editor.method
         actor = actor or default_actor()
         tgt = self._target(fact, target, source, actor, kb_revision, name)
-        # Constructing the method fails early (e.g. no trained KnowledgeEditor) with nothing written.
-        editor = make_method(name, adapter, data_dir=self.settings.store.data_path,
-                             loop=self.settings.editor.loop, **self.settings.editor.options)
         row = tgt.row
         with self.store.lock():
             self.repairs += served.sync(self.audit, self.store)
@@ -203,6 +200,9 @@ class EditPipeline:
                 if not dry_run:
                     outcome.edit = self.audit.record(row)
                 return outcome
+            # Before anything is written: fails with one line (e.g. no trained KnowledgeEditor).
+            editor = make_method(name, adapter, data_dir=self.settings.store.data_path,
+                                 loop=self.settings.editor.loop, **self.settings.editor.options)
             row.parent_fingerprint = adapter.fingerprint()
             with clock("regression"):
                 reg = self.settings.regression

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -37,6 +38,8 @@ def check(
         adapter = pipeline.adapter
     finally:
         pipeline.close()
+    for line in pipeline.repairs:
+        print(f"kbsync: repaired: {line}", file=sys.stderr)
     results = run_probes(adapter, probes(adapter, prompts), prompts.aliases, prompts.claim_prefix)
     if as_json:
         print(json.dumps({"fact": {"subject": fact.subject.label, "property": pid, "object": fact.object.label},

@@ -21,9 +21,9 @@ from kbsync.audit.log import AuditLog
 from kbsync.audit.models import Edit, EditCheck
 from kbsync.check import Probe, ProbeResult, probes, run_probes
 from kbsync.config import Settings
-from kbsync.corpus import FactTable, default_fact_table
+from kbsync.corpus import FactTable, default_fact_table, fact_from_phrase  # noqa: F401  (re-exported for callers)
 from kbsync.errors import BadInput
-from kbsync.facts import Entity, Fact, Relation, default_relations, parse_phrase, render
+from kbsync.facts import Entity, Fact, default_relations, render
 from kbsync.match import normalise
 from kbsync.retain import RetainReport, answers, check_dict, is_question, measure, sample_retain
 from kbsync.served import ServedModel
@@ -36,20 +36,6 @@ def default_actor() -> str:
         return os.environ.get("USER") or getpass.getuser()
     except Exception:  # no passwd entry in some containers
         return "unknown"
-
-
-def fact_from_phrase(phrase: str, target: str, table: FactTable | None = None,
-                     relations: dict[str, Relation] | None = None) -> Fact:
-    """("capital of Namibia", "Windhoek") -> the Fact to write, with the KB's ids and aliases where known."""
-    if not target.strip():
-        raise BadInput("empty target: say what the new answer is")
-    pid, subject = parse_phrase(phrase, relations)
-    known = (table or default_fact_table()).lookup(pid, subject)
-    want = normalise(target)
-    for f in known:
-        if want in {normalise(n) for n in f.object.names}:
-            return Fact(f.subject, pid, f.object)
-    return Fact(known[0].subject, pid, Entity("", target.strip()))
 
 
 @dataclass

@@ -47,7 +47,8 @@ def edit(
 ) -> None:
     """Edit the served model so it answers the fact; reject (exit 4) if the regression check fails."""
     quiet_transformers()
-    from kbsync.pipeline import EditPipeline, fact_from_phrase
+    from kbsync.audit import AuditLog
+    from kbsync.corpus import fact_from_phrase
 
     settings = settings_from(config, model, data_dir, db)
     for text in option or []:
@@ -66,7 +67,11 @@ def edit(
         if phrase is None or target is None:
             raise BadInput('usage: kbsync edit "capital of Namibia" Windhoek (or --prompt TEXT --target ANSWER)')
         what = fact_from_phrase(phrase, target)
-    pipeline = EditPipeline(settings)
+    # The audit log answers (or not) before torch and the model are loaded.
+    audit = AuditLog.open(settings.store.db_url)
+    from kbsync.pipeline import EditPipeline
+
+    pipeline = EditPipeline(settings, audit=audit)
     try:
         out = pipeline.edit_fact(what, raw_target, method=method, force=force, dry_run=dry_run, actor=actor or "")
     finally:

@@ -12,7 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from kbsync.audit import AuditLog
+from kbsync.check import probes, run_probes
 from kbsync.config import load_settings
+from kbsync.corpus import resolve
+from kbsync.facts import render
 from kbsync.pipeline import EditPipeline
 
 WORKER = Path(__file__).resolve().parent / "edit_worker.py"
@@ -51,6 +54,7 @@ def cli(tmp_path, kbsync_env, tiny_llama_dir, audit_url):
         return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
     run.data = tmp_path / "data"
+    run.model = tiny_llama_dir
     run.url = audit_url
     run.tight = tmp_path / "tight.toml"
     run.tight.write_text(TIGHT)
@@ -73,19 +77,22 @@ def delta_files(data: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
 
 
-def served_weights(cli, model_dir: Path) -> dict[str, torch.Tensor]:
+def served(cli) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A fresh in-process load of the served model (as a restart would): its weights and India answers."""
     s = load_settings(environ={})
-    s.model.path, s.store.data_dir, s.store.db = str(model_dir), str(cli.data), cli.url
+    s.model.path, s.store.data_dir, s.store.db = str(cli.model), str(cli.data), cli.url
     p = EditPipeline(s)
     try:
-        return {k: v.clone() for k, v in p.adapter.model.state_dict().items()}
+        prompts = render(resolve("P36", "India"))
+        got = [r.prediction for r in run_probes(p.adapter, probes(p.adapter, prompts))]
+        return {k: v.clone() for k, v in p.adapter.model.state_dict().items()}, got
     finally:
         p.close()
 
 
 def test_edit_history_restart_revert(cli, tiny_llama_dir):
     base = load_file(str(tiny_llama_dir / "model.safetensors"))
-    original = answers(cli)
+    _, original = served(cli)
     assert original[0] == "New Delhi"
 
     r = cli("edit", "capital of India", "Paris", "--method", "ft", "--json", "--actor", "alice")
@@ -105,20 +112,21 @@ def test_edit_history_restart_revert(cli, tiny_llama_dir):
     assert [(e["status"], e["reverts_edit_id"]) for e in h] == [("revert", edit_id), ("reverted", None)]
     assert json.loads(cli("history", "--json", "--status", "reverted").stdout)[0]["id"] == edit_id
     assert cli("history", "--subject", "india", "--property", "P36", "--since", "1h").returncode == 0
-    assert answers(cli) == original
-    weights = served_weights(cli, tiny_llama_dir)
+    weights, now = served(cli)
+    assert now == original
     assert all(torch.equal(weights[k], base[k]) for k in base)
 
 
 def test_rejected_edit_leaves_model_unchanged(cli):
-    original = answers(cli)
+    weights, original = served(cli)
     r = cli("edit", "capital of India", "Paris", "--method", "ft-layer", config=str(cli.tight))
     assert r.returncode == 4, r.stderr
     assert "rejected" in r.stdout
     (row,) = rows(cli.url)
     assert row.status == "rejected" and row.reasons and row.sequence is None
     assert delta_files(cli.data) == []
-    assert answers(cli) == original
+    after, now = served(cli)
+    assert now == original and all(torch.equal(after[k], weights[k]) for k in weights)
 
 
 def test_two_edits_at_once_both_land_in_order(cli):
@@ -130,7 +138,8 @@ def test_two_edits_at_once_both_land_in_order(cli):
     applied = [e for e in rows(cli.url) if e.status == "applied"]
     assert sorted(e.sequence for e in applied) == [1, 2]
     assert delta_files(cli.data) == sorted(f"{e.id}.safetensors" for e in applied)
-    assert answers(cli)[0] == "Paris" and answers(cli, "currency of Japan")[0] == "Euro"
+    assert served(cli)[1][0] == "Paris"
+    assert answers(cli, "currency of Japan")[0] == "Euro"  # a third process sees both
 
 
 @pytest.mark.parametrize("audit_url", ["sqlite"], indirect=True)

@@ -58,11 +58,13 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from kbsync.commands.common import quiet_transformers
     from kbsync.commands.edit import parse_option
     from kbsync.config import load_settings
     from kbsync.corpus import fact_from_phrase
     from kbsync.pipeline import EditPipeline
 
+    quiet_transformers()
     torch.manual_seed(0)
     settings = load_settings()
     settings.model.path = args.model

@@ -64,7 +64,7 @@ class RetainReport:
 
     @property
     def unchanged(self) -> float:
-        """Fraction of items whose top-1 token is the same at every answer position."""
+        """Fraction of items whose greedy answer tokens all stay the top-1 choice."""
         return sum(c.unchanged for c in self.checks) / len(self.checks) if self.checks else 1.0
 
     def summary(self) -> dict[str, float]:
@@ -160,12 +160,18 @@ def measure(adapter: Any, items: Sequence[RetainItem], before: Sequence[str], de
         for part in _chunks(idx, CHUNK):
             # An empty pre-edit answer still scores the end-of-answer token.
             batch = adapter.encode([items[i].prompt for i in part], [before[i] for i in part], question=question)
-            base, mask = adapter.log_probs(batch)
+            # answer_logits is what Adapter.log_probs softmaxes; it also gives the aligned answer tokens.
+            logits, labels, mask = adapter.answer_logits(batch)
+            base = torch.log_softmax(logits.float(), -1)
             new, _ = adapter.log_probs(batch, edited)
             # Same quantity as Adapter.kl, sharing the edited forward pass with the top-1 comparison.
             tok = (base.exp() * (base - new)).sum(-1)
             kl = (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
-            agree = ((base.argmax(-1) == new.argmax(-1)) | ~mask).all(1)
+            # Judge only the tokens the base model itself produces greedily (its argmax is the label):
+            # this skips the end-of-answer token of an answer cut at max_new_tokens and re-tokenisation
+            # seams, where the base model never committed to a token in the first place.
+            own = mask & (base.argmax(-1) == labels)
+            agree = ((base.argmax(-1) == new.argmax(-1)) | ~own).all(1)
             for j, i in enumerate(part):
                 kls[i], same[i] = max(0.0, float(kl[j])), bool(agree[j])
     after = list(before)

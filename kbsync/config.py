@@ -32,6 +32,8 @@ class PredictConfig:
 class EditorConfig:
     method: str = "ke"
     loop: int = 5
+    # Extra keyword options for the method (e.g. lr, max_steps for the fine-tuning baselines).
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,6 +51,8 @@ class StoreConfig:
     data_dir: str = "~/.local/share/kbsync"
     cache_dir: str = "~/.cache/kbsync"
     db: str = ""
+    # Seconds an edit waits for another process's edit to finish before giving up.
+    lock_timeout: float = 300.0
 
     @property
     def data_path(self) -> Path:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from kbsync.config import CONFIG_DIR
-from kbsync.errors import NotFound
-from kbsync.facts import Entity, Fact, get_relation
+from kbsync.errors import BadInput, NotFound
+from kbsync.facts import Entity, Fact, Relation, get_relation, parse_phrase
+from kbsync.match import normalise
 
 CONTINENTS = {
     "AF": "Africa", "AN": "Antarctica", "AS": "Asia", "EU": "Europe",
@@ -115,3 +116,17 @@ def default_fact_table() -> FactTable:
 def resolve(pid: str, subject: str, table: FactTable | None = None) -> Fact:
     """The (first) fact for a property and subject, or a one-line NotFound."""
     return (table or default_fact_table()).lookup(pid, subject)[0]
+
+
+def fact_from_phrase(phrase: str, target: str, table: FactTable | None = None,
+                     relations: dict[str, Relation] | None = None) -> Fact:
+    """("capital of Namibia", "Windhoek") -> the Fact to write, with the KB's ids and aliases where known."""
+    if not target.strip():
+        raise BadInput("empty target: say what the new answer is")
+    pid, subject = parse_phrase(phrase, relations)
+    known = (table or default_fact_table()).lookup(pid, subject)
+    want = normalise(target)
+    for f in known:
+        if want in {normalise(n) for n in f.object.names}:
+            return Fact(f.subject, pid, f.object)
+    return Fact(known[0].subject, pid, Entity("", target.strip()))

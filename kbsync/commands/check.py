@@ -3,32 +3,43 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from kbsync.commands.common import ConfigOpt, JsonOpt, ModelOpt, console, quiet_transformers, settings_from
+from kbsync.commands.common import (ConfigOpt, DataDirOpt, DbOpt, JsonOpt, ModelOpt, console, quiet_transformers,
+                                    settings_from)
 
 
 def check(
     phrase: Annotated[str, typer.Argument(help='The fact, e.g. "capital of Namibia".')],
     model: ModelOpt = None,
     config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Ask the served model the fact's question and paraphrases; show prediction vs expected."""
     quiet_transformers()
-    from adapters import load_adapter
     from kbsync.check import probes, run_probes
     from kbsync.corpus import resolve
     from kbsync.facts import parse_phrase, render
+    from kbsync.pipeline import EditPipeline
 
-    settings = settings_from(config, model)
+    settings = settings_from(config, model, data_dir, db)
     pid, subject = parse_phrase(phrase)
     fact = resolve(pid, subject)
     prompts = render(fact)
-    adapter = load_adapter(settings)
+    # The served model: base weights plus every applied edit, checksums verified.
+    pipeline = EditPipeline(settings)
+    try:
+        adapter = pipeline.adapter
+    finally:
+        pipeline.close()
+    for line in pipeline.repairs:
+        print(f"kbsync: repaired: {line}", file=sys.stderr)
     results = run_probes(adapter, probes(adapter, prompts), prompts.aliases, prompts.claim_prefix)
     if as_json:
         print(json.dumps({"fact": {"subject": fact.subject.label, "property": pid, "object": fact.object.label},

@@ -1,0 +1,147 @@
+"""`kbsync history`, `kbsync show ID`, `kbsync revert ID`: read and act on the audit log."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from kbsync.commands.common import ConfigOpt, DataDirOpt, DbOpt, JsonOpt, console, settings_from
+from kbsync.errors import BadInput
+
+_RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_since(text: str) -> datetime:
+    """An ISO date/time (UTC unless it says otherwise) or a relative age such as 30m, 2h, 7d."""
+    m = _RELATIVE.match(text.strip().lower())
+    if m:
+        return datetime.now(timezone.utc) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise BadInput(f"--since {text!r}: use an ISO date/time (2026-01-31, 2026-01-31T12:00) or an age (30m, 2h, 7d)") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def edit_dict(e: Any) -> dict[str, Any]:
+    """An audit row as JSON-ready data."""
+    d = e.model_dump()
+    d["created_at"] = e.created_at.isoformat()
+    return d
+
+
+def _audit(config: str | None, data_dir: str | None, db: str | None) -> Any:
+    from kbsync.audit import AuditLog
+
+    return AuditLog.open(settings_from(config, None, data_dir, db).store.db_url)
+
+
+def history(
+    status: Annotated[Optional[str], typer.Option("--status", help="Only this status (applied, rejected, noop, reverted, revert, failed, pending).")] = None,
+    subject: Annotated[Optional[str], typer.Option("--subject", help="Only this subject (label, any case, or id).")] = None,
+    prop: Annotated[Optional[str], typer.Option("--property", help="Only this property id (e.g. P36).")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", help="Only edits since an ISO time or an age (2h, 7d).")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="At most this many rows (0 for all).")] = 50,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List edits, newest first."""
+    when = parse_since(since) if since else None
+    if limit < 0:
+        raise BadInput("--limit must be 0 (all) or more")
+    with _audit(config, data_dir, db) as audit:
+        rows = audit.history(status=status, subject=subject, property=prop, since=when, limit=limit or None)
+    if as_json:
+        print(json.dumps([edit_dict(e) for e in rows], indent=2, default=str))
+        return
+    table = Table(title=f"{len(rows)} edit(s), newest first")
+    for col in ("id", "when (UTC)", "status", "subject", "prop", "target", "before -> after", "method", "actor", "seq"):
+        table.add_column(col)
+    colour = {"applied": "green", "rejected": "red", "failed": "red", "reverted": "yellow", "revert": "yellow"}
+    for e in rows:
+        st = f"[{colour[e.status]}]{e.status}" if e.status in colour else e.status
+        if e.reverts_edit_id:
+            st += f" of {e.reverts_edit_id}"
+        if e.forced:
+            st += " (forced)"
+        table.add_row(str(e.id), f"{e.created_at:%Y-%m-%d %H:%M:%S}", st, e.subject_label or e.question,
+                      e.property, e.object_label, f"{e.before_answer} -> {e.after_answer}", e.method, e.actor,
+                      "" if e.sequence is None else str(e.sequence))
+    console.print(table)
+
+
+def show(
+    edit_id: Annotated[int, typer.Argument(help="The edit's id (see kbsync history).")],
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one edit in full, with its paraphrase and retain checks."""
+    with _audit(config, data_dir, db) as audit:
+        e = audit.get(edit_id)
+        checks = audit.checks(edit_id)
+    if as_json:
+        print(json.dumps({**edit_dict(e), "checks": [c.model_dump() for c in checks]}, indent=2, default=str))
+        return
+    fields = edit_dict(e)
+    table = Table(title=f"edit {e.id}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for k, v in fields.items():
+        if v in (None, "", [], {}):
+            continue
+        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    console.print(table)
+    para = [c for c in checks if c.kind == "paraphrase"]
+    if para:
+        t = Table(title="paraphrases")
+        for col in ("prompt", "before", "after", "ok"):
+            t.add_column(col)
+        for c in para:
+            t.add_row(c.prompt, c.before, c.after, "[green]yes" if c.ok else "[red]no")
+        console.print(t)
+    retain = [c for c in checks if c.kind == "retain"]
+    if retain:
+        changed = sorted((c for c in retain if not c.ok), key=lambda c: -(c.kl or 0))
+        console.print(f"retain: {len(retain) - len(changed)}/{len(retain)} answers unchanged")
+        for c in changed[:10]:
+            console.print(f"  changed: {c.prompt} {c.before!r} -> {c.after!r} (KL {c.kl or 0:.3g})")
+
+
+def revert(
+    edit_id: Annotated[int, typer.Argument(help="The applied edit to undo.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "",
+    actor: Annotated[Optional[str], typer.Option("--actor", help="Who is reverting (default $USER).")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Take an applied edit's delta out of the served model; the revert is recorded."""
+    from kbsync.pipeline import EditPipeline
+
+    pipeline = EditPipeline(settings_from(config, None, data_dir, db))
+    try:
+        row = pipeline.revert(edit_id, actor=actor or "", reason=reason)
+    finally:
+        pipeline.close()
+    if as_json:
+        print(json.dumps(edit_dict(row), indent=2, default=str))
+    else:
+        console.print(f"edit {edit_id} reverted (recorded as edit {row.id}); the served model no longer includes it")
+
+
+def register(app: typer.Typer) -> None:
+    """Add history, show and revert."""
+    app.command("history")(history)
+    app.command("show")(show)
+    app.command("revert")(revert)

@@ -1,0 +1,287 @@
+"""One fact into the served model: check, edit, regression-check, commit (or reject), all audited.
+
+Used by `kbsync edit` and by the daemon (``EditPipeline(settings).edit_fact(fact,
+source="daemon", kb_revision=...)``). Every edit runs under the delta store's lock, after
+bringing the live model in step with the store, so edits from several processes stack in
+one order and each is checked against the model it will actually be added to.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from editor.methods import EditRequest, make_method
+from kbsync.audit.log import AuditLog
+from kbsync.audit.models import Edit, EditCheck
+from kbsync.check import Probe, ProbeResult, probes, run_probes
+from kbsync.config import Settings
+from kbsync.corpus import FactTable, default_fact_table, fact_from_phrase  # noqa: F401  (re-exported for callers)
+from kbsync.errors import BadInput
+from kbsync.facts import Entity, Fact, default_relations, render
+from kbsync.match import normalise
+from kbsync.retain import RetainReport, answers, check_dict, is_question, measure, sample_retain
+from kbsync.served import ServedModel
+from kbsync.store import DeltaStore
+
+
+def default_actor() -> str:
+    """$USER, or the login name, for the audit record."""
+    try:
+        return os.environ.get("USER") or getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "unknown"
+
+
+@dataclass
+class EditOutcome:
+    """What an edit did: the audit row (unsaved on --dry-run), the probes before/after, retain metrics."""
+
+    edit: Edit
+    before: list[ProbeResult]
+    after: list[ProbeResult] = field(default_factory=list)
+    retain: RetainReport | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    dry_run: bool = False
+    repairs: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """applied | rejected | noop (what it would have been, on a dry run)."""
+        return self.edit.status
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for --json."""
+        return {
+            "id": self.edit.id, "status": self.status, "dry_run": self.dry_run, "forced": self.edit.forced,
+            "reasons": list(self.edit.reasons), "method": self.edit.method,
+            "fact": {"subject": self.edit.subject_label, "property": self.edit.property,
+                     "object": self.edit.object_label, "question": self.edit.question},
+            "before": [r.to_dict() for r in self.before], "after": [r.to_dict() for r in self.after],
+            "metrics": self.edit.metrics, "thresholds": self.edit.thresholds,
+            "changed_retain": [check_dict(c) for c in (self.retain.changed() if self.retain else [])],
+            "delta_path": self.edit.delta_path, "delta_sha256": self.edit.delta_sha256,
+            "timings": self.timings, "repairs": self.repairs,
+        }
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What is being edited, in the shape both the fact and the raw-prompt forms reduce to."""
+
+    probes: list[Probe]
+    request: EditRequest
+    row: Edit
+    exclude_key: tuple[str, str] | None
+    aliases: tuple[str, ...]
+    claim_prefix: str
+
+
+class EditPipeline:
+    """Check, edit, regression-check and commit facts into the served model; revert edits."""
+
+    def __init__(self, settings: Settings, adapter: Any = None, audit: AuditLog | None = None,
+                 store: DeltaStore | None = None, table: FactTable | None = None) -> None:
+        self.settings = settings
+        # Open the audit log first: a database that does not answer fails before any model work.
+        self.audit = audit or AuditLog.open(settings.store.db_url)
+        self.store = store or DeltaStore(settings.store.data_path, lock_timeout=settings.store.lock_timeout)
+        self.table = table
+        self._adapter = adapter
+        self._served: ServedModel | None = None
+        self.repairs: list[str] = []
+
+    def close(self) -> None:
+        """Release the audit log's connections."""
+        self.audit.close()
+
+    # --- the served model -----------------------------------------------------------------
+
+    def load_served_model(self) -> ServedModel:
+        """Repair what a crash left, verify every applied delta, then base weights + deltas in order."""
+        if self._served is None:
+            self.repairs += self.store.reconcile(self.audit)
+            # Missing or tampered deltas stop the load here (DeltaError names the edit).
+            self.store.verify(self.audit)
+            if self._adapter is None:
+                from adapters import load_adapter
+
+                self._adapter = load_adapter(self.settings)
+            served = ServedModel(self._adapter)
+            with self.store.lock():
+                served.sync(self.audit, self.store)
+            self._served = served
+        return self._served
+
+    @property
+    def adapter(self) -> Any:
+        """The live adapter (loaded with its applied deltas on first use)."""
+        return self.load_served_model().adapter
+
+    # --- editing ---------------------------------------------------------------------------
+
+    def _target(self, fact: Fact | str, target: str | None, source: str, actor: str, kb_revision: str,
+                method: str) -> _Target:
+        if isinstance(fact, Fact):
+            if target is not None and normalise(target) != normalise(fact.object.label):
+                fact = Fact(fact.subject, fact.property, Entity("", target.strip()), fact.revision)
+            if not fact.object.label.strip():
+                raise BadInput("empty target: say what the new answer is")
+            prompts = render(fact)
+            row = Edit(subject_id=fact.subject.id, subject_label=fact.subject.label, property=fact.property,
+                       object_id=fact.object.id, object_label=fact.object.label, question=prompts.question,
+                       claim=prompts.claim, source=source, actor=actor, method=method,
+                       kb_revision=kb_revision or fact.revision)
+            items = probes(self.adapter, prompts)
+            question = items[0].question
+            request = EditRequest(items[0].prompt, items[0].expected, question=question,
+                                  paraphrases=prompts.paraphrases if question else (),
+                                  aliases=prompts.aliases, claim_prefix=prompts.claim_prefix)
+            return _Target(items, request, row, fact.key, prompts.aliases, prompts.claim_prefix)
+        prompt, target = (fact or "").strip(), (target or "").strip()
+        if not prompt:
+            raise BadInput("empty prompt: give the text the model should complete")
+        if not target:
+            raise BadInput("empty target: say what the new answer is")
+        q = is_question(prompt)
+        row = Edit(question=prompt, object_label=target, source=source, actor=actor, method=method,
+                   kb_revision=kb_revision)
+        return _Target([Probe("question" if q else "prompt", prompt, target, question=q)],
+                       EditRequest(prompt, target, question=q), row, None, (), "")
+
+    def edit_fact(self, fact: Fact | str, target: str | None = None, *, method: str | None = None,
+                  force: bool = False, dry_run: bool = False, source: str = "cli", actor: str = "",
+                  kb_revision: str = "") -> EditOutcome:
+        """Write one fact (or a raw prompt -> target) into the served model.
+
+        fact: a Fact (its object is the new answer unless target is given), or a raw prompt
+        string with target required. method: a registered edit method (default: settings).
+        force: commit even if the regression check fails (recorded). dry_run: everything but
+        the commit; nothing is written. Returns the outcome; its edit has status 'applied',
+        'rejected' or 'noop'. Raises KbsyncError subclasses for bad input, before writing.
+        """
+        timings: dict[str, float] = {}
+        clock = _Clock(timings)
+        with clock("load"):
+            served = self.load_served_model()
+        adapter = served.adapter
+        name = method or self.settings.editor.method
+        actor = actor or default_actor()
+        tgt = self._target(fact, target, source, actor, kb_revision, name)
+        row = tgt.row
+        with self.store.lock():
+            self.repairs += served.sync(self.audit, self.store)
+            with clock("check"):
+                before = run_probes(adapter, tgt.probes, tgt.aliases, tgt.claim_prefix)
+            row.before_answer = before[0].prediction
+            outcome = EditOutcome(row, before, timings=timings, dry_run=dry_run, repairs=self.repairs)
+            if before[0].ok:
+                row.status, row.after_answer = "noop", before[0].prediction
+                row.reasons = [f"the model already answers {before[0].prediction!r}"]
+                if not dry_run:
+                    outcome.edit = self.audit.record(row)
+                return outcome
+            # Before anything is written: fails with one line (e.g. no trained KnowledgeEditor).
+            editor = make_method(name, adapter, data_dir=self.settings.store.data_path,
+                                 loop=self.settings.editor.loop, **self.settings.editor.options)
+            row.parent_fingerprint = adapter.fingerprint()
+            with clock("regression"):
+                reg = self.settings.regression
+                items = sample_retain(self.table or default_fact_table(), self.audit.applied_in_order(),
+                                      reg.retain_size, reg.seed, tgt.exclude_key,
+                                      "" if tgt.exclude_key else tgt.request.prompt, default_relations())
+                base_answers = answers(adapter, items)
+            with clock("edit"):
+                tgt.request.original = before[0].prediction
+                result = editor.edit(tgt.request)
+            with clock("regression"):
+                retain = measure(adapter, items, base_answers, result.delta)
+                result.delta.apply(adapter.model)
+                try:
+                    after = run_probes(adapter, tgt.probes, tgt.aliases, tgt.claim_prefix)
+                finally:
+                    result.delta.remove(adapter.model)
+            outcome.after, outcome.retain = after, retain
+            self._judge(row, after, retain, result, force)
+            checks = _checks(before, after, retain)
+            if dry_run:
+                return outcome
+            with clock("commit"):
+                if row.status == "applied":
+                    result.delta.meta.update({"fact": row.question, "target": row.object_label, "method": name})
+                    outcome.edit = self.store.commit(self.audit, row, result.delta, checks)
+                    served.push(result.delta, outcome.edit.id)
+                else:
+                    outcome.edit = self.audit.record(row, checks)
+        return outcome
+
+    def _judge(self, row: Edit, after: list[ProbeResult], retain: RetainReport, result: Any, force: bool) -> None:
+        """Fill metrics, thresholds, reasons and status (applied / rejected / forced)."""
+        reg = self.settings.regression
+        paraphrases = [r for r in after if r.kind == "paraphrase"]
+        para_acc = sum(r.ok for r in paraphrases) / len(paraphrases) if paraphrases else None
+        m = retain.summary()
+        row.after_answer = after[0].prediction
+        row.metrics = {**m, "paraphrase_accuracy": para_acc, "flipped": after[0].ok,
+                       "edit_steps": result.steps, "edit_seconds": result.seconds,
+                       "delta_norm": result.delta.norm()}
+        row.thresholds = {"max_mean_kl": reg.max_mean_kl, "max_kl": reg.max_kl, "min_unchanged": reg.min_unchanged,
+                          "min_paraphrase_accuracy": reg.min_paraphrase_accuracy}
+        reasons = []
+        if not after[0].ok:
+            reasons.append(f"the edit did not take: the model answers {after[0].prediction!r}")
+        if m["mean_kl"] > reg.max_mean_kl:
+            reasons.append(f"mean retain KL {m['mean_kl']:.4g} > {reg.max_mean_kl:g}")
+        if m["max_kl"] > reg.max_kl:
+            reasons.append(f"max retain KL {m['max_kl']:.4g} > {reg.max_kl:g}")
+        if m["unchanged"] < reg.min_unchanged:
+            reasons.append(f"unchanged retain answers {m['unchanged']:.1%} < {reg.min_unchanged:.1%}")
+        if para_acc is not None and para_acc < reg.min_paraphrase_accuracy:
+            reasons.append(f"paraphrase accuracy {para_acc:.1%} < {reg.min_paraphrase_accuracy:.1%}")
+        row.reasons = reasons
+        row.forced = bool(reasons) and force
+        if row.forced:
+            row.reasons = [*reasons, f"forced by {row.actor or 'unknown'} despite the above"]
+        row.status = "applied" if not reasons or force else "rejected"
+
+    # --- revert ----------------------------------------------------------------------------
+
+    def revert(self, edit_id: int, *, actor: str = "", source: str = "cli", reason: str = "") -> Edit:
+        """Take an applied edit out of the served model (the live one too, if loaded); returns the revert row.
+
+        The undone edit's delta file stays in the store for the record; it no longer stacks.
+        """
+        with self.store.lock():
+            row = self.audit.mark_reverted(edit_id, actor or default_actor(), source, reason)
+            if self._served is not None:
+                self.repairs += self._served.sync(self.audit, self.store)
+        return row
+
+
+def _checks(before: list[ProbeResult], after: list[ProbeResult], retain: RetainReport) -> list[EditCheck]:
+    """Audit rows: one per paraphrase probe and one per retain item."""
+    rows = [EditCheck(kind="paraphrase", prompt=a.prompt, expected=a.expected, before=b.prediction,
+                      after=a.prediction, ok=a.ok) for b, a in zip(before, after) if a.kind == "paraphrase"]
+    rows += [EditCheck(kind="retain", prompt=c.item.prompt, expected=c.before, before=c.before, after=c.after,
+                       kl=c.kl, ok=c.unchanged) for c in retain.checks]
+    return rows
+
+
+class _Clock:
+    """Accumulates wall seconds per phase into a dict."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start

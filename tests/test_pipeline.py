@@ -1,0 +1,152 @@
+"""EditPipeline in-process on the tiny Llama: apply, persist, revert exactly, reject, dry run, retain sampling."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from editor.delta import DeltaError
+from kbsync.audit import AuditLog, Edit
+from kbsync.config import load_settings
+from kbsync.corpus import default_fact_table
+from kbsync.pipeline import EditPipeline, fact_from_phrase
+from kbsync.retain import sample_retain
+
+LOOSE = {"max_mean_kl": 100.0, "max_kl": 1000.0, "min_unchanged": 0.0, "min_paraphrase_accuracy": 0.0}
+
+
+def settings(tmp_path, url, **regression):
+    s = load_settings(environ={})
+    s.store.data_dir = str(tmp_path / "data")
+    s.store.db = url
+    s.store.lock_timeout = 30
+    s.editor.method = "ft-layer"
+    s.editor.options = {"lr": 1e-3, "max_steps": 50}
+    s.regression.retain_size = 50  # in-process tests: fewer retain facts, same code path
+    for k, v in {**LOOSE, **regression}.items():
+        setattr(s.regression, k, v)
+    return s
+
+
+def weights(adapter) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def make(tmp_path, tiny_llama):
+    """A pipeline factory over one data dir and SQLite log; each call is a 'new process' (fresh model copy)."""
+    made = []
+
+    def _make(**regression):
+        p = EditPipeline(settings(tmp_path, f"sqlite:///{tmp_path / 'audit.db'}", **regression),
+                         adapter=copy.deepcopy(tiny_llama))
+        made.append(p)
+        return p
+
+    yield _make
+    for p in made:
+        p.close()
+
+
+def answer(p: EditPipeline, question: str) -> str:
+    return p.adapter.predict([question])[0]
+
+
+def test_applied_edit_persists_and_revert_restores_exact_weights(make, tiny_llama):
+    base = weights(tiny_llama)
+    p = make()
+    out = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
+    assert out.status == "applied", out.edit.reasons
+    assert out.edit.sequence == 1 and out.edit.delta_sha256 and out.edit.parent_fingerprint
+    assert answer(p, "What is the capital of India?") == "Paris"
+    assert set(out.timings) == {"load", "check", "edit", "regression", "commit"}
+    assert 0 <= out.edit.metrics["unchanged"] <= 1 and out.edit.metrics["retain_size"] == 50
+    checks = p.audit.checks(out.edit.id)
+    assert sum(c.kind == "paraphrase" for c in checks) == 4 and sum(c.kind == "retain" for c in checks) == 50
+
+    restarted = make()  # a new process: base weights + the stored delta
+    assert answer(restarted, "What is the capital of India?") == "Paris"
+    assert same(weights(restarted.adapter), weights(p.adapter))
+
+    revert = p.revert(out.edit.id, actor="tester", reason="test")
+    assert revert.status == "revert" and revert.reverts_edit_id == out.edit.id
+    assert same(weights(p.adapter), base)  # the live model, rebuilt
+    assert same(weights(make().adapter), base)  # and a new process
+    assert answer(p, "What is the capital of India?") == "New Delhi"
+
+
+def test_reverting_an_older_edit_rebuilds_base_plus_the_rest(make):
+    p = make()
+    first = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
+    second = p.edit_fact(fact_from_phrase("currency of Japan", "Euro"))
+    assert (first.status, second.status) == ("applied", "applied")
+    assert [e.id for e in p.audit.applied_in_order()] == [first.edit.id, second.edit.id]
+    p.revert(first.edit.id)
+    fresh = make()
+    assert fresh.load_served_model().edit_ids == [second.edit.id]
+    assert same(weights(p.adapter), weights(fresh.adapter))
+
+
+def test_tight_thresholds_reject_and_leave_the_model_unchanged(make, tiny_llama, tmp_path):
+    base = weights(tiny_llama)
+    p = make(max_mean_kl=0.0, min_unchanged=1.0)
+    out = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
+    assert out.status == "rejected"
+    assert any("mean retain KL" in r for r in out.edit.reasons)
+    assert out.edit.delta_path is None and out.edit.sequence is None
+    assert same(weights(p.adapter), base)
+    assert not (tmp_path / "data" / "deltas").exists() or not any((tmp_path / "data" / "deltas").iterdir())
+    assert p.audit.get(out.edit.id).status == "rejected"
+
+
+def test_force_overrides_the_check_and_is_recorded(make):
+    p = make(max_mean_kl=0.0)
+    out = p.edit_fact(fact_from_phrase("capital of India", "Paris"), force=True, actor="alice")
+    assert out.status == "applied" and out.edit.forced
+    assert out.edit.reasons[-1] == "forced by alice despite the above"
+
+
+def test_dry_run_and_noop(make, tiny_llama):
+    base = weights(tiny_llama)
+    p = make()
+    dry = p.edit_fact(fact_from_phrase("capital of India", "Paris"), dry_run=True)
+    assert dry.status == "applied" and dry.dry_run and dry.edit.id is None
+    assert p.audit.history(limit=None) == [] and same(weights(p.adapter), base)
+    noop = p.edit_fact(fact_from_phrase("capital of India", "New Delhi"))
+    assert noop.status == "noop" and noop.edit.id is not None and noop.edit.delta_path is None
+
+
+def test_raw_prompt_form(make):
+    p = make()
+    out = p.edit_fact("What is the capital of India?", "Paris")
+    assert out.status == "applied" and out.edit.property == "" and out.edit.question == "What is the capital of India?"
+    assert answer(p, "What is the capital of India?") == "Paris"
+
+
+def test_tampered_delta_stops_the_load_naming_the_edit(make, tmp_path):
+    out = make().edit_fact(fact_from_phrase("capital of India", "Paris"))
+    path = tmp_path / "data" / out.edit.delta_path
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DeltaError, match=f"edit {out.edit.id}: .*sha256"):
+        make().load_served_model()
+
+
+def test_retain_sample_is_seeded_excludes_the_slot_and_keeps_applied_edits():
+    table = default_fact_table()
+    india = fact_from_phrase("capital of India", "Paris")
+    applied = [Edit(id=7, subject_id="GN1", subject_label="Peru", property="P36", object_label="Rome",
+                    question="What is the capital of Peru?")]
+    a = sample_retain(table, applied, 200, 0, exclude_key=india.key)
+    b = sample_retain(table, applied, 200, 0, exclude_key=india.key)
+    assert a == b and len(a) == 200 and len({i.prompt for i in a}) == 200
+    assert a[0].origin == "edit:7"
+    assert "What is the capital of India?" not in {i.prompt for i in a}
+    assert sample_retain(table, [], 200, 1, exclude_key=india.key) != sample_retain(table, [], 200, 0, exclude_key=india.key)

@@ -111,10 +111,10 @@ def test_edit_list_revert_through_the_api(api: ApiServer) -> None:
 
 def test_client_edits_a_prompt_and_reports_errors(api: ApiServer) -> None:
     client = DaemonClient(api.url, TOKEN)
-    out = client.edit(prompt="What is the capital of Japan?", target="Kyoto")
+    out = client.edit(prompt="What is the capital of Japan?", target="Osaka")
     assert out["status"] == "applied"
-    assert client.ask("What is the capital of Japan?") == "Kyoto"
-    noop = client.edit("capital of Japan", "Kyoto")
+    assert client.ask("What is the capital of Japan?") == "Osaka"
+    noop = client.edit("capital of Japan", "Osaka")
     assert noop["status"] == "noop"
     with pytest.raises(NotFound):
         client.revert(999)

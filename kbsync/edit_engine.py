@@ -10,6 +10,7 @@ client never reads a model in the middle of an edit.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import getpass
 import importlib.util
@@ -146,7 +147,8 @@ class BuiltinEngine:
                 row.after_answer, row.status = before, "noop"
                 row.reasons = ["the model already answers the target"]
                 return self._finish(row, dry_run)
-            options = dict(self.settings.daemon.method_options) if name == self._method_name(None) else {}
+            options = ({**getattr(self.settings.editor, "options", {}), **self.settings.daemon.method_options}
+                       if name == self._method_name(None) else {})
             result = make_method(name, self.adapter, **options).edit(EditRequest(
                 prompt=prompt, target=target, original=before, paraphrases=paraphrases,
                 aliases=aliases, claim_prefix=claim_prefix))
@@ -216,22 +218,31 @@ def _outcome(result: Any) -> EditOutcome:
 class PipelineEngine:
     """kbsync.pipeline.EditPipeline behind the daemon's interface, under the shared lock."""
 
-    def __init__(self, pipeline: Any, adapter: Any, lock: threading.RLock | None = None) -> None:
+    def __init__(self, pipeline: Any, lock: threading.RLock | None = None) -> None:
         self.pipeline = pipeline
-        self.adapter = adapter
         self.lock = lock or threading.RLock()
+
+    @property
+    def adapter(self) -> Any:
+        """The pipeline's live adapter (base weights + applied deltas)."""
+        return self.pipeline.adapter
 
     @classmethod
     def load(cls, settings: Settings, audit: AuditLog, store: DeltaStore, adapter: Any = None) -> PipelineEngine:
-        """Build the pipeline and let it load the served model (base + applied deltas)."""
+        """Build the pipeline and let it load the served model (repair, verify, base + applied deltas)."""
         from kbsync.pipeline import EditPipeline
 
+        settings = copy.deepcopy(settings)
+        # The daemon's own method settings, when given, override [editor] for the edits it makes.
+        if settings.daemon.method:
+            settings.editor.method = settings.daemon.method
+        if settings.daemon.method_options and hasattr(settings.editor, "options"):
+            settings.editor.options = {**settings.editor.options, **settings.daemon.method_options}
         pipeline = EditPipeline(settings, adapter=adapter, audit=audit, store=store)
-        loaded = pipeline.load_served_model() if adapter is None else None
-        served = adapter or loaded or getattr(pipeline, "adapter", None)
-        if served is None:
-            raise KbsyncError("the edit pipeline did not load a served model")
-        return cls(pipeline, served)
+        pipeline.load_served_model()
+        for line in getattr(pipeline, "repairs", []):
+            log.warning("reconcile: %s", line)
+        return cls(pipeline)
 
     def edit(self, fact: Fact, target: str, *, method: str | None = None, force: bool = False,
              dry_run: bool = False, source: str = "daemon", actor: str = "", kb_revision: str = "") -> EditOutcome:
@@ -243,21 +254,15 @@ class PipelineEngine:
 
     def edit_prompt(self, prompt: str, target: str, *, method: str | None = None, force: bool = False,
                     dry_run: bool = False, source: str = "api", actor: str = "") -> EditOutcome:
-        """EditPipeline.edit_prompt, if the pipeline has one."""
-        fn = getattr(self.pipeline, "edit_prompt", None)
-        if fn is None:
-            raise BadInput("this edit pipeline edits facts only; send {\"phrase\", \"target\"}")
+        """EditPipeline.edit_fact with a raw prompt, under the lock."""
         with self.lock:
-            return _outcome(fn(prompt, target, method=method, force=force, dry_run=dry_run, source=source,
-                               actor=actor or default_actor()))
+            return _outcome(self.pipeline.edit_fact(prompt, target, method=method, force=force, dry_run=dry_run,
+                                                    source=source, actor=actor or default_actor()))
 
     def revert(self, edit_id: int, *, actor: str = "", source: str = "api") -> EditOutcome:
         """EditPipeline.revert under the lock."""
-        fn = getattr(self.pipeline, "revert", None)
-        if fn is None:
-            raise BadInput("this edit pipeline cannot revert; use `kbsync revert`")
         with self.lock:
-            return _outcome(fn(edit_id, actor=actor or default_actor(), source=source))
+            return _outcome(self.pipeline.revert(edit_id, actor=actor or default_actor(), source=source))
 
 
 def pipeline_available() -> bool:

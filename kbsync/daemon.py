@@ -472,7 +472,8 @@ def setup_logging(stream: Any = None) -> None:
     root = logging.getLogger("kbsync")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances reached" is the design (max_instances=1), not news.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def health(url: str, timeout: float = 2.0) -> dict[str, Any] | None:

@@ -53,8 +53,8 @@ class DaemonClient:
         return self._call("GET", "/health")
 
     def edit(self, phrase: str | None = None, target: str = "", *, prompt: str | None = None,
-             method: str | None = None, force: bool = False, dry_run: bool = False,
-             actor: str | None = None) -> dict[str, Any]:
+             method: str | None = None, options: dict[str, Any] | None = None, force: bool = False,
+             dry_run: bool = False, actor: str | None = None) -> dict[str, Any]:
         """POST /edits: apply an edit in the daemon's model; the outcome (status, edit_id, before, after, reasons)."""
         body: dict[str, Any] = {"target": target, "force": force, "dry_run": dry_run}
         if phrase is not None:
@@ -65,6 +65,8 @@ class DaemonClient:
             raise BadInput("edit needs a phrase or a prompt")
         if method:
             body["method"] = method
+        if options:
+            body["options"] = options
         if actor:
             body["actor"] = actor
         return self._call("POST", "/edits", body, auth=True)

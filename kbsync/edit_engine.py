@@ -10,12 +10,14 @@ client never reads a model in the middle of an edit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import getpass
 import importlib.util
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,11 +57,13 @@ class EditEngine(Protocol):
     lock: threading.RLock
 
     def edit(self, fact: Fact, target: str, *, method: str | None = None, force: bool = False,
-             dry_run: bool = False, source: str = "daemon", actor: str = "", kb_revision: str = "") -> EditOutcome:
+             dry_run: bool = False, source: str = "daemon", actor: str = "", kb_revision: str = "",
+             options: dict[str, Any] | None = None) -> EditOutcome:
         """Write target as the fact's object into the served model."""
 
     def edit_prompt(self, prompt: str, target: str, *, method: str | None = None, force: bool = False,
-                    dry_run: bool = False, source: str = "api", actor: str = "") -> EditOutcome:
+                    dry_run: bool = False, source: str = "api", actor: str = "",
+                    options: dict[str, Any] | None = None) -> EditOutcome:
         """Make the served model answer target to a raw prompt."""
 
     def revert(self, edit_id: int, *, actor: str = "", source: str = "api") -> EditOutcome:
@@ -136,7 +140,8 @@ class BuiltinEngine:
         return method or self.settings.daemon.method or self.settings.editor.method
 
     def _run(self, prompt: str, target: str, row: Edit, *, method: str | None, force: bool, dry_run: bool,
-             aliases: tuple[str, ...] = (), claim_prefix: str = "", paraphrases: tuple[str, ...] = ()) -> EditOutcome:
+             options: dict[str, Any] | None = None, aliases: tuple[str, ...] = (), claim_prefix: str = "",
+             paraphrases: tuple[str, ...] = ()) -> EditOutcome:
         from editor.methods import EditRequest, make_method
 
         name = self._method_name(method)
@@ -147,8 +152,9 @@ class BuiltinEngine:
                 row.after_answer, row.status = before, "noop"
                 row.reasons = ["the model already answers the target"]
                 return self._finish(row, dry_run)
-            options = ({**getattr(self.settings.editor, "options", {}), **self.settings.daemon.method_options}
-                       if name == self._method_name(None) else {})
+            configured = ({**getattr(self.settings.editor, "options", {}), **self.settings.daemon.method_options}
+                          if name == self._method_name(None) else {})
+            options = {**configured, **(options or {})}
             result = make_method(name, self.adapter, **options).edit(EditRequest(
                 prompt=prompt, target=target, original=before, paraphrases=paraphrases,
                 aliases=aliases, claim_prefix=claim_prefix))
@@ -174,7 +180,8 @@ class BuiltinEngine:
                            list(row.reasons), row.method)
 
     def edit(self, fact: Fact, target: str, *, method: str | None = None, force: bool = False,
-             dry_run: bool = False, source: str = "daemon", actor: str = "", kb_revision: str = "") -> EditOutcome:
+             dry_run: bool = False, source: str = "daemon", actor: str = "", kb_revision: str = "",
+             options: dict[str, Any] | None = None) -> EditOutcome:
         """Write target as the fact's object into the served model (noop when it already answers it)."""
         fact = with_target(fact, target)
         prompts = render(fact)
@@ -183,16 +190,18 @@ class BuiltinEngine:
                    object_label=fact.object.label, question=prompts.question, claim=prompts.claim,
                    kb_revision=kb_revision or fact.revision)
         return self._run(prompts.question, prompts.target, row, method=method, force=force, dry_run=dry_run,
-                         aliases=prompts.aliases, claim_prefix=prompts.claim_prefix, paraphrases=prompts.paraphrases)
+                         options=options, aliases=prompts.aliases, claim_prefix=prompts.claim_prefix,
+                         paraphrases=prompts.paraphrases)
 
     def edit_prompt(self, prompt: str, target: str, *, method: str | None = None, force: bool = False,
-                    dry_run: bool = False, source: str = "api", actor: str = "") -> EditOutcome:
+                    dry_run: bool = False, source: str = "api", actor: str = "",
+                    options: dict[str, Any] | None = None) -> EditOutcome:
         """Make the served model answer target to a raw prompt."""
         prompt, target = prompt.strip(), " ".join(target.split())
         if not prompt or not target:
             raise BadInput("a prompt edit needs a non-empty prompt and target")
         row = Edit(actor=actor or default_actor(), source=source, object_label=target, question=prompt)
-        return self._run(prompt, target, row, method=method, force=force, dry_run=dry_run)
+        return self._run(prompt, target, row, method=method, force=force, dry_run=dry_run, options=options)
 
     def revert(self, edit_id: int, *, actor: str = "", source: str = "api") -> EditOutcome:
         """Mark the edit reverted and rebuild the live model from base weights + the remaining deltas."""
@@ -245,19 +254,34 @@ class PipelineEngine:
         return cls(pipeline)
 
     def edit(self, fact: Fact, target: str, *, method: str | None = None, force: bool = False,
-             dry_run: bool = False, source: str = "daemon", actor: str = "", kb_revision: str = "") -> EditOutcome:
+             dry_run: bool = False, source: str = "daemon", actor: str = "", kb_revision: str = "",
+             options: dict[str, Any] | None = None) -> EditOutcome:
         """EditPipeline.edit_fact under the lock."""
-        with self.lock:
+        with self.lock, self._options(options):
             return _outcome(self.pipeline.edit_fact(
                 fact, target, method=method, force=force, dry_run=dry_run, source=source,
                 actor=actor or default_actor(), kb_revision=kb_revision))
 
     def edit_prompt(self, prompt: str, target: str, *, method: str | None = None, force: bool = False,
-                    dry_run: bool = False, source: str = "api", actor: str = "") -> EditOutcome:
+                    dry_run: bool = False, source: str = "api", actor: str = "",
+                    options: dict[str, Any] | None = None) -> EditOutcome:
         """EditPipeline.edit_fact with a raw prompt, under the lock."""
-        with self.lock:
+        with self.lock, self._options(options):
             return _outcome(self.pipeline.edit_fact(prompt, target, method=method, force=force, dry_run=dry_run,
                                                     source=source, actor=actor or default_actor()))
+
+    @contextlib.contextmanager
+    def _options(self, options: dict[str, Any] | None) -> Iterator[None]:
+        """Per-request method options over the pipeline's [editor].options (it reads them per edit)."""
+        editor = self.pipeline.settings.editor
+        saved = dict(getattr(editor, "options", {}))
+        if options:
+            editor.options = {**saved, **options}
+        try:
+            yield
+        finally:
+            if options:
+                editor.options = saved
 
     def revert(self, edit_id: int, *, actor: str = "", source: str = "api") -> EditOutcome:
         """EditPipeline.revert under the lock."""

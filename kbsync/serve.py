@@ -5,7 +5,7 @@ POST /v1/completions          {"prompt": str | [str]} -> generated text (raw con
 POST /v1/chat/completions     {"messages": [...]} -> the model's answer to the last user message
 GET  /edits[?limit&status&subject&property]   audit rows, newest first
 GET  /edits/<id>              one audit row
-POST /edits                   {"phrase", "target"} or {"prompt", "target"} (+ method, force, dry_run); token
+POST /edits                   {"phrase", "target"} or {"prompt", "target"} (+ method, options, force, dry_run); token
 POST /edits/<id>/revert       undo an applied edit; token
 
 Generation and edits share the engine's lock, so a request is answered either entirely
@@ -146,7 +146,10 @@ class ApiServer:
         target = body.get("target")
         if not isinstance(target, str) or not target.strip():
             raise BadInput("'target' must be a non-empty string")
-        opts = {"method": body.get("method") or None, "force": bool(body.get("force", False)),
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise BadInput("'options' must be an object of method options, e.g. {\"lr\": 0.001}")
+        opts = {"method": body.get("method") or None, "force": bool(body.get("force", False)), "options": options,
                 "dry_run": bool(body.get("dry_run", False)), "source": "api",
                 "actor": str(body.get("actor") or self.actor)}
         if isinstance(body.get("phrase"), str):

@@ -116,6 +116,11 @@ def test_client_edits_a_prompt_and_reports_errors(api: ApiServer) -> None:
     assert client.ask("What is the capital of Japan?") == "Osaka"
     noop = client.edit("capital of Japan", "Osaka")
     assert noop["status"] == "noop"
+    # Per-request method options reach the method: a learning rate this small cannot flip anything.
+    stuck = client.edit("capital of Kenya", "Mombasa", options={"lr": 1e-12, "max_steps": 2, "check_every": 1},
+                        dry_run=True)
+    assert stuck["status"] == "rejected" and stuck["edit_id"] is None
+    assert [e["status"] for e in client.edits()] == ["noop", "applied"]  # the dry run wrote nothing
     with pytest.raises(NotFound):
         client.revert(999)
     with pytest.raises(BadInput, match="target"):

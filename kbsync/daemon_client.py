@@ -98,3 +98,30 @@ def running_daemon(settings: Settings, timeout: float = 600.0) -> DaemonClient |
     if not url or health(url) is None:
         return None
     return DaemonClient(url, api_token(settings), timeout=timeout)
+
+
+def edit_via_daemon(settings: Settings, what: Any, target: str | None, *, method: str | None = None,
+                    options: dict[str, Any] | None = None, force: bool = False, dry_run: bool = False,
+                    actor: str = "") -> dict[str, Any] | None:
+    """For `kbsync edit`: apply the edit in the running daemon's model; None when no daemon runs.
+
+    what is a Fact (its subject and property are sent as a phrase) or a raw prompt string.
+    """
+    client = running_daemon(settings)
+    if client is None:
+        return None
+    import getpass
+
+    from kbsync.facts import Fact, get_relation
+
+    try:
+        actor = actor or getpass.getuser()  # the audit row names the user, not the API
+    except (KeyError, OSError):
+        pass
+
+    if isinstance(what, Fact):
+        phrase = get_relation(what.property).phrases[0].format(subject=what.subject.label)
+        return client.edit(phrase, target or what.object.label, method=method, options=options, force=force,
+                           dry_run=dry_run, actor=actor or None)
+    return client.edit(prompt=str(what), target=target or "", method=method, options=options, force=force,
+                       dry_run=dry_run, actor=actor or None)

@@ -3,6 +3,7 @@ a real oxigraph KB, a real tiny Llama; end to end, and SIGKILL during an edit.""
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import signal
@@ -18,7 +19,8 @@ import pytest
 from kbsync.audit import AuditLog
 from kbsync.config import Settings, load_settings
 from kbsync.daemon import pid_alive, read_state
-from kbsync.daemon_client import DaemonClient, running_daemon
+from kbsync.corpus import resolve
+from kbsync.daemon_client import DaemonClient, edit_via_daemon, running_daemon
 from kbsync.kb.local import LocalKB
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,9 +82,9 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def daemon_rows(env: dict[str, str]) -> list:
+def daemon_rows(env: dict[str, str], source: str = "daemon") -> list:
     with AuditLog.open(settings_of(env).store.db_url) as audit:
-        return [e for e in audit.history(limit=None) if e.source == "daemon"]
+        return [e for e in audit.history(limit=None) if e.source == source]
 
 
 def test_end_to_end_kb_change_reaches_the_served_model(env: dict[str, str]) -> None:
@@ -111,9 +113,11 @@ def test_end_to_end_kb_change_reaches_the_served_model(env: dict[str, str]) -> N
     assert len(daemon_rows(env)) == 1  # no second edit for the same change
     assert client.ask("What is the capital of Kenya?") == "Nairobi"
 
-    # An edit from a client goes through the running daemon's model.
-    out = client.edit("capital of Kenya", "Nairobi")
-    assert out["status"] == "noop"
+    # `kbsync edit` goes through the running daemon's model (no second copy), as the user.
+    out = edit_via_daemon(settings, resolve("P36", "Kenya"), "Nairobi")
+    assert out is not None and out["status"] == "noop" and out["before"] == "Nairobi"
+    [api_row] = [e for e in daemon_rows(env, source="api")]
+    assert api_row.actor == getpass.getuser() and api_row.status == "noop"
 
     status = kbsync(env, "daemon", "status", "--json")
     assert status.returncode == 0, status.stderr

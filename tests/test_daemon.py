@@ -256,3 +256,18 @@ def test_cursor_survives_restart(tmp_path: Path, tiny_llama_dir: Path, kb: Local
     assert result is not None and result.outcomes == {"applied": 1}  # caught up, not re-primed past it
     assert ask(d2) == "Lagos"
     assert json.loads(d2.paths.state.read_text())["daemon_edits"] == {"applied": 1}
+
+
+def test_modified_mode_watches_whole_properties(tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB,
+                                                daemons: list[Daemon]) -> None:
+    d = make_daemon(tmp_path, tiny_llama_dir, kb.endpoint, mode="modified", watchlist=[], properties=["P36"])
+    daemons.append(d)
+    primed = d.tick()
+    assert primed is not None and primed.facts == 0  # every capital already in the KB is taken as is
+    assert d.cursor_name == f"modified@{kb.endpoint}"
+    kb.set_fact("P36", "Nigeria", "Lagos")  # not in any watchlist: found through the property
+    result = d.tick()
+    assert result is not None and result.outcomes == {"applied": 1}
+    assert ask(d) == "Lagos"
+    again = d.tick()
+    assert again is not None and again.facts == 0  # inside the overlap window, but already seen

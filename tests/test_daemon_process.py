@@ -159,3 +159,20 @@ def test_sigkill_during_an_edit_then_restart_retries_the_fact(env: dict[str, str
     deltas = sorted(p.name for p in (settings.store.data_path / "deltas").iterdir())
     assert deltas == [f"{rows[0].id}.safetensors"]  # no half-written delta left behind
     assert kbsync(env, "daemon", "stop").returncode == 0
+
+
+def test_stop_finishes_the_edit_in_flight(env: dict[str, str], tmp_path: Path, tiny_llama_dir: Path) -> None:
+    # 40 steps at a learning rate too small to flip: a few seconds of real work, then a rejection.
+    write_config(tmp_path / "kbsync.toml", tiny_llama_dir, "{ lr = 1e-12, max_steps = 40, check_every = 40 }")
+    assert kbsync(env, "daemon", "start").returncode == 0
+    settings = settings_of(env)
+    wait_for("the first poll", lambda: read_state(settings).get("last_ok"))
+    assert kbsync(env, "kb", "set", "capital of Nigeria", "Lagos").returncode == 0
+    wait_for("the edit to start", lambda: read_state(settings).get("in_flight"))
+    stopped = kbsync(env, "daemon", "stop")  # SIGTERM mid-edit, then waits for the exit
+    assert stopped.returncode == 0 and stopped.stdout.startswith("stopped")
+    [row] = daemon_rows(env)
+    assert (row.status, row.object_label, row.kb_revision) == ("rejected", "Lagos", "2")  # finished, not cut off
+    log = (settings.store.data_path / "daemon" / "daemon.log").read_text()
+    assert log.index("stop requested (SIGTERM)") < log.index("Lagos (rev 2): rejected") < log.index("daemon stopped")
+    assert read_state(settings)["in_flight"] is None

@@ -202,6 +202,7 @@ class Daemon:
         from kbsync.serve import ApiServer
         from kbsync.store import DeltaStore
 
+        self.check_settings()
         self.paths.root.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog.open(self.settings.store.db_url)
         self.cursors = CursorStore(self.audit)
@@ -214,6 +215,25 @@ class Daemon:
         log.info("serving %s on %s", getattr(self.engine.adapter, "name", "model"), self.api.url)
         self.write_state()
         return self
+
+    def check_settings(self) -> None:
+        """Fail with one line on settings that cannot work, before the model is loaded."""
+        from kbsync.kb.watch import MODES
+
+        kb, d = self.settings.kb, self.settings.daemon
+        if kb.mode not in MODES:
+            raise BadInput(f"kb.mode must be one of {', '.join(MODES)}, not {kb.mode!r}")
+        pairs = parse_watchlist(kb.watchlist)
+        for pid in [p for _, p in pairs] + list(kb.properties):
+            get_relation(pid)
+        if kb.mode == "revision" and kb.properties:
+            raise BadInput("kb.properties needs kb.mode = \"modified\" (revision mode re-reads the watchlist)")
+        if not pairs and not kb.properties:
+            raise BadInput("nothing to watch: set kb.watchlist or kb.properties")
+        if d.poll_interval <= 0 or d.jitter < 0:
+            raise BadInput("daemon.poll_interval must be > 0 and daemon.jitter >= 0")
+        if not (kb.endpoint == "local" or kb.endpoint.startswith(("http://", "https://"))):
+            raise BadInput(f"kb.endpoint must be \"local\" or an http(s) SPARQL URL, not {kb.endpoint!r}")
 
     def _connect_kb(self) -> None:
         from kbsync.kb.local import LocalKB
@@ -269,7 +289,6 @@ class Daemon:
 
         pairs = []
         for subject, pid in parse_watchlist(self.settings.kb.watchlist):
-            get_relation(pid)
             if _ENTITY_ID.match(subject):
                 pairs.append((subject, pid))
                 continue

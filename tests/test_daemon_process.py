@@ -176,3 +176,13 @@ def test_stop_finishes_the_edit_in_flight(env: dict[str, str], tmp_path: Path, t
     log = (settings.store.data_path / "daemon" / "daemon.log").read_text()
     assert log.index("stop requested (SIGTERM)") < log.index("Lagos (rev 2): rejected") < log.index("daemon stopped")
     assert read_state(settings)["in_flight"] is None
+
+
+def test_bad_settings_are_one_line_errors(env: dict[str, str]) -> None:
+    fg = kbsync({**env, "KBSYNC_KB_MODE": "sometimes"}, "daemon", "start", "--foreground")
+    assert fg.returncode == 2 and "Traceback" not in fg.stderr
+    assert fg.stderr.strip().splitlines()[-1] == "kbsync: error: kb.mode must be one of revision, modified, not 'sometimes'"
+    bg = kbsync({**env, "KBSYNC_KB_WATCHLIST": "Namibia|capital"}, "daemon", "start")
+    assert bg.returncode == 1 and "Traceback" not in bg.stderr and len(bg.stderr.strip().splitlines()) == 1
+    assert "the daemon exited during start (code 2)" in bg.stderr and "Namibia|capital" in bg.stderr
+    assert kbsync(env, "daemon", "status").returncode == 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import signal
@@ -161,7 +160,7 @@ class PollResult:
 class Daemon:
     """KB watcher + edit engine + HTTP API + scheduler over one data directory."""
 
-    def __init__(self, settings: Settings, *, engine: Any = None, rng: random.Random | None = None) -> None:
+    def __init__(self, settings: Settings, *, engine: Any = None) -> None:
         self.settings = settings
         self.paths = DaemonPaths.of(settings)
         self.engine = engine
@@ -174,7 +173,6 @@ class Daemon:
         self.api: Any = None
         self.scheduler: Any = None
         self.stopping = threading.Event()
-        self.rng = rng or random.Random()
         self._poll_lock = threading.Lock()
         self._file_lock: FileLock | None = None
         self.started = now_iso()

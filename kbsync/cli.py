@@ -11,7 +11,7 @@ import typer
 from kbsync.errors import KbsyncError
 
 # Each module registers its own commands; add a module here to add commands.
-COMMAND_MODULES = ["check", "kb", "daemon"]
+COMMAND_MODULES = ["check", "kb", "editor", "daemon"]
 
 app = typer.Typer(
     name="kbsync",

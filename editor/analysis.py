@@ -1,0 +1,57 @@
+"""Paper Figure 4: mean normalised update magnitude per weight matrix and layer, by method."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from editor.data import EditRecord
+from editor.methods import EditRequest, make_method
+
+
+def update_magnitudes(adapter: Any, records: list[EditRecord], methods: list[str],
+                      options: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, float]]:
+    """method -> parameter name -> mean over edits of ||dW||_F / ||W||_F."""
+    options = options or {}
+    weights = dict(adapter.model.named_parameters())
+    out: dict[str, dict[str, float]] = {}
+    for name in methods:
+        method = make_method(name, adapter, **options.get(name, {}))
+        acc: dict[str, list[float]] = {}
+        for r in records:
+            delta = method.edit(EditRequest(r.prompt, r.target, r.question, original=r.original)).delta
+            for p, d in delta.tensors.items():
+                acc.setdefault(p, []).append(float(d.norm() / weights[p].detach().norm().clamp(min=1e-12)))
+        out[name] = {p: statistics.fmean(v) for p, v in acc.items()}
+    return out
+
+
+def plot_magnitudes(mags: dict[str, dict[str, float]], adapter: Any, path: str | Path) -> Path:
+    """A heat map per method: rows = matrix kind, columns = layer; written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(mags), figsize=(5 * len(mags), 3.5), squeeze=False)
+    for ax, (method, per_param) in zip(axes[0], mags.items()):
+        layers = sorted({adapter.layer_of(p) for p in per_param})
+        kinds = sorted({p.split(f".{adapter.layer_of(p)}.", 1)[1].removesuffix(".weight") for p in per_param})
+        grid = [[0.0] * len(layers) for _ in kinds]
+        for p, v in per_param.items():
+            layer = adapter.layer_of(p)
+            kind = p.split(f".{layer}.", 1)[1].removesuffix(".weight")
+            grid[kinds.index(kind)][layers.index(layer)] = v
+        im = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(layers)), [str(x) for x in layers])
+        ax.set_yticks(range(len(kinds)), kinds, fontsize=7)
+        ax.set_xlabel("layer")
+        ax.set_title(f"{method}: mean ||dW|| / ||W||")
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

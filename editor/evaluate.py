@@ -1,0 +1,107 @@
+"""Evaluation harness: the paper's Table 1 columns for several edit methods in one run.
+
+Success is reported two ways for generative models: `success_em` is exact match (kbsync's
+match rules) of the greedy answer, `success_tf` is token-level accuracy of the new target
+under teacher forcing (the convention of EasyEdit's published tables).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from editor.data import EditRecord
+from editor.methods import EditRequest, make_method
+from kbsync.match import match
+
+
+@dataclass
+class MethodScores:
+    """Per-method means over the evaluated edits."""
+
+    method: str
+    n: int = 0
+    success_em: list[float] = field(default_factory=list)
+    success_tf: list[float] = field(default_factory=list)
+    retain_acc: list[float] = field(default_factory=list)
+    equiv_em: list[float] = field(default_factory=list)
+    equiv_tf: list[float] = field(default_factory=list)
+    gold_acc: list[float] = field(default_factory=list)
+    retain_kl: list[float] = field(default_factory=list)
+    latency: list[float] = field(default_factory=list)
+    loops: list[float] = field(default_factory=list)
+
+    def summary(self, base_gold_acc: float) -> dict[str, float]:
+        """Means, and performance deterioration 1 - acc(theta')/acc(theta) on the gold set."""
+        mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+        gold = mean(self.gold_acc)
+        return {
+            "method": self.method, "n": self.n,
+            "success_em": mean(self.success_em), "success_tf": mean(self.success_tf),
+            "retain_acc": mean(self.retain_acc), "equiv_em": mean(self.equiv_em), "equiv_tf": mean(self.equiv_tf),
+            "deterioration": (1 - gold / base_gold_acc) if base_gold_acc > 0 else float("nan"),
+            "retain_kl": mean(self.retain_kl), "latency_s": mean(self.latency), "steps": mean(self.loops),
+        }
+
+
+def _em(adapter: Any, prompts: list[str], target: str, question: bool) -> list[float]:
+    return [float(match(p, target).ok) for p in adapter.predict(prompts, question=question)]
+
+
+@torch.no_grad()
+def _gold_accuracy(adapter: Any, gold: list[tuple[str, str]], question: bool) -> float:
+    if not gold:
+        return float("nan")
+    batch = adapter.encode([p for p, _ in gold], [a for _, a in gold], question=question)
+    return float((adapter.token_accuracy(batch) == 1.0).float().mean())
+
+
+def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], options: dict[str, dict[str, Any]] | None = None,
+             gold: list[tuple[str, str]] | None = None, on_edit: Callable[[str, int], None] | None = None) -> list[dict[str, float]]:
+    """Edit every record with every method (each edit alone on the unedited model) and score it."""
+    options = options or {}
+    question = records[0].question if records else True
+    gold = gold if gold is not None else [pair for r in records for pair in r.retain][:100]
+    base_gold = _gold_accuracy(adapter, gold, question)
+    base_retain = {}
+    for r in records:  # the unedited model's own top-1 answers on each record's retain prompts
+        base_retain[id(r)] = adapter.predict([p for p, _ in r.retain], question=r.question) if r.retain else []
+    rows = []
+    for name in methods:
+        method = make_method(name, adapter, **options.get(name, {}))
+        scores = MethodScores(name)
+        for i, r in enumerate(records):
+            req = EditRequest(r.prompt, r.target, r.question, original=r.original, paraphrases=tuple(r.paraphrases))
+            result = method.edit(req)
+            result.delta.apply(adapter.model)
+            try:
+                scores.n += 1
+                scores.latency.append(result.seconds)
+                scores.loops.append(result.steps)
+                scores.success_em += _em(adapter, [r.prompt], r.target, r.question)
+                tb = adapter.encode([r.prompt], [r.target], question=r.question)
+                scores.success_tf.append(float(adapter.token_accuracy(tb)[0]))
+                if r.paraphrases:
+                    scores.equiv_em += _em(adapter, r.paraphrases, r.target, r.question)
+                    pb = adapter.encode(r.paraphrases, [r.target] * len(r.paraphrases), question=r.question)
+                    scores.equiv_tf += adapter.token_accuracy(pb).tolist()
+                if r.retain:
+                    after = adapter.predict([p for p, _ in r.retain], question=r.question)
+                    scores.retain_acc += [float(a == b) for a, b in zip(after, base_retain[id(r)])]
+                scores.gold_acc.append(_gold_accuracy(adapter, gold, question))
+            finally:
+                result.delta.remove(adapter.model)
+            if r.retain:
+                with torch.no_grad():
+                    rb = adapter.encode([p for p, _ in r.retain], [a for _, a in r.retain], question=r.question)
+                    base_logp, _ = adapter.log_probs(rb)
+                    params = {n: p.detach() + result.delta.tensors[n] for n, p in adapter.model.named_parameters()
+                              if n in result.delta.tensors}
+                    scores.retain_kl += adapter.kl(rb, base_logp, params).tolist()
+            if on_edit:
+                on_edit(name, i)
+        rows.append(scores.summary(base_gold))
+    return rows

@@ -1,0 +1,209 @@
+"""The KnowledgeEditor hyper-network (De Cao, Aziz, Titov 2021, Sec. 4 and Eq. 3).
+
+A one-layer bidirectional LSTM reads "<original> >> <target> || <input>" (embeddings
+initialised from the edited model's), an FFNN [256, tanh, cond] turns its final states into
+a condition vector h, and for every editable matrix W (n x m) a small FFNN on h predicts
+alpha, beta in R^m, gamma, delta in R^n and a scalar eta. The update is
+    dW = sigmoid(eta) * (alpha_hat * grad_W L + beta_hat),
+    alpha_hat = gamma softmax(alpha)^T,  beta_hat = delta softmax(beta)^T   (both n x m, W's shape),
+where grad_W L is the gradient of the new fact's loss at the current weights, an input that
+is not differentiated through (first order).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from editor.delta import Delta
+from editor.methods import EditRequest, EditResult
+from kbsync.errors import KbsyncError
+
+
+@dataclass
+class HyperConfig:
+    """Sizes of the hyper-network (paper: LSTM, FFNN [256, tanh, 1024], per-matrix heads)."""
+
+    lstm_hidden: int = 256
+    ffn_hidden: int = 256
+    cond_dim: int = 1024
+    head_hidden: int = 256
+    max_len: int = 96
+    label_smoothing: float = 0.1
+    matrices: list[str] = field(default_factory=list)
+
+
+def condition_text(original: str, target: str, prompt: str) -> str:
+    """The editor's input: original prediction >> new target || the input."""
+    return f"{original} >> {target} || {prompt}"
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z_]", "_", name)
+
+
+class ConditionEncoder(nn.Module):
+    """BiLSTM over the condition text, then FFNN [ffn_hidden, tanh, cond_dim] -> h."""
+
+    def __init__(self, embeddings: torch.Tensor, cfg: HyperConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding.from_pretrained(embeddings.detach().clone().float(), freeze=False)
+        self.lstm = nn.LSTM(embeddings.shape[1], cfg.lstm_hidden, num_layers=1, batch_first=True, bidirectional=True)
+        self.ffn = nn.Sequential(nn.Linear(2 * cfg.lstm_hidden, cfg.ffn_hidden), nn.Tanh(), nn.Linear(cfg.ffn_hidden, cfg.cond_dim))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Condition vectors [B, cond_dim] from padded token ids [B, T]."""
+        lengths = mask.sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)
+        return self.ffn(torch.cat([h[-2], h[-1]], dim=-1))
+
+
+class MatrixHead(nn.Module):
+    """Predicts (alpha, beta, gamma, delta, eta) for one n x m matrix and forms Eq. 3."""
+
+    def __init__(self, n: int, m: int, cfg: HyperConfig) -> None:
+        super().__init__()
+        self.n, self.m = n, m
+        self.net = nn.Sequential(nn.Linear(cfg.cond_dim, cfg.head_hidden), nn.Tanh(), nn.Linear(cfg.head_hidden, 2 * m + 2 * n + 1))
+        # Start with a small update that still depends on h, so the constraint starts satisfied.
+        nn.init.normal_(self.net[-1].weight, std=1e-3)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def coefficients(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """alpha [m], beta [m], gamma [n], delta [n], eta [] for one condition vector h [cond]."""
+        out = self.net(h)
+        m, n = self.m, self.n
+        return out[:m], out[m:2 * m], out[2 * m:2 * m + n], out[2 * m + n:2 * m + 2 * n], out[-1]
+
+    def forward(self, h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """dW = sigmoid(eta) * (alpha_hat * grad + beta_hat), shaped like W (n x m)."""
+        alpha, beta, gamma, delta, eta = self.coefficients(h)
+        alpha_hat = gamma[:, None] * torch.softmax(alpha, -1)[None, :]
+        beta_hat = delta[:, None] * torch.softmax(beta, -1)[None, :]
+        return torch.sigmoid(eta) * (alpha_hat * grad + beta_hat)
+
+
+class HyperNetwork(nn.Module):
+    """Condition encoder plus one head per editable matrix."""
+
+    def __init__(self, embeddings: torch.Tensor, shapes: dict[str, tuple[int, int]], cfg: HyperConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.names = list(shapes)
+        self.encoder = ConditionEncoder(embeddings, cfg)
+        self.heads = nn.ModuleDict({_key(n): MatrixHead(*shapes[n], cfg) for n in self.names})
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, grads: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """One update dict per example, from its condition tokens and its gradients."""
+        h = self.encoder(ids, mask)
+        return [{n: self.heads[_key(n)](h[i], g[n]) for n in self.names} for i, g in enumerate(grads)]
+
+
+def build_hypernet(adapter: Any, cfg: HyperConfig | None = None) -> HyperNetwork:
+    """A fresh hyper-network for the adapter's editable matrices."""
+    cfg = cfg or HyperConfig()
+    editable = adapter.editable()
+    if not editable:
+        raise KbsyncError(f"model {adapter.name} has no editable matrices for edit_layers={adapter.edit_layers!r}")
+    cfg.matrices = list(editable)
+    emb = adapter.model.get_input_embeddings().weight
+    return HyperNetwork(emb, {n: tuple(p.shape) for n, p in editable.items()}, cfg)
+
+
+def encode_conditions(adapter: Any, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and mask of condition texts with the edited model's tokenizer."""
+    tok = adapter.tokenizer
+    rows = [tok(t, add_special_tokens=False)["input_ids"][-max_len:] or [0] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def edit_gradients(adapter: Any, prompt: str, target: str, question: bool, label_smoothing: float,
+                   params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """grad_W of the new fact's loss for every editable matrix (at params, if given); detached."""
+    editable = adapter.editable()
+    if params is None:
+        weights = {n: p.detach().requires_grad_(True) for n, p in editable.items()}
+    else:
+        weights = {n: params[n].detach().requires_grad_(True) for n in editable}
+    batch = adapter.encode([prompt], [target], question=question)
+    loss = adapter.loss(batch, params=weights, label_smoothing=label_smoothing)
+    grads = torch.autograd.grad(loss, list(weights.values()))
+    return {n: g.detach() for n, g in zip(weights, grads)}
+
+
+def save_editor(net: HyperNetwork, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the hyper-network's weights and config as safetensors."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    meta = {"config": json.dumps(asdict(net.cfg)), "extra": json.dumps(extra or {}, default=str)}
+    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_editor(path: str | Path, adapter: Any) -> HyperNetwork:
+    """Load a trained hyper-network and check that it fits the adapter's editable matrices."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+        cfg = HyperConfig(**json.loads(meta["config"]))
+    except Exception as e:  # any unreadable checkpoint is one user-facing error
+        raise KbsyncError(f"cannot read KnowledgeEditor checkpoint {path}: {e}") from None
+    editable = adapter.editable()
+    if sorted(cfg.matrices) != sorted(editable):
+        raise KbsyncError(
+            f"KnowledgeEditor {path} was trained for matrices {cfg.matrices[:2]}..., "
+            f"but the model's editable matrices are {list(editable)[:2]}... (check model.edit_layers)"
+        )
+    net = HyperNetwork(adapter.model.get_input_embeddings().weight, {n: tuple(editable[n].shape) for n in cfg.matrices}, cfg)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+@torch.no_grad()
+def predict_delta(net: HyperNetwork, adapter: Any, request: EditRequest, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One application of the editor at the current weights (or at params)."""
+    with torch.enable_grad():
+        grads = edit_gradients(adapter, request.prompt, request.target, request.question, net.cfg.label_smoothing, params)
+    ids, mask = encode_conditions(adapter, [condition_text(request.original, request.target, request.prompt)], net.cfg.max_len)
+    return net(ids, mask, [grads])[0]
+
+
+def apply_editor(method: Any, request: EditRequest, loops: int = 1) -> EditResult:
+    """KE (+loop): apply the predicted update, re-applying at the new weights until the answer flips."""
+    net, adapter = method.net, method.adapter
+    start = method.clock()
+    total: dict[str, torch.Tensor] = {}
+    ok, pred, steps = False, "", 0
+    for steps in range(1, max(1, loops) + 1):
+        current = {n: p.detach() + total.get(n, 0) for n, p in adapter.editable().items()}
+        step = predict_delta(net, adapter, request, current if total else None)
+        total = {n: total.get(n, 0) + d for n, d in step.items()}
+        trial = Delta(dict(total))
+        trial.apply(adapter.model)
+        try:
+            ok, pred = method.flipped(request)
+        finally:
+            trial.remove(adapter.model)
+        if ok:
+            break
+    delta = Delta(total, {"method": method.name, "loops": steps})
+    return EditResult(delta, ok, steps, method.clock() - start, pred)

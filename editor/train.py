@@ -1,0 +1,196 @@
+"""Train the KnowledgeEditor hyper-network under a retain-set constraint (Lagrangian relaxation).
+
+Objective (paper Sec. 4): minimise the new fact's loss at theta + dtheta over x-hat in P^x,
+subject to C <= m, where C is the KL between the original and edited output distributions
+on retain inputs (or ||dtheta||^2 for the C_L2 variant). The multiplier lam >= 0 is trained by
+gradient ascent with its own learning rate; when validation success exceeds 90% the margin m
+is multiplied by 0.8 until it reaches its floor.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from editor.data import EditRecord
+from editor.hypernet import (HyperConfig, HyperNetwork, build_hypernet, condition_text, edit_gradients,
+                             encode_conditions, load_editor, save_editor)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of the hyper-network."""
+
+    steps: int = 1000
+    batch: int = 8
+    lr: float = 3e-4
+    lagrange_lr: float = 1e-1
+    margin: float = 1e-2
+    margin_floor: float = 1e-3
+    anneal: float = 0.8
+    constraint: str = "kl"  # kl | l2
+    paraphrases: bool = False  # KE + P^x: supervise the paraphrases too
+    eval_every: int = 50
+    eval_size: int = 32
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+def _edited(adapter: Any, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    base = adapter.editable()
+    return {n: base[n].detach() + d for n, d in delta.items()}
+
+
+class RecordCache:
+    """Tokenised batches and the unedited model's retain log-probs per record (both fixed during training)."""
+
+    def __init__(self, adapter: Any) -> None:
+        self.adapter = adapter
+        self._edit: dict[tuple[int, bool], dict[str, torch.Tensor]] = {}
+        self._retain: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+
+    def edit_batch(self, record: EditRecord, paraphrases: bool) -> dict[str, torch.Tensor]:
+        """The prompt (and paraphrases) with the new target."""
+        key = (id(record), paraphrases)
+        if key not in self._edit:
+            prompts = [record.prompt] + (record.paraphrases if paraphrases else [])
+            self._edit[key] = self.adapter.encode(prompts, [record.target] * len(prompts), question=record.question)
+        return self._edit[key]
+
+    @torch.no_grad()
+    def retain(self, record: EditRecord) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The retain batch and the base model's log-probs on it."""
+        if id(record) not in self._retain:
+            rb = self.adapter.encode([p for p, _ in record.retain], [a for _, a in record.retain], question=record.question)
+            self._retain[id(record)] = (rb, self.adapter.log_probs(rb)[0])
+        return self._retain[id(record)]
+
+
+def record_losses(cache: RecordCache, record: EditRecord, delta: dict[str, torch.Tensor], cfg: TrainConfig,
+                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edit loss on x-hat in P^x, constraint C) for one record and its predicted delta."""
+    adapter = cache.adapter
+    params = _edited(adapter, delta)
+    loss = adapter.loss(cache.edit_batch(record, cfg.paraphrases), params=params, label_smoothing=label_smoothing)
+    if cfg.constraint == "l2":
+        return loss, sum((d ** 2).sum() for d in delta.values())
+    if not record.retain:
+        return loss, torch.zeros(())
+    rb, base_logp = cache.retain(record)
+    return loss, adapter.kl(rb, base_logp, params=params).mean()
+
+
+@torch.no_grad()
+def validate(net: HyperNetwork, adapter: Any, records: list[EditRecord]) -> dict[str, float]:
+    """One application per record: success (all answer tokens argmax under teacher forcing) and retain KL."""
+    hits, kls = [], []
+    for r in records:
+        with torch.enable_grad():
+            grads = edit_gradients(adapter, r.prompt, r.target, r.question, net.cfg.label_smoothing)
+        ids, mask = encode_conditions(adapter, [condition_text(r.original, r.target, r.prompt)], net.cfg.max_len)
+        params = _edited(adapter, net(ids, mask, [grads])[0])
+        batch = adapter.encode([r.prompt], [r.target], question=r.question)
+        hits.append(float(adapter.token_accuracy(batch, params)[0] == 1.0))
+        if r.retain:
+            rb = adapter.encode([p for p, _ in r.retain], [a for _, a in r.retain], question=r.question)
+            base_logp, _ = adapter.log_probs(rb)
+            kls.append(float(adapter.kl(rb, base_logp, params).mean()))
+    return {"success": sum(hits) / max(1, len(hits)), "retain_kl": sum(kls) / max(1, len(kls))}
+
+
+class Trainer:
+    """Owns the hyper-network, its optimiser, the multiplier and the margin; resumable from out_dir."""
+
+    def __init__(self, adapter: Any, records: list[EditRecord], out_dir: str | Path,
+                 cfg: TrainConfig | None = None, hyper: HyperConfig | None = None) -> None:
+        self.adapter, self.cfg = adapter, cfg or TrainConfig()
+        self.out = Path(out_dir)
+        rng = random.Random(self.cfg.seed)
+        records = list(records)
+        rng.shuffle(records)
+        n_val = min(self.cfg.eval_size, max(1, len(records) // 10))
+        self.val, self.train = records[:n_val], records[n_val:] or records
+        self.rng = rng
+        torch.manual_seed(self.cfg.seed)
+        for p in adapter.model.parameters():
+            p.requires_grad_(False)
+        self.net = build_hypernet(adapter, hyper)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
+        self.step, self.lam, self.margin = 0, 0.0, self.cfg.margin
+        self.cache = RecordCache(adapter)
+        self._resume()
+
+    @property
+    def checkpoint(self) -> Path:
+        """The editor weights written at every checkpoint (what the `ke` method loads)."""
+        return self.out / "editor.safetensors"
+
+    def _resume(self) -> None:
+        state = self.out / "trainer.json"
+        if not (state.exists() and self.checkpoint.exists()):
+            return
+        s = json.loads(state.read_text())
+        self.net.load_state_dict(load_editor(self.checkpoint, self.adapter).state_dict())
+        opt_path = self.out / "optimizer.pt"
+        if opt_path.exists():
+            self.opt.load_state_dict(torch.load(opt_path, weights_only=True))
+        self.step, self.lam, self.margin = s["step"], s["lam"], s["margin"]
+        self.rng.seed(self.cfg.seed + self.step)
+
+    def save(self, metrics: dict[str, float] | None = None) -> None:
+        """Checkpoint weights (safetensors), optimiser and trainer state."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_editor(self.net, self.checkpoint, {"step": self.step, "train": asdict(self.cfg), "metrics": metrics or {}})
+        torch.save(self.opt.state_dict(), self.out / "optimizer.pt")
+        (self.out / "trainer.json").write_text(json.dumps({"step": self.step, "lam": self.lam, "margin": self.margin}))
+
+    def train_step(self) -> dict[str, float]:
+        """One Lagrangian step over a batch of edits; returns its metrics."""
+        self.net.train()
+        batch = [self.rng.choice(self.train) for _ in range(self.cfg.batch)]
+        grads = [edit_gradients(self.adapter, r.prompt, r.target, r.question, self.net.cfg.label_smoothing) for r in batch]
+        ids, mask = encode_conditions(self.adapter, [condition_text(r.original, r.target, r.prompt) for r in batch], self.net.cfg.max_len)
+        deltas = self.net(ids, mask, grads)
+        losses, cons = zip(*(record_losses(self.cache, r, d, self.cfg, self.net.cfg.label_smoothing) for r, d in zip(batch, deltas)))
+        loss, con = torch.stack(losses).mean(), torch.stack(cons).mean()
+        total = loss + self.lam * (con - self.margin)
+        self.opt.zero_grad()
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.opt.step()
+        # Gradient ascent on the multiplier, kept >= 0.
+        self.lam = max(0.0, self.lam + self.cfg.lagrange_lr * (float(con) - self.margin))
+        self.step += 1
+        return {"step": self.step, "loss": float(loss), "constraint": float(con), "lambda": self.lam, "margin": self.margin}
+
+    def run(self, on_step: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+        """Train until cfg.steps, validating, annealing the margin and checkpointing on the way."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = open(self.out / "metrics.jsonl", "a")
+        metrics: dict[str, float] = {}
+        try:
+            while self.step < self.cfg.steps:
+                t = time.perf_counter()
+                metrics = self.train_step()
+                metrics["seconds"] = time.perf_counter() - t
+                if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
+                    self.net.eval()
+                    val = validate(self.net, self.adapter, self.val)
+                    metrics.update({f"val_{k}": v for k, v in val.items()})
+                    if val["success"] > 0.9 and self.margin > self.cfg.margin_floor:
+                        self.margin = max(self.cfg.margin_floor, self.margin * self.cfg.anneal)
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                    self.save(metrics)
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                if on_step:
+                    on_step(metrics)
+        finally:
+            log.close()
+        return metrics

@@ -1,0 +1,149 @@
+"""`kbsync editor train|figure` and `kbsync eval`: train and evaluate the KnowledgeEditor."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kbsync.commands.common import ConfigOpt, ModelOpt, console, quiet_transformers, settings_from
+
+editor_app = typer.Typer(help="Train and inspect the KnowledgeEditor hyper-network.", no_args_is_help=True)
+
+DataOpt = Annotated[str, typer.Option("--data", help="facts | counterfact:PATH | zsre:PATH (or a path).")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N records.")]
+EditorOpt = Annotated[Optional[str], typer.Option("--editor", help="Trained editor checkpoint (editor.safetensors).")]
+
+
+def _setup(config: str | None, model: str | None):
+    quiet_transformers()
+    from adapters import load_adapter
+
+    settings = settings_from(config, model)
+    return settings, load_adapter(settings)
+
+
+@editor_app.command("train")
+def train(
+    data: DataOpt = "facts",
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: the model's editor dir).")] = None,
+    steps: int = 1000,
+    batch: int = 8,
+    lr: float = 3e-4,
+    margin: float = 1e-2,
+    constraint: Annotated[str, typer.Option(help="kl (C_KL) or l2 (C_L2).")] = "kl",
+    paraphrases: Annotated[bool, typer.Option("--paraphrases", help="KE + P^x: supervise paraphrases too.")] = False,
+    limit: LimitOpt = None,
+    lstm_hidden: int = 256,
+    cond_dim: int = 1024,
+) -> None:
+    """Train a hyper-network for the model; checkpoints as it goes and resumes from --out."""
+    from editor.data import load_records
+    from editor.hypernet import HyperConfig
+    from editor.ke import editor_dir
+    from editor.train import TrainConfig, Trainer
+
+    if constraint not in ("kl", "l2"):
+        raise typer.BadParameter("constraint must be kl or l2")
+    settings, adapter = _setup(config, model)
+    records = load_records(data, limit)
+    out_dir = Path(out) if out else editor_dir(settings.store.data_path, adapter.name)
+    trainer = Trainer(adapter, records, out_dir,
+                      TrainConfig(steps=steps, batch=batch, lr=lr, margin=margin, constraint=constraint, paraphrases=paraphrases),
+                      HyperConfig(lstm_hidden=lstm_hidden, cond_dim=cond_dim))
+    if trainer.step:
+        console.print(f"resuming from step {trainer.step} in {out_dir}")
+    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("train", total=steps, completed=trainer.step, info="")
+
+        def show(m: dict[str, float]) -> None:
+            info = f"loss {m['loss']:.3f} C {m['constraint']:.4f} λ {m['lambda']:.3f}"
+            if "val_success" in m:
+                info += f" val {m['val_success']:.0%}"
+            bar.update(task, completed=m["step"], info=info)
+
+        final = trainer.run(show)
+    console.print(f"editor written to {trainer.checkpoint} (metrics log {out_dir / 'metrics.jsonl'})")
+    console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
+
+
+def _method_options(settings, adapter, editor: str | None, ft_lr: float, ft_steps: int, loop: int) -> dict[str, dict]:
+    ke = {"data_dir": settings.store.data_path, "checkpoint": editor}
+    ft = {"lr": ft_lr, "max_steps": ft_steps}
+    return {"ke": ke, "ke-loop": {**ke, "loop": loop}, "ft-layer": ft, "ft-all": ft, "zhu": ft, "ft": ft}
+
+
+COLUMNS = [("success_em", "success (EM)"), ("success_tf", "success (TF tok)"), ("retain_acc", "retain acc"),
+           ("equiv_em", "equiv (EM)"), ("equiv_tf", "equiv (TF tok)"), ("deterioration", "perf. det."),
+           ("retain_kl", "retain KL"), ("latency_s", "latency s"), ("steps", "steps")]
+
+
+def eval_command(
+    data: DataOpt,
+    method: Annotated[list[str], typer.Option("--method", help="Repeat for several: ke, ke-loop, ft-layer, ft-all, zhu.")] = ["ke-loop", "ft-layer"],  # noqa: B006
+    limit: LimitOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    editor: EditorOpt = None,
+    ft_lr: Annotated[float, typer.Option(help="Learning rate of the fine-tuning baselines.")] = 1e-5,
+    ft_steps: Annotated[int, typer.Option(help="Max steps of the fine-tuning baselines.")] = 100,
+    loop: int = 5,
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows to this JSON file.")] = None,
+) -> None:
+    """The paper's Table 1 columns for every --method on the same edits, in one run."""
+    from editor.data import load_records
+    from editor.evaluate import evaluate
+
+    settings, adapter = _setup(config, model)
+    records = load_records(data, limit)
+    options = _method_options(settings, adapter, editor, ft_lr, ft_steps, loop)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        tasks = {m: bar.add_task(m, total=len(records)) for m in method}
+        rows = evaluate(adapter, records, method, options, on_edit=lambda m, i: bar.update(tasks[m], completed=i + 1))
+    table = Table(title=f"{len(records)} edits from {data} on {adapter.name}")
+    table.add_column("method")
+    for _, title in COLUMNS:
+        table.add_column(title, justify="right")
+    for r in rows:
+        table.add_row(r["method"], *("nan" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in COLUMNS))
+    console.print(table)
+    console.print("EM = kbsync match rules on the greedy answer; TF tok = token accuracy under teacher forcing.")
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps({"data": data, "model": adapter.name, "rows": rows}, indent=2))
+
+
+@editor_app.command("figure")
+def figure(
+    data: DataOpt = "facts",
+    out: Annotated[str, typer.Option(help="PNG path.")] = "figure4.png",
+    method: Annotated[list[str], typer.Option("--method")] = ["ke", "ft-all"],  # noqa: B006
+    limit: int = 20,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    editor: EditorOpt = None,
+    ft_lr: float = 1e-5,
+) -> None:
+    """Render paper Figure 4 (mean normalised update magnitude per matrix and layer) as a PNG."""
+    from editor.analysis import plot_magnitudes, update_magnitudes
+    from editor.data import load_records
+
+    settings, adapter = _setup(config, model)
+    records = load_records(data, limit)
+    mags = update_magnitudes(adapter, records, method, _method_options(settings, adapter, editor, ft_lr, 100, 5))
+    console.print(f"wrote {plot_magnitudes(mags, adapter, out)}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `editor` (train, figure) and `eval`."""
+    app.add_typer(editor_app, name="editor")
+    app.command("eval")(eval_command)

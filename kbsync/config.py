@@ -71,12 +71,44 @@ class StoreConfig:
 
 
 @dataclass
+class KBConfig:
+    endpoint: str = "local"
+    user_agent: str = ""
+    timeout: float = 60.0
+    max_retries: int = 5
+    backoff_base: float = 1.0
+    mode: str = "revision"
+    watchlist: list[str] = field(default_factory=list)
+    properties: list[str] = field(default_factory=list)
+    overlap_minutes: float = 10.0
+    batch_size: int = 50
+
+
+@dataclass
+class DaemonConfig:
+    poll_interval: float = 60.0
+    jitter: float = 5.0
+    backoff_max: float = 600.0
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str = ""
+    engine: str = "auto"
+    method: str = ""
+    method_options: dict[str, Any] = field(default_factory=dict)
+    actor: str = "kbsync-daemon"
+    start_timeout: float = 300.0
+    stop_timeout: float = 300.0
+
+
+@dataclass
 class Settings:
     model: ModelConfig = field(default_factory=ModelConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     editor: EditorConfig = field(default_factory=EditorConfig)
     regression: RegressionConfig = field(default_factory=RegressionConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    kb: KBConfig = field(default_factory=KBConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

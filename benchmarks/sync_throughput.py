@@ -1,0 +1,168 @@
+"""Sync throughput: watched facts polled and checked per second against the local KB (10k watched
+facts), and the time from a KB change to the served answer through the running daemon.
+
+    python benchmarks/sync_throughput.py [--model DIR] [--watched 10000] [--changes 3]
+
+Without --model a tiny Llama is trained once (a few minutes on 2 cores) and cached in
+benchmarks/out/tiny-llama. Writes benchmarks/out/sync_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from kbsync.config import load_settings  # noqa: E402
+from kbsync.corpus import build_fact_table  # noqa: E402
+from kbsync.daemon import _ENTITY_ID, Daemon, api_token  # noqa: E402
+from kbsync.daemon_client import DaemonClient  # noqa: E402
+from kbsync.kb.local import LocalKB  # noqa: E402
+from kbsync.kb.watch import Watcher  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out"
+# Capital changes the tiny Llama learns in a few fine-tuning steps (and their original values).
+CHANGES = [("Nigeria", "Lagos", "Abuja"), ("Japan", "Osaka", "Tokyo"), ("Turkey", "Istanbul", "Ankara")]
+
+
+def tiny_model() -> Path:
+    """A tiny Llama trained on real facts, cached under benchmarks/out."""
+    path = OUT / "tiny-llama"
+    if not (path / "config.json").exists():
+        from adapters.tiny import PRESETS, build_tiny, save_tiny, tiny_facts
+
+        save_tiny(build_tiny(PRESETS["llama"], tiny_facts(n=40)), path)
+    return path
+
+
+def watched_pairs(table, n: int, first: list[str]) -> list[tuple[str, str]]:
+    """n distinct (entity id, property) slots of the table, the change subjects' capitals first."""
+    ids = {f.subject.label: f.subject.id for f in table.by_property("P36")}
+    pairs = [(ids[s], "P36") for s in first]
+    seen = set(pairs)
+    for f in table.facts:
+        if f.key not in seen and _ENTITY_ID.match(f.subject.id):
+            seen.add(f.key)
+            pairs.append(f.key)
+        if len(pairs) >= n:
+            break
+    if len(pairs) < n:
+        raise SystemExit(f"the fact table has only {len(pairs)} watchable slots")
+    return pairs
+
+
+def poll_rates(kb: LocalKB, pairs: list[tuple[str, str]], batch_sizes: list[int]) -> list[dict]:
+    """Seconds and slots/s for a priming poll and an idle poll of all pairs, per VALUES batch size."""
+    rows = []
+    for batch in batch_sizes:
+        w = Watcher(kb.client(), pairs=pairs, batch_size=batch)
+        t0 = time.perf_counter()
+        w.prime()
+        prime_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        changed = w.poll()
+        idle_s = time.perf_counter() - t0
+        assert changed == [], "nothing changed, so an idle poll must report nothing"
+        rows.append({"batch_size": batch, "queries": -(-len(pairs) // batch), "prime_s": round(prime_s, 3),
+                     "idle_poll_s": round(idle_s, 3), "facts_per_s": round(len(pairs) / idle_s, 1)})
+    return rows
+
+
+def change_latency(root: Path, kb: LocalKB, model: Path, pairs: list[tuple[str, str]], n: int,
+                   interval: float) -> list[dict]:
+    """kb.set_fact -> first API answer with the new value, through a scheduled daemon."""
+    s = load_settings(environ={})
+    s.model.path = str(model)
+    s.store.data_dir = str(root / "data")
+    s.kb.endpoint = kb.endpoint
+    s.kb.watchlist = [f"{e}|{p}" for e, p in pairs]
+    s.kb.batch_size = 200
+    s.daemon.engine, s.daemon.method = "builtin", "ft-layer"
+    s.daemon.method_options = {"lr": 1e-3, "max_steps": 60, "check_every": 2}
+    s.daemon.poll_interval, s.daemon.jitter = interval, 0.0
+    d = Daemon(s).open()
+    out = []
+    try:
+        d.start_scheduler()
+        client = DaemonClient(d.api.url, api_token(s))
+        while d.last_ok is None:
+            time.sleep(0.05)
+        for subject, new, old in CHANGES[:n]:
+            question = f"What is the capital of {subject}?"
+            before = client.ask(question)
+            polls = d.polls
+            t0 = time.perf_counter()
+            kb.set_fact("P36", subject, new)
+            while (answer := client.ask(question)) != new and time.perf_counter() - t0 < 300:
+                time.sleep(0.02)
+            latency = time.perf_counter() - t0
+            edit = next(e for e in d.audit.history(limit=5) if e.subject_label == subject and e.source == "daemon")
+            out.append({"fact": f"capital of {subject}", "before": before, "after": answer, "expected_before": old,
+                        "latency_s": round(latency, 3), "polls": d.polls - polls,
+                        "edit_s": edit.metrics.get("seconds"), "edit_steps": edit.metrics.get("steps"),
+                        "status": edit.status, "kb_revision": edit.kb_revision})
+    finally:
+        d.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="Model directory (default: a cached tiny Llama).")
+    ap.add_argument("--watched", type=int, default=10_000)
+    ap.add_argument("--changes", type=int, default=3)
+    ap.add_argument("--interval", type=float, default=2.0, help="Daemon poll interval for the latency run.")
+    args = ap.parse_args()
+    console = Console()
+    OUT.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else tiny_model()
+    table = build_fact_table(min_city_population=50_000)
+    pairs = watched_pairs(table, args.watched, [c[0] for c in CHANGES[:args.changes]])
+    with tempfile.TemporaryDirectory(prefix="kbsync-bench-") as tmp:
+        t0 = time.perf_counter()
+        kb = LocalKB(Path(tmp) / "kb", table=table).start()
+        load_s = time.perf_counter() - t0
+        try:
+            rates = poll_rates(kb, pairs, [50, 200])
+            latency = change_latency(Path(tmp), kb, model, pairs, args.changes, args.interval)
+        finally:
+            kb.stop()
+    result = {"watched": len(pairs), "kb_facts": len(table), "kb_start_and_load_s": round(load_s, 2),
+              "poll": rates, "change_to_answer": latency,
+              "median_latency_s": statistics.median(r["latency_s"] for r in latency) if latency else None,
+              "poll_interval_s": args.interval, "model": str(model),
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}}
+    (OUT / "sync_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    t = Table(title=f"KB polling: {len(pairs):,} watched facts (local oxigraph, {len(table):,} facts)")
+    for col in ("VALUES batch", "queries", "priming poll s", "idle poll s", "facts/s"):
+        t.add_column(col, justify="right")
+    for r in rates:
+        t.add_row(str(r["batch_size"]), str(r["queries"]), f"{r['prime_s']:.2f}", f"{r['idle_poll_s']:.2f}",
+                  f"{r['facts_per_s']:,.0f}")
+    console.print(t)
+    t = Table(title=f"KB change -> served answer (daemon, poll every {args.interval:g} s, {len(pairs):,} watched)")
+    for col in ("fact", "before", "after", "latency s", "polls", "edit s", "status"):
+        t.add_column(col)
+    for r in latency:
+        t.add_row(r["fact"], r["before"], r["after"], f"{r['latency_s']:.2f}", str(r["polls"]), str(r["edit_s"]),
+                  r["status"])
+    console.print(t)
+    console.print(f"wrote {OUT / 'sync_throughput.json'}")
+
+
+if __name__ == "__main__":
+    main()

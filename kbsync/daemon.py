@@ -1,0 +1,549 @@
+"""The kbsync daemon: poll the KB on a schedule, edit changed facts into the served model, serve it.
+
+One process holds the model. An APScheduler interval job (coalesce, max_instances=1,
+jitter) polls the Watcher; each changed fact goes through the edit engine with
+source="daemon" and the KB revision; the watcher's cursor is committed to the database only
+after every fact of a poll was processed, so a crash re-delivers them (and an edit that
+is already in the model is a noop). The HTTP API (kbsync.serve) answers from the same
+model under the same lock. Files live in <data_dir>/daemon: daemon.pid, daemon.log,
+state.json (port, last poll, errors) and token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from kbsync.config import Settings
+from kbsync.errors import BadInput, KbsyncError, NotFound
+from kbsync.facts import Fact, get_relation
+
+log = logging.getLogger("kbsync.daemon")
+
+# Entity ids in a watchlist: Wikidata's Q123, or any token with a digit and no lower-case letter (GN3355338).
+_ENTITY_ID = re.compile(r"^(Q\d+|(?=\S*\d)[^\sa-z]+)$")
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class DaemonPaths:
+    """Where a daemon over one data directory keeps its files."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, settings: Settings) -> DaemonPaths:
+        """The paths for the settings' data directory."""
+        return cls(settings.store.data_path / "daemon")
+
+    @property
+    def pid(self) -> Path:
+        """The running daemon's pid."""
+        return self.root / "daemon.pid"
+
+    @property
+    def log(self) -> Path:
+        """The background daemon's log."""
+        return self.root / "daemon.log"
+
+    @property
+    def state(self) -> Path:
+        """JSON: url, port, last poll, errors, in-flight fact."""
+        return self.root / "state.json"
+
+    @property
+    def token(self) -> Path:
+        """The generated API token (when daemon.token is empty)."""
+        return self.root / "token"
+
+    @property
+    def lock(self) -> Path:
+        """Held for the daemon's lifetime: one daemon per data directory."""
+        return self.root / "daemon.lock"
+
+
+def api_token(settings: Settings, create: bool = False) -> str:
+    """daemon.token, else the generated token file (made, mode 600, when create); '' if none."""
+    if settings.daemon.token:
+        return settings.daemon.token
+    path = DaemonPaths.of(settings).token
+    try:
+        return path.read_text().strip()
+    except OSError:
+        if not create:
+            return ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (and is not a zombie)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def read_state(settings: Settings) -> dict[str, Any]:
+    """The daemon's state file ({} if none or unreadable)."""
+    try:
+        data = json.loads(DaemonPaths.of(settings).state.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def running_pid(settings: Settings) -> int | None:
+    """The pid of the daemon running over these settings' data directory, or None."""
+    try:
+        pid = int(DaemonPaths.of(settings).pid.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def parse_watchlist(entries: list[str]) -> list[tuple[str, str]]:
+    """("subject label or id", "P..") pairs from "subject|property" strings; BadInput on a bad one."""
+    out = []
+    for entry in entries:
+        subject, sep, pid = entry.rpartition("|")
+        subject, pid = subject.strip(), pid.strip().upper()
+        if not sep or not subject or not re.fullmatch(r"P\d+", pid):
+            raise BadInput(f"watchlist entry {entry!r} is not \"subject|property\" (e.g. \"Namibia|P36\")")
+        out.append((subject, pid))
+    return out
+
+
+@dataclass
+class PollResult:
+    """What one poll did."""
+
+    facts: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    committed: bool = False
+    seconds: float = 0.0
+
+
+class Daemon:
+    """KB watcher + edit engine + HTTP API + scheduler over one data directory."""
+
+    def __init__(self, settings: Settings, *, engine: Any = None) -> None:
+        self.settings = settings
+        self.paths = DaemonPaths.of(settings)
+        self.engine = engine
+        self.audit: Any = None
+        self.cursors: Any = None
+        self.kb: Any = None  # LocalKB when the endpoint is "local"
+        self.owns_kb = False
+        self.client: Any = None
+        self.watcher: Any = None
+        self.api: Any = None
+        self.scheduler: Any = None
+        self.stopping = threading.Event()
+        self._poll_lock = threading.Lock()
+        self._file_lock: FileLock | None = None
+        self.started = now_iso()
+        self.polls = 0
+        self.failures = 0
+        self.backoff_until = 0.0  # monotonic
+        self.last_poll: str | None = None
+        self.last_ok: str | None = None
+        self.last_error = ""
+        self.in_flight: dict[str, str] | None = None
+        self.counts: dict[str, int] = {}
+
+    # --- wiring -------------------------------------------------------------------------
+
+    @property
+    def cursor_name(self) -> str:
+        """The cursor's key in sync_cursor: one per watch mode and endpoint."""
+        return f"{self.settings.kb.mode}@{self.settings.kb.endpoint}"
+
+    def open(self) -> Daemon:
+        """Open the audit log, the KB client, the engine (loads the model) and the API server."""
+        from kbsync.audit import AuditLog
+        from kbsync.cursor_store import CursorStore
+        from kbsync.edit_engine import load_engine
+        from kbsync.serve import ApiServer
+        from kbsync.store import DeltaStore
+
+        self.check_settings()
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog.open(self.settings.store.db_url)
+        self.cursors = CursorStore(self.audit)
+        self._connect_kb()
+        if self.engine is None:
+            self.engine = load_engine(self.settings, self.audit, DeltaStore(self.settings.store.data_path))
+        d = self.settings.daemon
+        self.api = ApiServer(self.engine, self.audit, api_token(self.settings, create=True), host=d.host,
+                             port=d.port, resolve_fact=self.resolve_fact, status=self.summary, actor="api").start()
+        log.info("serving %s on %s", getattr(self.engine.adapter, "name", "model"), self.api.url)
+        self.write_state()
+        return self
+
+    def check_settings(self) -> None:
+        """Fail with one line on settings that cannot work, before the model is loaded."""
+        from kbsync.kb.watch import MODES
+
+        kb, d = self.settings.kb, self.settings.daemon
+        if kb.mode not in MODES:
+            raise BadInput(f"kb.mode must be one of {', '.join(MODES)}, not {kb.mode!r}")
+        pairs = parse_watchlist(kb.watchlist)
+        for pid in [p for _, p in pairs] + list(kb.properties):
+            get_relation(pid)
+        if kb.mode == "revision" and kb.properties:
+            raise BadInput("kb.properties needs kb.mode = \"modified\" (revision mode re-reads the watchlist)")
+        if not pairs and not kb.properties:
+            raise BadInput("nothing to watch: set kb.watchlist or kb.properties")
+        if d.poll_interval <= 0 or d.jitter < 0:
+            raise BadInput("daemon.poll_interval must be > 0 and daemon.jitter >= 0")
+        if not (kb.endpoint == "local" or kb.endpoint.startswith(("http://", "https://"))):
+            raise BadInput(f"kb.endpoint must be \"local\" or an http(s) SPARQL URL, not {kb.endpoint!r}")
+
+    def _connect_kb(self) -> None:
+        from kbsync.kb.local import LocalKB
+        from kbsync.kb.sparql import DEFAULT_USER_AGENT, SparqlClient
+
+        kb = self.settings.kb
+        if kb.endpoint == "local":
+            kb_dir = self.settings.store.data_path / "kb"
+            running = LocalKB.find_running(kb_dir)
+            if running is None:
+                self.kb, self.owns_kb = LocalKB(kb_dir).start(), True
+                log.info("started the local KB at %s", self.kb.endpoint)
+            else:
+                self.kb, self.owns_kb = running, False
+                log.info("using the running local KB at %s", running.endpoint)
+            endpoint, update = self.kb.endpoint, self.kb.update_endpoint
+        else:
+            endpoint, update = kb.endpoint, None
+        self.client = SparqlClient(endpoint, user_agent=kb.user_agent or DEFAULT_USER_AGENT, timeout=kb.timeout,
+                                   max_retries=kb.max_retries, backoff_base=kb.backoff_base, update_endpoint=update)
+
+    def _revive_local_kb(self) -> None:
+        """After a failed poll on the local KB: use a restarted one, or restart ours if it died."""
+        from kbsync.kb.local import LocalKB
+
+        if self.settings.kb.endpoint != "local" or self.kb is None:
+            return
+        if self.kb.is_running() and LocalKB.find_running(self.kb.data_dir) is not None:
+            return
+        found = LocalKB.find_running(self.kb.data_dir)
+        if found is None and self.owns_kb:
+            log.warning("the local KB died; restarting it")
+            found = LocalKB(self.kb.data_dir).start()
+        if found is not None and found.endpoint != self.client.endpoint:
+            log.info("local KB now at %s", found.endpoint)
+            self.kb = found
+            self.client.endpoint, self.client.update_endpoint = found.endpoint, found.update_endpoint
+
+    def resolve_fact(self, pid: str, subject: str) -> Fact:
+        """A fact for an API edit: from the KB when it answers, else from the shipped fact table."""
+        from kbsync.kb import lookup
+
+        try:
+            return lookup.get_facts(self.client, pid, subject)[0]
+        except KbsyncError as e:
+            log.info("KB lookup of %s of %s failed (%s); using the fact table", pid, subject, e)
+        from kbsync.corpus import resolve
+
+        return resolve(pid, subject)
+
+    def _watch_pairs(self) -> list[tuple[str, str]]:
+        from kbsync.kb import lookup
+
+        pairs = []
+        for subject, pid in parse_watchlist(self.settings.kb.watchlist):
+            if _ENTITY_ID.match(subject):
+                pairs.append((subject, pid))
+                continue
+            try:
+                pairs.append((lookup.resolve_entity(self.client, subject, pid).id, pid))
+            except NotFound:
+                log.warning("watchlist: no entity labelled %r in the KB; skipped", subject)
+        return pairs
+
+    def ensure_watcher(self) -> Any:
+        """The Watcher, built on first use: watchlist resolved, cursor loaded or primed to the KB's present."""
+        if self.watcher is not None:
+            return self.watcher
+        from kbsync.kb.watch import Watcher
+
+        kb = self.settings.kb
+        cursor = self.cursors.load(self.cursor_name)
+        watcher = Watcher(self.client, pairs=self._watch_pairs(), properties=kb.properties, mode=kb.mode,
+                          cursor=cursor, overlap=timedelta(minutes=kb.overlap_minutes), batch_size=kb.batch_size)
+        if cursor is None:
+            # First start: watch from now on rather than re-checking every fact already in the KB.
+            self.cursors.save(self.cursor_name, watcher.prime())
+            log.info("primed the KB cursor (%s, %d pairs, %d properties)", kb.mode, len(watcher.pairs),
+                     len(watcher.properties))
+        self.watcher = watcher
+        return watcher
+
+    # --- polling ------------------------------------------------------------------------
+
+    def poll_once(self) -> PollResult:
+        """Fetch changed facts, edit each into the model, then commit the cursor; KB errors propagate."""
+        with self._poll_lock:
+            started = time.monotonic()
+            self.polls += 1
+            self.last_poll = now_iso()
+            watcher = self.ensure_watcher()
+            facts, cursor = watcher.fetch()
+            result = PollResult(facts=len(facts))
+            done_slots: set[tuple[str, str]] = set()
+            for fact in facts:
+                if self.stopping.is_set():
+                    log.info("stopping: %d fact(s) left for the next start", len(facts) - sum(result.outcomes.values()))
+                    result.seconds = time.monotonic() - started
+                    return result
+                if fact.key in done_slots:
+                    # A multi-valued slot reports each value; the model takes one answer per question.
+                    result.outcomes["skipped"] = result.outcomes.get("skipped", 0) + 1
+                    continue
+                done_slots.add(fact.key)
+                status = self._edit(fact)
+                result.outcomes[status] = result.outcomes.get(status, 0) + 1
+            changed = cursor.to_json() != watcher.cursor.to_json()
+            watcher.cursor = cursor
+            if changed:  # an idle poll leaves the cursor as it was: no write
+                self.cursors.save(self.cursor_name, cursor)
+            result.committed = True
+            self.failures, self.last_ok, self.last_error = 0, now_iso(), ""
+            result.seconds = time.monotonic() - started
+            if facts:
+                log.info("poll: %d changed fact(s): %s (%.1f s)", len(facts), result.outcomes, result.seconds)
+            return result
+
+    def _edit(self, fact: Fact) -> str:
+        what = f"{get_relation(fact.property).label} of {fact.subject.label} = {fact.object.label} (rev {fact.revision})"
+        self.in_flight = {"subject": fact.subject.label, "property": fact.property, "object": fact.object.label,
+                          "revision": fact.revision, "since": now_iso()}
+        self.write_state()
+        try:
+            outcome = self.engine.edit(fact, fact.object.label, method=self.settings.daemon.method or None,
+                                       source="daemon", actor=self.settings.daemon.actor, kb_revision=fact.revision)
+            status = outcome.status
+            log.info("%s: %s (edit %s)%s", what, status, outcome.edit_id,
+                     f" {'; '.join(outcome.reasons)}" if outcome.reasons and status != "applied" else "")
+        except KbsyncError as e:
+            # A fact the pipeline cannot edit must not block every later change: log it and move on.
+            status = "failed"
+            log.error("%s: edit failed: %s", what, e)
+        finally:
+            self.in_flight = None
+        self.counts[status] = self.counts.get(status, 0) + 1
+        self.write_state()
+        return status
+
+    def tick(self) -> PollResult | None:
+        """The scheduled job: poll unless backing off; a KB failure is logged and backs off exponentially."""
+        if self.stopping.is_set() or time.monotonic() < self.backoff_until:
+            return None
+        try:
+            return self.poll_once()
+        except KbsyncError as e:
+            self.failures += 1
+            delay = min(self.settings.daemon.backoff_max, self.settings.daemon.poll_interval * 2 ** (self.failures - 1))
+            self.backoff_until = time.monotonic() + delay
+            self.last_error = str(e)
+            log.warning("poll failed (%d in a row): %s; next poll in %.1f s or later", self.failures, e, delay)
+            try:
+                self._revive_local_kb()
+            except KbsyncError as e2:
+                log.warning("local KB restart failed: %s", e2)
+            return None
+        except Exception:
+            self.failures += 1
+            self.last_error = "internal error (see log)"
+            log.exception("poll crashed")
+            return None
+        finally:
+            self.write_state()
+
+    # --- state --------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """Daemon fields for /health and state.json."""
+        backoff = max(0.0, self.backoff_until - time.monotonic())
+        return {"pid": os.getpid(), "started": self.started, "polls": self.polls, "last_poll": self.last_poll,
+                "last_ok": self.last_ok, "failures": self.failures, "last_error": self.last_error,
+                "backoff_s": round(backoff, 1), "in_flight": self.in_flight, "daemon_edits": dict(self.counts),
+                "endpoint": self.client.endpoint if self.client else None, "cursor": self.cursor_name}
+
+    def write_state(self) -> None:
+        """Atomically rewrite state.json (for `daemon status` and clients finding the port)."""
+        api = self.api
+        state = {**self.summary(), "host": api.host if api else None, "port": api.port if api else None,
+                 "url": api.url if api else None, "running": not self.stopping.is_set(), "updated": now_iso()}
+        tmp = self.paths.state.with_name(f"state.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(state, indent=2) + "\n")
+            tmp.replace(self.paths.state)
+        except OSError as e:
+            log.warning("cannot write %s: %s", self.paths.state, e)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Become the one daemon of this data directory (pid file), or fail with one line."""
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self._file_lock = FileLock(str(self.paths.lock))
+        try:
+            self._file_lock.acquire(timeout=0)
+        except Timeout:
+            raise KbsyncError(f"a kbsync daemon already runs over {self.settings.store.data_path} "
+                              f"(pid {running_pid(self.settings) or '?'})") from None
+        self.paths.pid.write_text(f"{os.getpid()}\n")
+
+    def start_scheduler(self) -> None:
+        """The poll job: every poll_interval s plus jitter; coalesced, never two at once."""
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        d = self.settings.daemon
+        self.scheduler = BackgroundScheduler(timezone=timezone.utc)
+        self.scheduler.add_job(self.tick, "interval", seconds=d.poll_interval, jitter=d.jitter or None,
+                               coalesce=True, max_instances=1, id="kb-poll", name="kb poll",
+                               next_run_time=datetime.now(timezone.utc), misfire_grace_time=None)
+        self.scheduler.start()
+
+    def run(self) -> None:
+        """Foreground: acquire, open, poll on schedule until SIGTERM/SIGINT, then stop gracefully."""
+        self.acquire()
+        try:
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, lambda signum, _frame: self.request_stop(signal.Signals(signum).name))
+            self.open()
+            self.start_scheduler()
+            while not self.stopping.wait(1.0):
+                pass
+        finally:
+            self.close()
+
+    def request_stop(self, why: str = "") -> None:
+        """Ask the daemon to stop after the edit in flight."""
+        log.info("stop requested%s; finishing the edit in flight", f" ({why})" if why else "")
+        self.stopping.set()
+
+    def close(self) -> None:
+        """Stop the scheduler (waiting for the running poll), the API, the KB we started; remove the pid file."""
+        self.stopping.set()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+            self.scheduler = None
+        if self.api is not None:
+            self.api.stop()
+        if self.kb is not None and self.owns_kb:
+            self.kb.stop()
+            self.kb = None
+        if self.audit is not None:
+            self.write_state()
+            self.audit.close()
+            self.audit = None
+        if self._file_lock is not None:
+            self.paths.pid.unlink(missing_ok=True)
+            self._file_lock.release()
+            self._file_lock = None
+        log.info("daemon stopped")
+
+
+def setup_logging(stream: Any = None) -> None:
+    """Log lines with a timestamp to stderr (the log file when running in the background)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("kbsync")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    # "skipped: maximum number of running instances reached" is the design (max_instances=1), not news.
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+
+
+def health(url: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """GET url/health, or None if it does not answer OK."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
+            data = json.loads(r.read())
+            return data if r.status == 200 and isinstance(data, dict) else None
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+def start_background(settings: Settings, argv: list[str]) -> dict[str, Any]:
+    """Re-exec `kbsync daemon start --foreground ARGV` detached; wait until /health answers; its state."""
+    paths = DaemonPaths.of(settings)
+    pid = running_pid(settings)
+    if pid is not None:
+        raise KbsyncError(f"a kbsync daemon already runs over {settings.store.data_path} (pid {pid})")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.state.unlink(missing_ok=True)
+    with open(paths.log, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "kbsync.cli", "daemon", "start", "--foreground", *argv],
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=os.getcwd())
+    deadline = time.monotonic() + settings.daemon.start_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise KbsyncError(f"the daemon exited during start (code {proc.returncode}): {_last_line(paths.log)}")
+        state = read_state(settings)
+        if state.get("pid") == proc.pid and state.get("url") and health(state["url"]):
+            return state
+        time.sleep(0.2)
+    proc.terminate()
+    raise KbsyncError(f"the daemon did not answer within {settings.daemon.start_timeout:g} s; see {paths.log}")
+
+
+def stop_daemon(settings: Settings, timeout: float | None = None) -> int | None:
+    """SIGTERM the running daemon and wait for it to finish its edit and exit; its pid, or None."""
+    pid = running_pid(settings)
+    if pid is None:
+        return None
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + (settings.daemon.stop_timeout if timeout is None else timeout)
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return pid
+        time.sleep(0.1)
+    raise KbsyncError(f"the daemon (pid {pid}) did not stop within the timeout; it may still be editing")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "no output"

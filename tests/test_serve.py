@@ -1,0 +1,138 @@
+"""The daemon's HTTP API over a real tiny Llama, a real SQLite audit log and delta store, on loopback."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kbsync.audit import AuditLog
+from kbsync.config import Settings, load_settings
+from kbsync.daemon_client import DaemonClient
+from kbsync.edit_engine import BuiltinEngine
+from kbsync.errors import BadInput, NotFound
+from kbsync.serve import ApiServer
+from kbsync.store import DeltaStore
+
+TOKEN = "test-token"
+FAST_FT = {"lr": 1e-3, "max_steps": 60, "check_every": 2}
+
+
+def tiny_settings(tmp_path: Path, model_dir: Path) -> Settings:
+    """Settings over tmp_path with the tiny Llama and a fine-tuning method that flips in a few steps."""
+    s = load_settings(environ={})
+    s.model.path = str(model_dir)
+    s.store.data_dir = str(tmp_path / "data")
+    s.daemon.engine = "builtin"
+    s.daemon.method = "ft-layer"
+    s.daemon.method_options = dict(FAST_FT)
+    return s
+
+
+def call(url: str, method: str = "GET", body: Any = None, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    """One HTTP request; (status, JSON body) also for error statuses."""
+    data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture
+def api(tmp_path: Path, tiny_llama_dir: Path) -> Iterator[ApiServer]:
+    settings = tiny_settings(tmp_path, tiny_llama_dir)
+    audit = AuditLog.open(settings.store.db_url)
+    engine = BuiltinEngine.load(settings, audit, DeltaStore(settings.store.data_path))
+    server = ApiServer(engine, audit, TOKEN).start()
+    yield server
+    server.stop()
+    audit.close()
+
+
+def ask(url: str, question: str) -> str:
+    status, out = call(f"{url}/v1/chat/completions", "POST", {"messages": [
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": question}]})
+    assert status == 200, out
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+    return out["choices"][0]["message"]["content"]
+
+
+def test_health_and_completions_answer_from_the_model(api: ApiServer) -> None:
+    status, health = call(f"{api.url}/health")
+    assert status == 200 and health["status"] == "ok" and health["model"]
+    assert api.host == "127.0.0.1" and api.port > 0
+    assert ask(api.url, "What is the capital of Nigeria?") == "Abuja"
+    status, out = call(f"{api.url}/v1/completions", "POST",
+                       {"prompt": ["Question: What is the capital of Kenya?\nAnswer:", "Question: What is the capital of Japan?\nAnswer:"]})
+    assert status == 200 and out["object"] == "text_completion"
+    assert [c["text"] for c in out["choices"]] == ["Nairobi", "Tokyo"]
+
+
+def test_mutating_endpoints_need_the_token(api: ApiServer) -> None:
+    body = {"phrase": "capital of Nigeria", "target": "Lagos"}
+    assert call(f"{api.url}/edits", "POST", body)[0] == 401
+    assert call(f"{api.url}/edits", "POST", body, token="wrong")[0] == 401
+    assert call(f"{api.url}/edits/1/revert", "POST", {})[0] == 401
+    # Nothing was edited or logged.
+    assert call(f"{api.url}/edits")[1]["edits"] == []
+    assert ask(api.url, "What is the capital of Nigeria?") == "Abuja"
+
+
+def test_edit_list_revert_through_the_api(api: ApiServer) -> None:
+    status, out = call(f"{api.url}/edits", "POST", {"phrase": "capital of Nigeria", "target": "Lagos"}, token=TOKEN)
+    assert status == 200, out
+    assert out["status"] == "applied" and out["before"] == "Abuja" and out["after"] == "Lagos"
+    assert ask(api.url, "What is the capital of Nigeria?") == "Lagos"
+    assert ask(api.url, "What is the capital of Kenya?") == "Nairobi"
+
+    edits = call(f"{api.url}/edits")[1]["edits"]
+    assert [(e["id"], e["status"], e["source"], e["object_label"]) for e in edits] == [(out["edit_id"], "applied", "api", "Lagos")]
+    status, one = call(f"{api.url}/edits/{out['edit_id']}")
+    assert status == 200 and one["delta_sha256"] and one["sequence"] == 1
+
+    status, rev = call(f"{api.url}/edits/{out['edit_id']}/revert", "POST", {}, token=TOKEN)
+    assert status == 200 and rev["status"] == "revert"
+    assert ask(api.url, "What is the capital of Nigeria?") == "Abuja"
+    statuses = [e["status"] for e in call(f"{api.url}/edits?limit=10")[1]["edits"]]
+    assert statuses == ["revert", "reverted"]
+    # Reverting twice is a user error, not a crash.
+    status, err = call(f"{api.url}/edits/{out['edit_id']}/revert", "POST", {}, token=TOKEN)
+    assert status == 400 and "only applied edits" in err["error"]
+
+
+def test_client_edits_a_prompt_and_reports_errors(api: ApiServer) -> None:
+    client = DaemonClient(api.url, TOKEN)
+    out = client.edit(prompt="What is the capital of Japan?", target="Osaka")
+    assert out["status"] == "applied"
+    assert client.ask("What is the capital of Japan?") == "Osaka"
+    noop = client.edit("capital of Japan", "Osaka")
+    assert noop["status"] == "noop"
+    # Per-request method options reach the method: a learning rate this small cannot flip anything.
+    stuck = client.edit("capital of Kenya", "Mombasa", options={"lr": 1e-12, "max_steps": 2, "check_every": 1},
+                        dry_run=True)
+    assert stuck["status"] == "rejected" and stuck["edit_id"] is None
+    assert [e["status"] for e in client.edits()] == ["noop", "applied"]  # the dry run wrote nothing
+    with pytest.raises(NotFound):
+        client.revert(999)
+    with pytest.raises(BadInput, match="target"):
+        client.edit("capital of Japan", "  ")
+
+
+def test_bad_requests_are_json_errors(api: ApiServer) -> None:
+    assert call(f"{api.url}/v1/completions", "POST", b"{not json")[0] == 400
+    assert call(f"{api.url}/v1/chat/completions", "POST", {"messages": []})[0] == 400
+    assert call(f"{api.url}/v1/completions", "POST", {"prompt": 3})[0] == 400
+    status, err = call(f"{api.url}/nope")
+    assert status == 404 and "no endpoint" in err["error"]
+    assert call(f"{api.url}/edits/abc")[0] == 404
+    status, err = call(f"{api.url}/edits", "POST", {"phrase": "mayor of Nigeria", "target": "X"}, token=TOKEN)
+    assert status == 404 and "unknown relation" in err["error"]

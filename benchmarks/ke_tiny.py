@@ -61,7 +61,7 @@ def main() -> None:
         table.add_column(title, justify="right")
     for r in rows:
         table.add_row(r["method"], *("nan" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in COLUMNS))
-    Console().print(table)
+    Console(width=200).print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "train_s": train_s, "rows": rows}, indent=2))
 

@@ -92,7 +92,6 @@ class DaemonConfig:
     host: str = "127.0.0.1"
     port: int = 0
     token: str = ""
-    engine: str = "auto"
     method: str = ""
     method_options: dict[str, Any] = field(default_factory=dict)
     actor: str = "kbsync-daemon"

@@ -196,7 +196,7 @@ class Daemon:
         """Open the audit log, the KB client, the engine (loads the model) and the API server."""
         from kbsync.audit import AuditLog
         from kbsync.cursor_store import CursorStore
-        from kbsync.edit_engine import load_engine
+        from kbsync.edit_engine import Engine
         from kbsync.serve import ApiServer
         from kbsync.store import DeltaStore
 
@@ -206,7 +206,7 @@ class Daemon:
         self.cursors = CursorStore(self.audit)
         self._connect_kb()
         if self.engine is None:
-            self.engine = load_engine(self.settings, self.audit, DeltaStore(self.settings.store.data_path))
+            self.engine = Engine.load(self.settings, self.audit, DeltaStore(self.settings.store.data_path))
         d = self.settings.daemon
         self.api = ApiServer(self.engine, self.audit, api_token(self.settings, create=True), host=d.host,
                              port=d.port, resolve_fact=self.resolve_fact, status=self.summary, actor="api").start()

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from kbsync.audit.log import AuditLog
 from kbsync.audit.models import Edit
-from kbsync.edit_engine import EditEngine
+from kbsync.edit_engine import Engine
 from kbsync.errors import BadInput, KbsyncError, NotFound
 from kbsync.facts import Fact, parse_phrase
 
@@ -50,7 +50,7 @@ class Unauthorized(KbsyncError):
 class ApiServer:
     """A ThreadingHTTPServer on host:port (0 picks a free port) around an edit engine and audit log."""
 
-    def __init__(self, engine: EditEngine, audit: AuditLog, token: str, *, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, engine: Engine, audit: AuditLog, token: str, *, host: str = "127.0.0.1", port: int = 0,
                  resolve_fact: FactResolver | None = None, status: Callable[[], dict[str, Any]] | None = None,
                  actor: str = "api") -> None:
         if not token:

@@ -19,8 +19,7 @@ import pytest
 from kbsync.audit import AuditLog
 from kbsync.config import Settings, load_settings
 from kbsync.daemon import pid_alive, read_state
-from kbsync.corpus import resolve
-from kbsync.daemon_client import DaemonClient, edit_via_daemon, running_daemon
+from kbsync.daemon_client import DaemonClient, running_daemon
 from kbsync.kb.local import LocalKB
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,11 +38,16 @@ watchlist = ["Nigeria|P36", "Kenya|P36"]
 [daemon]
 poll_interval = 0.5
 jitter = 0.1
-engine = "builtin"
 method = "ft-layer"
 method_options = {options}
 start_timeout = 120
 stop_timeout = 60
+[regression]
+retain_size = 20
+max_mean_kl = 100.0
+max_kl = 1000.0
+min_unchanged = 0.0
+min_paraphrase_accuracy = 0.0
 """)
 
 
@@ -114,8 +118,10 @@ def test_end_to_end_kb_change_reaches_the_served_model(env: dict[str, str]) -> N
     assert client.ask("What is the capital of Kenya?") == "Nairobi"
 
     # `kbsync edit` goes through the running daemon's model (no second copy), as the user.
-    out = edit_via_daemon(settings, resolve("P36", "Kenya"), "Nairobi")
-    assert out is not None and out["status"] == "noop" and out["before"] == "Nairobi"
+    cli = kbsync(env, "edit", "capital of Kenya", "Nairobi", "--json")
+    assert cli.returncode == 0, cli.stderr
+    out = json.loads(cli.stdout)
+    assert out["via"] == "daemon" and out["status"] == "noop" and out["before"] == "Nairobi"
     [api_row] = [e for e in daemon_rows(env, source="api")]
     assert api_row.actor == getpass.getuser() and api_row.status == "noop"
 

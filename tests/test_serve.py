@@ -14,7 +14,7 @@ import pytest
 from kbsync.audit import AuditLog
 from kbsync.config import Settings, load_settings
 from kbsync.daemon_client import DaemonClient
-from kbsync.edit_engine import BuiltinEngine
+from kbsync.edit_engine import Engine
 from kbsync.errors import BadInput, NotFound
 from kbsync.serve import ApiServer
 from kbsync.store import DeltaStore
@@ -28,7 +28,10 @@ def tiny_settings(tmp_path: Path, model_dir: Path) -> Settings:
     s = load_settings(environ={})
     s.model.path = str(model_dir)
     s.store.data_dir = str(tmp_path / "data")
-    s.daemon.engine = "builtin"
+    # The regression check itself is tested in test_pipeline; here it only must not block edits.
+    s.regression.retain_size = 20
+    s.regression.max_mean_kl, s.regression.max_kl, s.regression.min_unchanged = 100.0, 1000.0, 0.0
+    s.regression.min_paraphrase_accuracy = 0.0
     s.daemon.method = "ft-layer"
     s.daemon.method_options = dict(FAST_FT)
     return s
@@ -51,7 +54,7 @@ def call(url: str, method: str = "GET", body: Any = None, token: str | None = No
 def api(tmp_path: Path, tiny_llama_dir: Path) -> Iterator[ApiServer]:
     settings = tiny_settings(tmp_path, tiny_llama_dir)
     audit = AuditLog.open(settings.store.db_url)
-    engine = BuiltinEngine.load(settings, audit, DeltaStore(settings.store.data_path))
+    engine = Engine.load(settings, audit, DeltaStore(settings.store.data_path))
     server = ApiServer(engine, audit, TOKEN).start()
     yield server
     server.stop()

@@ -67,6 +67,16 @@ def edit(
         if phrase is None or target is None:
             raise BadInput('usage: kbsync edit "capital of Namibia" Windhoek (or --prompt TEXT --target ANSWER)')
         what = fact_from_phrase(phrase, target)
+    # A running daemon already holds the served model: edit that one, not a second copy.
+    from kbsync.daemon_client import edit_via_daemon
+
+    served = edit_via_daemon(settings, what, raw_target, method=method, options=dict(settings.editor.options),
+                             force=force, dry_run=dry_run, actor=actor or "")
+    if served is not None:
+        _show_daemon(served, as_json)
+        if served.get("status") == "rejected":
+            raise typer.Exit(EXIT_REJECTED)
+        return
     # The audit log answers (or not) before torch and the model are loaded.
     audit = AuditLog.open(settings.store.db_url)
     from kbsync.pipeline import EditPipeline
@@ -116,6 +126,17 @@ def _show(out: Any) -> None:
         console.print(f"dry run: would be {verdict}[/]; nothing written")
     else:
         console.print(f"edit {e.id} {verdict}[/]" + (f" (delta {e.delta_path}, sequence {e.sequence})" if e.status == "applied" else ""))
+
+
+def _show_daemon(out: dict[str, Any], as_json: bool) -> None:
+    """The daemon's answer to an edit request (the audit log has the full record: kbsync show ID)."""
+    if as_json:
+        print(json.dumps({**out, "via": "daemon"}, indent=2))
+        return
+    console.print(f"via the running daemon: edit {out.get('edit_id')} {out.get('status')} "
+                  f"({out.get('method')}): {out.get('before')!r} -> {out.get('after')!r}")
+    for r in out.get("reasons") or []:
+        console.print(f"  [yellow]{r}")
 
 
 def register(app: typer.Typer) -> None:

@@ -39,10 +39,11 @@ class KnowledgeEditorMethod(EditMethod):
         self.net = load_editor(Path(path), adapter)
 
     def edit(self, request: EditRequest) -> EditResult:
-        """Predict the delta; with loops > 1 re-apply it until the prediction flips."""
+        """Predict the delta; the +loop variant re-applies it (up to the `loop` option) until the answer flips."""
         from editor.hypernet import apply_editor
 
-        return apply_editor(self, request, loops=int(self.options.get("loop", self.loops)))
+        loops = int(self.options.get("loop", self.loops)) if self.loops > 1 else 1
+        return apply_editor(self, request, loops=loops)
 
 
 @register_method

@@ -30,7 +30,7 @@ class PredictConfig:
 
 @dataclass
 class EditorConfig:
-    method: str = "ke"
+    method: str = "ke-loop"
     loop: int = 5
     # Extra keyword options for the method (e.g. lr, max_steps for the fine-tuning baselines).
     options: dict[str, Any] = field(default_factory=dict)

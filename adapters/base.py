@@ -124,9 +124,19 @@ class Adapter(ABC):
     def predict(self, prompts: list[str], question: bool = True, num_beams: int | None = None) -> list[str]:
         """The model's answer text for each prompt (greedy, or beam search with num_beams > 1)."""
 
-    def alternatives(self, prompt: str, k: int = 4, question: bool = True) -> list[str]:
-        """Other answers the model finds likely (beam hypotheses after the top one)."""
+    def hypotheses(self, prompt: str, n: int, question: bool = True) -> list[str]:
+        """The n best answers by beam search (generative families override this)."""
         return []
+
+    def alternatives(self, prompt: str, k: int = 4, question: bool = True) -> list[str]:
+        """Other answers the model finds likely: beam hypotheses other than its answer, de-duplicated (at most k)."""
+        # The answer comes from predict(), not beam 0: greedy decoding can pick a different top answer.
+        seen, out = {self.predict([prompt], question)[0].lower()}, []
+        for h in self.hypotheses(prompt, k + 1, question):
+            if h and h.lower() not in seen:
+                seen.add(h.lower())
+                out.append(h)
+        return out[:k]
 
     # --- editable weights --------------------------------------------------------------
 

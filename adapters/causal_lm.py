@@ -110,13 +110,6 @@ class CausalLMAdapter(Adapter):
         """Greedy (or beam) answers, cut at the first newline."""
         return [h[0] for h in self._generate(prompts, question, num_beams or self.num_beams)]
 
-    def alternatives(self, prompt: str, k: int = 4, question: bool = True) -> list[str]:
-        """Beam hypotheses other than the model's answer, de-duplicated (at most k)."""
-        hyps = self._generate([prompt], question, num_beams=k + 1, n_return=k + 1)[0]
-        # The answer comes from predict(), not beam 0: greedy decoding can pick a different top answer.
-        seen, out = {self.predict([prompt], question)[0].lower()}, []
-        for h in hyps:
-            if h and h.lower() not in seen:
-                seen.add(h.lower())
-                out.append(h)
-        return out[:k]
+    def hypotheses(self, prompt: str, n: int, question: bool = True) -> list[str]:
+        """The n best beam-search answers."""
+        return self._generate([prompt], question, num_beams=n, n_return=n)[0]

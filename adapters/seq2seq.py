@@ -69,13 +69,6 @@ class Seq2SeqAdapter(Adapter):
         """Greedy (or beam) decoded answers."""
         return [h[0] for h in self._generate(prompts, num_beams or self.num_beams)]
 
-    def alternatives(self, prompt: str, k: int = 4, question: bool = True) -> list[str]:
-        """Beam hypotheses other than the model's answer, de-duplicated (at most k)."""
-        hyps = self._generate([prompt], k + 1, k + 1)[0]
-        # The answer comes from predict(), not beam 0: greedy decoding can pick a different top answer.
-        seen, out = {self.predict([prompt], question)[0].lower()}, []
-        for h in hyps:
-            if h and h.lower() not in seen:
-                seen.add(h.lower())
-                out.append(h)
-        return out[:k]
+    def hypotheses(self, prompt: str, n: int, question: bool = True) -> list[str]:
+        """The n best beam-search answers."""
+        return self._generate([prompt], n, n)[0]

@@ -64,6 +64,7 @@ def test_class_watch_reports_an_instance_edit_once(kb: LocalKB, mode: str) -> No
     client = kb.client()
     country, city = lookup.resolve_class(client, "country"), lookup.resolve_class(client, "CLASS-city")
     watched = Watcher(client, classes=[("P36", country)], mode=mode)
+    paged = Watcher(client, classes=[("P36", country)], mode=mode, page_size=1)  # one row per query
     # Merged with a watchlist pair that the class already covers: still reported once.
     merged = Watcher(client, pairs=[(NAMIBIA, "P36"), (KENYA, "P38")], classes=[("P36", country)], mode=mode)
     others = [Watcher(client, classes=[("P38", country)], mode=mode),   # another property
@@ -72,21 +73,30 @@ def test_class_watch_reports_an_instance_edit_once(kb: LocalKB, mode: str) -> No
     if mode == "revision":
         assert watched.watched_pairs() == [(KENYA, "P36"), (NAMIBIA, "P36")]
         assert merged.watched_pairs() == [(NAMIBIA, "P36"), (KENYA, "P38"), (KENYA, "P36")]
+        assert paged.watched_pairs() == watched.watched_pairs()
         assert others[2].watched_pairs() == []
-    for w in (watched, merged, *others):
+    for w in (watched, paged, merged, *others):
         w.prime()
         assert w.poll() == []
     change = kb.set_fact("P36", "Namibia", "Windhoek2")
     assert change.changed
     assert watched.poll() == [change.new]
+    assert paged.poll() == [change.new]
     assert merged.poll() == [change.new]
     assert change.new.subject.id == NAMIBIA and change.new.object.label == "Windhoek2"
-    for w in (watched, merged, *others):
+    for w in (watched, paged, merged, *others):
         assert w.poll() == []
     # The cursor format is unchanged: it round-trips and resumes.
     resumed = Watcher(client, classes=[("P36", country)], mode=mode,
                       cursor=Cursor.from_json(watched.cursor.to_json()))
     assert resumed.poll() == []
+
+
+def test_a_class_without_instances_is_a_warning(kb: LocalKB, caplog: pytest.LogCaptureFixture) -> None:
+    for mode in ("revision", "modified"):
+        caplog.clear()
+        Watcher(kb.client(), classes=[("P38", "Q6256")], mode=mode).prime()  # a Wikidata id: not local
+        assert "no instance of Q6256 has P38" in caplog.text
 
 
 def test_classes_config_entries() -> None:

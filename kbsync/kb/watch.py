@@ -131,7 +131,11 @@ class Watcher:
     def prime(self) -> Cursor:
         """Set the cursor to the KB's current state without reporting anything (start watching now)."""
         if self.mode == "modified" and self.cursor.modified is None:
-            latest = [self._latest(pid, class_id) for pid, class_id in self._modified_queries()]
+            latest = []
+            for pid, class_id in self._modified_queries():
+                latest.append(self._latest(pid, class_id))
+                if class_id is not None and latest[-1] is None:
+                    log.warning("no instance of %s has %s in the KB; nothing to watch there yet", class_id, pid)
             known = [t for t in latest if t is not None]
             cursor = copy.deepcopy(self.cursor)
             cursor.modified = max(known) if known else EPOCH

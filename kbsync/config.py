@@ -80,6 +80,7 @@ class KBConfig:
     mode: str = "revision"
     watchlist: list[str] = field(default_factory=list)
     properties: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
     overlap_minutes: float = 10.0
     batch_size: int = 50
 

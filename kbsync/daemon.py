@@ -147,6 +147,18 @@ def parse_watchlist(entries: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def parse_classes(entries: list[str]) -> list[tuple[str, str]]:
+    """("P..", "class label or id") pairs from "property|class" strings; BadInput on a bad one."""
+    out = []
+    for entry in entries:
+        pid, sep, cls = entry.partition("|")
+        pid, cls = pid.strip().upper(), cls.strip()
+        if not sep or not cls or not re.fullmatch(r"P\d+", pid):
+            raise BadInput(f"classes entry {entry!r} is not \"property|class\" (e.g. \"P36|country\" or \"P36|Q6256\")")
+        out.append((pid, cls))
+    return out
+
+
 @dataclass
 class PollResult:
     """What one poll did."""
@@ -222,12 +234,13 @@ class Daemon:
         if kb.mode not in MODES:
             raise BadInput(f"kb.mode must be one of {', '.join(MODES)}, not {kb.mode!r}")
         pairs = parse_watchlist(kb.watchlist)
-        for pid in [p for _, p in pairs] + list(kb.properties):
+        classes = parse_classes(kb.classes)
+        for pid in [p for _, p in pairs] + list(kb.properties) + [p for p, _ in classes]:
             get_relation(pid)
         if kb.mode == "revision" and kb.properties:
             raise BadInput("kb.properties needs kb.mode = \"modified\" (revision mode re-reads the watchlist)")
-        if not pairs and not kb.properties:
-            raise BadInput("nothing to watch: set kb.watchlist or kb.properties")
+        if not pairs and not kb.properties and not classes:
+            raise BadInput("nothing to watch: set kb.watchlist, kb.properties or kb.classes")
         if d.poll_interval <= 0 or d.jitter < 0:
             raise BadInput("daemon.poll_interval must be > 0 and daemon.jitter >= 0")
         if not (kb.endpoint == "local" or kb.endpoint.startswith(("http://", "https://"))):
@@ -296,6 +309,18 @@ class Daemon:
                 log.warning("watchlist: no entity labelled %r in the KB; skipped", subject)
         return pairs
 
+    def _watch_classes(self) -> list[tuple[str, str]]:
+        """kb.classes as (property, class entity id), class labels resolved in the KB (unknown: skipped)."""
+        from kbsync.kb import lookup
+
+        classes = []
+        for pid, name in parse_classes(self.settings.kb.classes):
+            try:
+                classes.append((pid, lookup.resolve_class(self.client, name)))
+            except NotFound:
+                log.warning("classes: no entity labelled %r in the KB; skipped", name)
+        return list(dict.fromkeys(classes))
+
     def ensure_watcher(self) -> Any:
         """The Watcher, built on first use: watchlist resolved, cursor loaded or primed to the KB's present."""
         if self.watcher is not None:
@@ -304,13 +329,13 @@ class Daemon:
 
         kb = self.settings.kb
         cursor = self.cursors.load(self.cursor_name)
-        watcher = Watcher(self.client, pairs=self._watch_pairs(), properties=kb.properties, mode=kb.mode,
-                          cursor=cursor, overlap=timedelta(minutes=kb.overlap_minutes), batch_size=kb.batch_size)
+        watcher = Watcher(self.client, pairs=self._watch_pairs(), properties=kb.properties,
+                          classes=self._watch_classes(), mode=kb.mode, cursor=cursor, overlap=timedelta(minutes=kb.overlap_minutes), batch_size=kb.batch_size)
         if cursor is None:
             # First start: watch from now on rather than re-checking every fact already in the KB.
             self.cursors.save(self.cursor_name, watcher.prime())
-            log.info("primed the KB cursor (%s, %d pairs, %d properties)", kb.mode, len(watcher.pairs),
-                     len(watcher.properties))
+            log.info("primed the KB cursor (%s, %d pairs, %d properties, %d classes)", kb.mode,
+                     len(watcher.pairs), len(watcher.properties), len(watcher.classes))
         self.watcher = watcher
         return watcher
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from kbsync.errors import NotFound
@@ -19,6 +20,27 @@ def resolve_entity(client: SparqlClient, label: str, pid: str | None = None,
     if not candidates:
         raise NotFound(f"no entity labelled {label!r} in the knowledge base")
     return candidates[0]
+
+
+# A class given by id: Wikidata's Q6256, the local KB's CLASS-country, or any token with a
+# digit and no lower-case letter; anything else is an English label.
+CLASS_ID = re.compile(r"^(Q\d+|CLASS-\S+|(?=\S*\d)[^\sa-z]+)$")
+
+
+def resolve_class(client: SparqlClient, name: str) -> str:
+    """The entity id of a class given by id (returned as is) or by English label or alias.
+
+    A label prefers an entity that is some item's wdt:P31 (instance of) value; class labels
+    are lower case on Wikidata, so "City" also finds "city".
+    """
+    name = " ".join(name.split())
+    if CLASS_ID.match(name):
+        return name
+    if name.lower() != name:
+        found = resolve_candidates(client, name.lower(), "P31", "object")
+        if found:
+            return found[0].id
+    return resolve_entity(client, name, "P31", "object").id
 
 
 def resolve_candidates(client: SparqlClient, label: str, pid: str | None = None,

@@ -60,11 +60,29 @@ def current_values(pairs: Sequence[tuple[str, str]]) -> str:
 }}"""
 
 
+def _of_class(class_id: str | None) -> str:
+    # A direct instance-of triple: on Wikidata, subclasses (wdt:P31/wdt:P279*) are not followed.
+    return f"  ?item wdt:P31 <{entity_iri(class_id)}> .\n" if class_id else ""
+
+
+def class_members(pid: str, class_id: str, limit: int = 1000, offset: int = 0) -> str:
+    """Entities that are an instance of class_id (wdt:P31) and have a pid claim, by id, one page."""
+    return f"""{PREFIXES}SELECT DISTINCT ?item WHERE {{
+  ?item wdt:P31 <{entity_iri(class_id)}> .
+  FILTER EXISTS {{ ?item wdt:{pid} ?value }}
+}}
+ORDER BY ?item
+LIMIT {int(limit)} OFFSET {int(offset)}"""
+
+
 def modified_since(pid: str, since: datetime, overlap: timedelta = timedelta(0),
-                   limit: int = 1000, offset: int = 0) -> str:
-    """Query (b): entities with a pid claim whose schema:dateModified is after since - overlap."""
+                   limit: int = 1000, offset: int = 0, class_id: str | None = None) -> str:
+    """Query (b): entities with a pid claim whose schema:dateModified is after since - overlap.
+
+    With class_id, only entities that are an instance of that class (wdt:P31).
+    """
     return f"""{PREFIXES}SELECT ?item ?value ?itemLabel ?valueLabel ?rev ?modified WHERE {{
-  ?item wdt:{pid} ?value ;
+{_of_class(class_id)}  ?item wdt:{pid} ?value ;
         schema:dateModified ?modified .
   FILTER(?modified > {datetime_literal(since - overlap)})
   OPTIONAL {{ ?value rdfs:label ?valueLabel . FILTER(LANG(?valueLabel) = "en") }}
@@ -75,10 +93,10 @@ ORDER BY ?modified ?item ?value
 LIMIT {int(limit)} OFFSET {int(offset)}"""
 
 
-def latest_modified(pid: str) -> str:
-    """The latest schema:dateModified among entities with a pid claim (to start a cursor)."""
+def latest_modified(pid: str, class_id: str | None = None) -> str:
+    """The latest schema:dateModified among entities with a pid claim (of class_id), to start a cursor."""
     return f"""{PREFIXES}SELECT (MAX(?modified) AS ?latest) WHERE {{
-  ?item wdt:{pid} ?value ;
+{_of_class(class_id)}  ?item wdt:{pid} ?value ;
         schema:dateModified ?modified .
 }}"""
 

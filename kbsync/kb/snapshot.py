@@ -18,6 +18,23 @@ SCHEMA_VERSION = "http://schema.org/version"
 SCHEMA_MODIFIED = "http://schema.org/dateModified"
 XSD = "http://www.w3.org/2001/XMLSchema#"
 
+INSTANCE_OF = "P31"
+
+# Class entities for wdt:P31 (instance of). Like every id in the snapshot these are local to
+# kbsync: on Wikidata the same classes are Q6256 (country) and Q515 (city). Config may name a
+# class by its English label ("country"), which resolves to whichever id the KB uses.
+CLASSES = {
+    "country": Entity("CLASS-country", "country"),
+    "city": Entity("CLASS-city", "city"),
+}
+
+# A subject's class follows from the properties it has in the fact table.
+CLASS_OF_PROPERTY = {
+    "P36": "country", "P38": "country", "P30": "country", "P37": "country",
+    "P1082": "country", "P47": "country",
+    "P17": "city", "P421": "city", "P1376": "city",
+}
+
 # A fixed time so that the same fact table always yields the same bytes.
 SNAPSHOT_TIME = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
@@ -89,6 +106,10 @@ def snapshot_triples(table: FactTable, revision: int = 1, modified: datetime = S
         lines.update(_label_triples(fact.subject))
         lines.update(_label_triples(fact.object))
         subjects.add(s)
+        cls = CLASSES.get(CLASS_OF_PROPERTY.get(fact.property, ""))
+        if cls is not None:
+            lines.add(f"{s} <{property_iri(INSTANCE_OF)}> <{entity_iri(cls.id)}> .")
+            lines.update(_label_triples(cls))
     # Wikidata keeps one revision id and modification time per item, not per claim.
     for s in subjects:
         lines.add(f"{s} <{SCHEMA_VERSION}> {integer_literal(revision)} .")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,7 +14,10 @@ from kbsync.errors import BadInput
 from kbsync.facts import Fact
 from kbsync.kb import lookup, queries
 from kbsync.kb.queries import ClaimRow
+from kbsync.kb.snapshot import entity_id
 from kbsync.kb.sparql import KBError, SparqlClient
+
+log = logging.getLogger("kbsync.kb.watch")
 
 MODES = ("revision", "modified")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -68,17 +72,22 @@ class Cursor:
 
 
 class Watcher:
-    """Report facts that changed since the cursor, for a watchlist of slots or whole properties.
+    """Report facts that changed since the cursor, for a watchlist of slots, whole properties,
+    or (property, class) watches: the property of every entity that is an instance of the class.
 
     mode "revision" re-reads the watched (entity, property) pairs and compares each
-    entity's schema:version with the cursor. mode "modified" asks for entities of each
-    watched property modified after the cursor minus an overlap window (clocks and
-    replication lag make the boundary fuzzy), then drops what was already reported.
-    A fresh cursor reports every current fact once; prime() starts from the KB's present.
+    entity's schema:version with the cursor; each poll expands a (property, class) watch into
+    the pairs of the class's current instances (wdt:P31) that have the property. mode
+    "modified" asks for entities of each watched property (of a watched class) modified
+    after the cursor minus an overlap window (clocks and replication lag make the boundary
+    fuzzy), then drops what was already reported.
+    A fresh cursor reports every current fact once (in revision mode, so does an entity
+    that newly joined a watched class); prime() starts from the KB's present.
     """
 
     def __init__(self, client: SparqlClient, *, pairs: Iterable[tuple[str, str]] = (),
-                 properties: Iterable[str] = (), mode: str = "revision", cursor: Cursor | None = None,
+                 properties: Iterable[str] = (), classes: Iterable[tuple[str, str]] = (),
+                 mode: str = "revision", cursor: Cursor | None = None,
                  overlap: timedelta = timedelta(minutes=10), batch_size: int = 50,
                  page_size: int = 1000) -> None:
         if mode not in MODES:
@@ -86,10 +95,12 @@ class Watcher:
         self.client = client
         self.pairs = list(dict.fromkeys(pairs))
         self.properties = list(dict.fromkeys(properties))
+        # (property, class entity id) watches.
+        self.classes = list(dict.fromkeys((p, c) for p, c in classes))
         if mode == "revision" and self.properties:
             raise BadInput("revision mode watches (entity, property) pairs; use mode 'modified' for whole properties")
-        if not self.pairs and not self.properties:
-            raise BadInput("nothing to watch: give pairs or properties")
+        if not self.pairs and not self.properties and not self.classes:
+            raise BadInput("nothing to watch: give pairs, properties or classes")
         self.mode = mode
         self.cursor = cursor if cursor is not None else Cursor(mode=mode)
         if self.cursor.mode != mode:
@@ -97,6 +108,7 @@ class Watcher:
         self.overlap = overlap
         self.batch_size = batch_size
         self.page_size = page_size
+        self._empty_classes: set[tuple[str, str]] = set()
 
     def poll(self) -> list[Fact]:
         """Changed facts since the cursor; the cursor advances only when the whole poll succeeded."""
@@ -111,7 +123,7 @@ class Watcher:
         """
         cursor = copy.deepcopy(self.cursor)
         if self.mode == "revision":
-            rows = lookup.claims(self.client, self.pairs, self.batch_size)
+            rows = lookup.claims(self.client, self.watched_pairs(), self.batch_size)
         else:
             rows = self._modified_rows(cursor.modified or EPOCH)
         return self._changes(rows, cursor), cursor
@@ -119,7 +131,11 @@ class Watcher:
     def prime(self) -> Cursor:
         """Set the cursor to the KB's current state without reporting anything (start watching now)."""
         if self.mode == "modified" and self.cursor.modified is None:
-            latest = [self._latest(pid) for pid in self._watched_properties()]
+            latest = []
+            for pid, class_id in self._modified_queries():
+                latest.append(self._latest(pid, class_id))
+                if class_id is not None and latest[-1] is None:
+                    log.warning("no instance of %s has %s in the KB; nothing to watch there yet", class_id, pid)
             known = [t for t in latest if t is not None]
             cursor = copy.deepcopy(self.cursor)
             cursor.modified = max(known) if known else EPOCH
@@ -129,11 +145,38 @@ class Watcher:
         self.cursor = cursor
         return cursor
 
-    def _watched_properties(self) -> list[str]:
-        return list(dict.fromkeys([*self.properties, *(p for _, p in self.pairs)]))
+    def watched_pairs(self) -> list[tuple[str, str]]:
+        """The watchlist's pairs, then those of the (property, class) watches' current instances."""
+        pairs = list(self.pairs)
+        for pid, class_id in self.classes:
+            members = self._class_members(pid, class_id)
+            if not members and (pid, class_id) not in self._empty_classes:
+                self._empty_classes.add((pid, class_id))
+                log.warning("no instance of %s has %s in the KB; nothing to watch there yet", class_id, pid)
+            pairs.extend((entity, pid) for entity in members)
+        return list(dict.fromkeys(pairs))
 
-    def _latest(self, pid: str) -> datetime | None:
-        bindings = self.client.select(queries.latest_modified(pid))
+    def _class_members(self, pid: str, class_id: str) -> list[str]:
+        members: list[str] = []
+        offset = 0
+        while True:
+            bindings = self.client.select(queries.class_members(pid, class_id, self.page_size, offset))
+            try:
+                members.extend(entity_id(b["item"]["value"]) for b in bindings)
+            except (KeyError, TypeError) as e:
+                raise KBError(f"malformed SPARQL answer from {self.client.endpoint}: {e}") from None
+            if len(bindings) < self.page_size:
+                return members
+            offset += self.page_size
+
+    def _modified_queries(self) -> list[tuple[str, str | None]]:
+        """(property, class id or None) per modified-since query: None means no class restriction."""
+        whole = list(dict.fromkeys([*self.properties, *(p for _, p in self.pairs)]))
+        return [*((pid, None) for pid in whole),
+                *((pid, c) for pid, c in self.classes if pid not in self.properties)]
+
+    def _latest(self, pid: str, class_id: str | None = None) -> datetime | None:
+        bindings = self.client.select(queries.latest_modified(pid, class_id))
         try:
             value = bindings[0]["latest"]["value"] if bindings and bindings[0].get("latest") else None
             return queries.parse_datetime(value)
@@ -143,23 +186,25 @@ class Watcher:
     def _modified_rows(self, since: datetime) -> list[ClaimRow]:
         wanted_pairs = set(self.pairs)
         everything = set(self.properties)
-        rows: list[ClaimRow] = []
-        for pid in self._watched_properties():
+        rows: dict[tuple[str, str, str | None, int | None], ClaimRow] = {}  # a row may match two queries
+        for pid, class_id in self._modified_queries():
             offset = 0
             while True:
                 bindings = self.client.select(
-                    queries.modified_since(pid, since, self.overlap, self.page_size, offset))
+                    queries.modified_since(pid, since, self.overlap, self.page_size, offset, class_id))
                 try:
                     page = queries.parse_claims(bindings, pid)
                 except (ValueError, TypeError, AttributeError) as e:
                     raise KBError(f"malformed SPARQL answer from {self.client.endpoint}: {e}") from None
                 if any(r.modified is None for r in page):
                     raise KBError(f"malformed SPARQL answer from {self.client.endpoint}: row without ?modified")
-                rows.extend(r for r in page if pid in everything or (r.entity, pid) in wanted_pairs)
+                for r in page:
+                    if class_id is not None or pid in everything or (r.entity, pid) in wanted_pairs:
+                        rows.setdefault((r.entity, r.property, r.value, r.revision), r)
                 if len(bindings) < self.page_size:
                     break
                 offset += self.page_size
-        return rows
+        return list(rows.values())
 
     def _changes(self, rows: list[ClaimRow], cursor: Cursor) -> list[Fact]:
         """Facts of the slots whose revision is new and whose value changed; updates cursor in place."""

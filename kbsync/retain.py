@@ -123,18 +123,28 @@ def sample_retain(
         if len(items) < size:
             seen.add(e.question)
             items.append(RetainItem(e.question, is_question(e.question), f"edit:{e.id}"))
-    candidates: list[RetainItem] = []
+    # Shuffle the whole table with the seed before excluding anything, then take the first
+    # eligible facts: samples for different edits then differ only in the excluded slots, so
+    # the cached base side of the rest is reused (BaseCache keys items by prompt).
+    pool: list[tuple[RetainItem, tuple[str, str]]] = []
+    asked: set[str] = set()
     for f in table.facts:
         rel = relations.get(f.property)
-        if rel is None or f.key == exclude_key or f.key in overwritten:
+        if rel is None:
             continue
         q = rel.ask(f.subject.label)
-        if q in seen:  # multi-valued relations repeat the same question
+        if q in asked:  # multi-valued relations repeat the same question
             continue
-        seen.add(q)
-        candidates.append(RetainItem(q, True, f"table:{f.property}:{f.subject.label}"))
-    need = max(0, size - len(items))
-    items += random.Random(seed).sample(candidates, min(need, len(candidates)))
+        asked.add(q)
+        pool.append((RetainItem(q, True, f"table:{f.property}:{f.subject.label}"), f.key))
+    random.Random(seed).shuffle(pool)
+    for item, key in pool:
+        if len(items) >= size:
+            break
+        if key == exclude_key or key in overwritten or item.prompt in seen:
+            continue
+        seen.add(item.prompt)
+        items.append(item)
     return items
 
 

@@ -150,6 +150,11 @@ def test_retain_sample_is_seeded_excludes_the_slot_and_keeps_applied_edits():
     assert a[0].origin == "edit:7"
     assert "What is the capital of India?" not in {i.prompt for i in a}
     assert sample_retain(table, [], 200, 1, exclude_key=india.key) != sample_retain(table, [], 200, 0, exclude_key=india.key)
+    # Different edits' samples share all but the excluded slots (so the cached base side is reused).
+    japan = fact_from_phrase("currency of Japan", "Euro")
+    c = sample_retain(table, [], 200, 0, exclude_key=japan.key)
+    d = sample_retain(table, [], 200, 0, exclude_key=india.key)
+    assert len({i.prompt for i in c} & {i.prompt for i in d}) >= 199
 
 
 def _reference(adapter, items, before, delta):
@@ -221,7 +226,7 @@ def test_pipeline_reuses_the_retain_cache_across_edits_and_processes(make):
     assert first.status == "rejected" and p.retain_cache.misses == 50
     second = p.edit_fact(fact_from_phrase("currency of Japan", "Euro"))
     assert second.status == "rejected"
-    assert p.retain_cache.misses <= 51 and p.retain_cache.hits >= 49  # one slot differs between the samples
+    assert p.retain_cache.hits >= 49 and p.retain_cache.hits + p.retain_cache.misses == 100  # at most one slot differs
     fresh = make(max_mean_kl=0.0)
     again = fresh.edit_fact(fact_from_phrase("capital of India", "Paris"))
     assert (fresh.retain_cache.hits, fresh.retain_cache.misses) == (50, 0)

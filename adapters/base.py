@@ -106,6 +106,26 @@ class Adapter(ABC):
         logits, _, mask = self.answer_logits(batch, params)
         return F.log_softmax(logits.float(), -1), mask
 
+    def answer_states(self, batch: Batch, params: Params | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One row per answer token: (states [N,D], labels [N], rows [N] = its example index).
+
+        answer_head(states) gives that token's output logits. Rows come in the row-major order
+        of answer_logits' mask. Generic: the states are the logits themselves; adapters whose
+        logits are a fixed head over a smaller hidden state return the hidden state instead,
+        which skips the head everywhere but the answer tokens and is small enough to cache.
+        """
+        logits, labels, mask = self.answer_logits(batch, params)
+        return logits[mask], labels[mask], mask.nonzero()[:, 0]
+
+    def answer_head(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits [N,V] from answer_states' states (never edited: deltas only touch editable layers)."""
+        return states
+
+    def answer_log_probs(self, batch: Batch, params: Params | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-probs [N,V], labels [N], rows [N]) at answer tokens only (see answer_states)."""
+        states, labels, rows = self.answer_states(batch, params)
+        return F.log_softmax(self.answer_head(states).float(), -1), labels, rows
+
     def kl(self, batch: Batch, base_logp: torch.Tensor, params: Params | None = None) -> torch.Tensor:
         """Per-example KL(base || edited), averaged over answer tokens, shape [B]."""
         logp, mask = self.log_probs(batch, params)

@@ -5,11 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.func import functional_call
 
-from adapters.base import Adapter, Batch
+from adapters.base import Adapter, Batch, Params
 from adapters.registry import register
 
 QA_FORMAT = "Question: {q}\nAnswer:"
+
+# Architectures whose logits are exactly output_embeddings(base_model(...).last_hidden_state)
+# (no logit scaling or soft-capping), so answer_states can stop before the head.
+PLAIN_HEAD = ("llama", "gpt2", "mistral", "qwen2", "gptj", "gpt_neox")
 
 
 @register
@@ -86,6 +91,42 @@ class CausalLMAdapter(Adapter):
             labels[i, : len(y)] = torch.tensor(y)
             mask[i, : len(x)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def answer_states(self, batch: Batch, params: Params | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The final hidden state at each answer token's predicting position (the LM head is applied later).
+
+        Runs the transformer body only; the [B,T,V] logits over a 49k vocabulary at every
+        position (prompt and padding included) are never formed. Architectures not known to have
+        a plain head use the generic logits path. params may only replace body weights (deltas
+        only ever touch layer weights); anything else raises ValueError.
+        """
+        if not self._plain_head:
+            return super().answer_states(batch, params)
+        prefix = self.model.base_model_prefix
+        body, head = getattr(self.model, prefix), self.model.get_output_embeddings()
+        sub = {n[len(prefix) + 1:]: t for n, t in (params or {}).items() if n.startswith(prefix + ".")}
+        live = dict(self.model.named_parameters())
+        if len(sub) != len(params or {}) or any(live[n] is head.weight for n in params or {}):
+            # answer_head applies the live head: states from a replaced head would be scored wrongly.
+            raise ValueError("answer_states: params may only replace transformer-body weights, not the LM head")
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        if sub:
+            hidden = functional_call(body, sub, args=(), kwargs=inputs, strict=False).last_hidden_state
+        else:
+            hidden = body(**inputs).last_hidden_state
+        labels = batch["labels"][:, 1:]
+        mask = labels != -100
+        return hidden[:, :-1][mask], labels[mask], mask.nonzero()[:, 0]
+
+    def answer_head(self, states: torch.Tensor) -> torch.Tensor:
+        """The LM head on answer_states' hidden states (identity on the generic fallback's logits)."""
+        return self.model.get_output_embeddings()(states) if self._plain_head else states
+
+    @property
+    def _plain_head(self) -> bool:
+        prefix = getattr(self.model, "base_model_prefix", "")
+        return (self.model.config.model_type in PLAIN_HEAD and bool(prefix) and hasattr(self.model, prefix)
+                and self.model.get_output_embeddings() is not None)
 
     def _generate(self, prompts: list[str], question: bool, num_beams: int, n_return: int = 1) -> list[list[str]]:
         encoded = [self._prompt_ids(p, question) for p in prompts]

@@ -25,7 +25,7 @@ from kbsync.corpus import FactTable, default_fact_table, fact_from_phrase  # noq
 from kbsync.errors import BadInput
 from kbsync.facts import Entity, Fact, default_relations, render
 from kbsync.match import normalise
-from kbsync.retain import RetainReport, answers, check_dict, is_question, measure, sample_retain
+from kbsync.retain import BaseCache, RetainReport, check_dict, is_question, measure, sample_retain
 from kbsync.served import ServedModel
 from kbsync.store import DeltaStore
 
@@ -94,6 +94,8 @@ class EditPipeline:
         self.table = table
         self._adapter = adapter
         self._served: ServedModel | None = None
+        # Retain items' pre-edit answers and base scores per served-weights fingerprint (memory + disk).
+        self.retain_cache = BaseCache(settings.store.data_path / "retain-cache")
         self.repairs: list[str] = []
 
     def close(self) -> None:
@@ -195,12 +197,12 @@ class EditPipeline:
                 items = sample_retain(self.table or default_fact_table(), self.audit.applied_in_order(),
                                       reg.retain_size, reg.seed, tgt.exclude_key,
                                       "" if tgt.exclude_key else tgt.request.prompt, default_relations())
-                base_answers = answers(adapter, items)
+                base = self.retain_cache.get(adapter, items, row.parent_fingerprint)
             with clock("edit"):
                 tgt.request.original = before[0].prediction
                 result = editor.edit(tgt.request)
             with clock("regression"):
-                retain = measure(adapter, items, base_answers, result.delta)
+                retain = measure(adapter, items, base, result.delta)
                 result.delta.apply(adapter.model)
                 try:
                     after = run_probes(adapter, tgt.probes, tgt.aliases, tgt.claim_prefix)

@@ -6,13 +6,27 @@ edits already applied, which a new edit must keep. Since most retain facts are g
 answer: each retain item is scored teacher-forced on (question, pre-edit answer), and the
 metrics compare the output distributions at those answer positions before and after the
 candidate delta.
+
+Cost. The base side of an item (its pre-edit answer, generated greedily, and the base
+model's output at its answer tokens) depends only on the served weights and the item, so it
+is computed once per model state and cached (BaseCache: in memory, and on disk under
+<data_dir>/retain-cache so a new process reuses it). What is cached is not log-probs but the
+adapter's answer_states: for causal LMs the final hidden state at each answer token ([n, 576]
+floats on SmolLM2, ~4 MB for 200 items, against ~315 MB for full-vocabulary log-probs);
+the (never edited) LM head turns them back into the exact base logits, so the KL is the exact
+KL, with no top-k truncation. Scoring an edit is then one pass of the transformer body with the
+delta, the head and softmax applied only at answer tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,8 +36,8 @@ from kbsync.audit.models import Edit
 from kbsync.corpus import FactTable
 from kbsync.facts import Relation, default_relations
 
-# Examples per forward pass: keeps [batch, tokens, vocab] log-probs small on a 49k vocabulary.
-CHUNK = 16
+# Examples per scoring pass: log-probs are formed at answer tokens only ([~8 x CHUNK, vocab]).
+CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -109,18 +123,28 @@ def sample_retain(
         if len(items) < size:
             seen.add(e.question)
             items.append(RetainItem(e.question, is_question(e.question), f"edit:{e.id}"))
-    candidates: list[RetainItem] = []
+    # Shuffle the whole table with the seed before excluding anything, then take the first
+    # eligible facts: samples for different edits then differ only in the excluded slots, so
+    # the cached base side of the rest is reused (BaseCache keys items by prompt).
+    pool: list[tuple[RetainItem, tuple[str, str]]] = []
+    asked: set[str] = set()
     for f in table.facts:
         rel = relations.get(f.property)
-        if rel is None or f.key == exclude_key or f.key in overwritten:
+        if rel is None:
             continue
         q = rel.ask(f.subject.label)
-        if q in seen:  # multi-valued relations repeat the same question
+        if q in asked:  # multi-valued relations repeat the same question
             continue
-        seen.add(q)
-        candidates.append(RetainItem(q, True, f"table:{f.property}:{f.subject.label}"))
-    need = max(0, size - len(items))
-    items += random.Random(seed).sample(candidates, min(need, len(candidates)))
+        asked.add(q)
+        pool.append((RetainItem(q, True, f"table:{f.property}:{f.subject.label}"), f.key))
+    random.Random(seed).shuffle(pool)
+    for item, key in pool:
+        if len(items) >= size:
+            break
+        if key == exclude_key or key in overwritten or item.prompt in seen:
+            continue
+        seen.add(item.prompt)
+        items.append(item)
     return items
 
 
@@ -144,13 +168,129 @@ def answers(adapter: Any, items: Sequence[RetainItem], chunk: int = 4 * CHUNK) -
     return out
 
 
+@dataclass(frozen=True)
+class BaseItem:
+    """The pre-edit side of one retain item: its answer and what scoring needs of the base model.
+
+    states/labels are the adapter's answer_states for (prompt, answer) under the weights the
+    item was computed on (for causal LMs the final hidden state at each answer token, [n, D];
+    answer_head turns them into the exact base logits), so the KL stays the exact KL.
+    """
+
+    answer: str
+    states: torch.Tensor
+    labels: torch.Tensor
+
+
+def base_side(adapter: Any, items: Sequence[RetainItem]) -> list[BaseItem]:
+    """Generate every item's current answer and score it once under the current weights (no cache)."""
+    before = answers(adapter, items)
+    out: list[BaseItem | None] = [None] * len(items)
+    with torch.no_grad():
+        for question, idx in _grouped(items):
+            for part in _chunks(idx, CHUNK):
+                # An empty pre-edit answer still scores the end-of-answer token.
+                batch = adapter.encode([items[i].prompt for i in part], [before[i] for i in part], question=question)
+                states, labels, rows = adapter.answer_states(batch)
+                for j, i in enumerate(part):
+                    sel = rows == j
+                    out[i] = BaseItem(before[i], states[sel].clone(), labels[sel].clone())
+    return out  # type: ignore[return-value]
+
+
+class BaseCache:
+    """Base sides of retain items per model state, in memory and on disk.
+
+    The base side depends only on the served weights and the item, so it is keyed by the
+    adapter's fingerprint (editable weights: base + applied deltas) plus a hash of the model
+    identity and generation settings, and within that by item (question flag, prompt): the
+    sampled set differs a little per edit (the edited slot is left out), so items are shared
+    across edits on the same weights. An applied or reverted edit changes the fingerprint, so
+    stale entries are never looked up. On disk: <dir>/<fingerprint>-<settings hash>.safetensors
+    (states and labels per item, answers and prompts in the metadata), a few MB for 200 items.
+    """
+
+    KEEP = 8  # model states kept in memory and on disk (most recently used)
+
+    def __init__(self, directory: Path | str | None = None) -> None:
+        self.directory = Path(directory) if directory else None
+        self._mem: dict[str, dict[tuple[bool, str], BaseItem]] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(adapter: Any, fingerprint: str | None = None) -> str:
+        """fingerprint-settingshash: what the base side of any item depends on besides its prompt."""
+        ident = json.dumps([adapter.family, adapter.name, type(adapter).__name__, adapter.chat,
+                            adapter.max_new_tokens, adapter.num_beams], default=str)
+        return f"{fingerprint or adapter.fingerprint()}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+    def get(self, adapter: Any, items: Sequence[RetainItem], fingerprint: str | None = None) -> list[BaseItem]:
+        """The base side of every item, computing (and storing) only the ones not cached for this state."""
+        key = self.key(adapter, fingerprint)
+        table = self._mem.pop(key, None)
+        if table is None:
+            table = self._read(key)
+        self._mem[key] = table  # most recently used last
+        while len(self._mem) > self.KEEP:
+            self._mem.pop(next(iter(self._mem)))
+        missing = [it for it in dict.fromkeys(items) if (it.question, it.prompt) not in table]
+        self.hits += len(items) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            for it, b in zip(missing, base_side(adapter, missing)):
+                table[(it.question, it.prompt)] = b
+            self._write(key, table)
+        return [table[(it.question, it.prompt)] for it in items]
+
+    def _path(self, key: str) -> Path | None:
+        return self.directory / f"{key}.safetensors" if self.directory else None
+
+    def _read(self, key: str) -> dict[tuple[bool, str], BaseItem]:
+        path = self._path(key)
+        if path is None or not path.exists():
+            return {}
+        try:
+            from safetensors.torch import load_file, safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads(f.metadata()["items"])
+            tensors = load_file(str(path))
+            return {(bool(q), p): BaseItem(a, tensors[f"s{i}"], tensors[f"l{i}"]) for i, (q, p, a) in enumerate(meta)}
+        except Exception:  # unreadable or partial file: recompute (it is only a cache)
+            return {}
+
+    def _write(self, key: str, table: dict[tuple[bool, str], BaseItem]) -> None:
+        path = self._path(key)
+        if path is None:
+            return
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta, tensors = [], {}
+        for i, ((q, p), b) in enumerate(table.items()):
+            meta.append([q, p, b.answer])
+            tensors[f"s{i}"], tensors[f"l{i}"] = b.states.contiguous(), b.labels.contiguous()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata={"items": json.dumps(meta)})
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+        files = sorted(path.parent.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
+        for old in files[:-self.KEEP]:
+            old.unlink(missing_ok=True)
+
+
+# Answers re-generated with the delta applied, for display, at most (worst KL first).
+REGENERATE = 32
+
+
 @torch.no_grad()
-def measure(adapter: Any, items: Sequence[RetainItem], before: Sequence[str], delta: Delta) -> RetainReport:
+def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem], delta: Delta) -> RetainReport:
     """KL(before || after) and top-1 agreement on (prompt, pre-edit answer) for the candidate delta.
 
-    The edited distribution comes from a functional call with the delta added to the
-    parameters, so the live model is never touched; answers are re-generated (with the delta
-    applied) only for items whose top-1 changed, to show what they became.
+    base: each item's pre-edit side (base_side or BaseCache.get) under the live weights. The
+    edited distribution comes from a functional call with the delta added to the parameters,
+    so the live model is never touched; only answer positions are scored (adapter.answer_states,
+    then the head). Answers are re-generated (with the delta applied) only for items whose top-1
+    changed, at most REGENERATE of them (worst KL first; the rest keep after == "").
     """
     live = dict(adapter.model.named_parameters())
     edited = {n: live[n] + t.to(live[n].dtype) for n, t in delta.tensors.items()}
@@ -158,24 +298,29 @@ def measure(adapter: Any, items: Sequence[RetainItem], before: Sequence[str], de
     same = [True] * len(items)
     for question, idx in _grouped(items):
         for part in _chunks(idx, CHUNK):
-            # An empty pre-edit answer still scores the end-of-answer token.
-            batch = adapter.encode([items[i].prompt for i in part], [before[i] for i in part], question=question)
-            # answer_logits is what Adapter.log_probs softmaxes; it also gives the aligned answer tokens.
-            logits, labels, mask = adapter.answer_logits(batch)
-            base = torch.log_softmax(logits.float(), -1)
-            new, _ = adapter.log_probs(batch, edited)
-            # Same quantity as Adapter.kl, sharing the edited forward pass with the top-1 comparison.
-            tok = (base.exp() * (base - new)).sum(-1)
-            kl = (tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+            batch = adapter.encode([items[i].prompt for i in part], [base[i].answer for i in part], question=question)
+            states, labels, rows = adapter.answer_states(batch, edited)
+            if not torch.equal(labels, torch.cat([base[i].labels for i in part])):
+                raise RuntimeError("retain base side does not match the answer tokens (stale cache?)")
+            base_lp = torch.log_softmax(adapter.answer_head(torch.cat([base[i].states for i in part])).float(), -1)
+            new_lp = torch.log_softmax(adapter.answer_head(states).float(), -1)
+            # Same quantity as Adapter.kl: per-token KL(base || edited), averaged over each item's answer tokens.
+            tok = (base_lp.exp() * (base_lp - new_lp)).sum(-1)
+            n = torch.bincount(rows, minlength=len(part)).clamp(min=1)
+            kl = torch.zeros(len(part), dtype=tok.dtype).index_add_(0, rows, tok) / n
             # Judge only the tokens the base model itself produces greedily (its argmax is the label):
             # this skips the end-of-answer token of an answer cut at max_new_tokens and re-tokenisation
             # seams, where the base model never committed to a token in the first place.
-            own = mask & (base.argmax(-1) == labels)
-            agree = ((base.argmax(-1) == new.argmax(-1)) | ~own).all(1)
+            top = base_lp.argmax(-1)
+            flipped = (top == labels) & (top != new_lp.argmax(-1))
+            bad = torch.zeros(len(part), dtype=torch.long).index_add_(0, rows, flipped.long())
             for j, i in enumerate(part):
-                kls[i], same[i] = max(0.0, float(kl[j])), bool(agree[j])
-    after = list(before)
+                kls[i], same[i] = max(0.0, float(kl[j])), not bool(bad[j])
+    after = [b.answer for b in base]
     changed = [i for i in range(len(items)) if not same[i]]
+    for i in changed:
+        after[i] = ""
+    changed = sorted(changed, key=lambda i: -kls[i])[:REGENERATE]
     if changed:
         delta.apply(adapter.model)
         try:
@@ -183,6 +328,7 @@ def measure(adapter: Any, items: Sequence[RetainItem], before: Sequence[str], de
                 after[i] = a
         finally:
             delta.remove(adapter.model)
+    before = [b.answer for b in base]
     return RetainReport([RetainCheck(items[i], before[i], after[i], kls[i], same[i]) for i in range(len(items))])
 
 

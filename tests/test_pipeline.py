@@ -150,3 +150,84 @@ def test_retain_sample_is_seeded_excludes_the_slot_and_keeps_applied_edits():
     assert a[0].origin == "edit:7"
     assert "What is the capital of India?" not in {i.prompt for i in a}
     assert sample_retain(table, [], 200, 1, exclude_key=india.key) != sample_retain(table, [], 200, 0, exclude_key=india.key)
+    # Different edits' samples share all but the excluded slots (so the cached base side is reused).
+    japan = fact_from_phrase("currency of Japan", "Euro")
+    c = sample_retain(table, [], 200, 0, exclude_key=japan.key)
+    d = sample_retain(table, [], 200, 0, exclude_key=india.key)
+    assert len({i.prompt for i in c} & {i.prompt for i in d}) >= 199
+
+
+def _reference(adapter, items, before, delta):
+    """The pre-cache computation: full [B,T,V] logits at every position via Adapter.answer_logits/log_probs."""
+    live = dict(adapter.model.named_parameters())
+    edited = {n: live[n] + t for n, t in delta.tensors.items()}
+    kls, same = [], []
+    with torch.no_grad():
+        for q in (True, False):
+            idx = [i for i, it in enumerate(items) if it.question == q]
+            if not idx:
+                continue
+            batch = adapter.encode([items[i].prompt for i in idx], [before[i] for i in idx], question=q)
+            logits, labels, mask = adapter.answer_logits(batch)
+            base = torch.log_softmax(logits.float(), -1)
+            new, _ = adapter.log_probs(batch, edited)
+            tok = (base.exp() * (base - new)).sum(-1)
+            kls += ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).clamp(min=0).tolist()
+            own = mask & (base.argmax(-1) == labels)
+            same += ((base.argmax(-1) == new.argmax(-1)) | ~own).all(1).tolist()
+    return sum(kls) / len(kls), max(kls), sum(same) / len(same)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2", "tiny_t5"])
+def test_retain_cache_gives_the_uncached_metrics_and_is_keyed_by_the_weights(family, request, tmp_path):
+    from editor.delta import Delta
+    from kbsync.retain import BaseCache, RetainItem, base_side, measure
+
+    adapter = copy.deepcopy(request.getfixturevalue(family))
+    items = sample_retain(default_fact_table(), [], 40, 0)
+    items.append(RetainItem("The capital of France is", False, "raw"))  # a plain (non-question) prompt too
+    g = torch.Generator().manual_seed(0)
+    delta = Delta({n: 0.05 * p.detach().abs().mean() * torch.randn(p.shape, generator=g)
+                   for n, p in adapter.editable().items()})
+
+    plain = measure(adapter, items, base_side(adapter, items), delta)
+    ref = _reference(adapter, items, [c.before for c in plain.checks], delta)
+    assert plain.mean_kl > 0 and plain.mean_kl == pytest.approx(ref[0], rel=1e-3, abs=1e-6)
+    assert plain.max_kl == pytest.approx(ref[1], rel=1e-3, abs=1e-6) and plain.unchanged == ref[2]
+
+    cache = BaseCache(tmp_path / "rc")
+    cold = measure(adapter, items, cache.get(adapter, items), delta)
+    assert (cache.hits, cache.misses) == (0, len(items))
+    again = measure(adapter, items[:20], cache.get(adapter, items[:20]), delta)  # in memory
+    assert (cache.hits, cache.misses) == (20, len(items))
+    disk = BaseCache(tmp_path / "rc")  # a new process reads the file
+    warm = measure(adapter, items, disk.get(adapter, items), delta)
+    assert (disk.hits, disk.misses) == (len(items), 0)
+    for report in (cold, warm):
+        assert [c.before for c in report.checks] == [c.before for c in plain.checks]
+        assert report.summary() == pytest.approx(plain.summary(), rel=1e-4, abs=1e-7)
+    assert [c.kl for c in again.checks] == pytest.approx([c.kl for c in warm.checks[:20]], rel=1e-4, abs=1e-7)
+
+    key = cache.key(adapter)
+    delta.apply(adapter.model)  # an applied edit changes the served weights, hence the key
+    try:
+        assert cache.key(adapter) != key
+        cache.get(adapter, items[:5])
+        assert cache.misses == len(items) + 5
+    finally:
+        delta.remove(adapter.model)
+    assert cache.key(adapter) == key
+    assert len(list((tmp_path / "rc").glob("*.safetensors"))) == 2
+
+
+def test_pipeline_reuses_the_retain_cache_across_edits_and_processes(make):
+    p = make(max_mean_kl=0.0)  # rejected: the served weights (and so the cache key) stay the same
+    first = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
+    assert first.status == "rejected" and p.retain_cache.misses == 50
+    second = p.edit_fact(fact_from_phrase("currency of Japan", "Euro"))
+    assert second.status == "rejected"
+    assert p.retain_cache.hits >= 49 and p.retain_cache.hits + p.retain_cache.misses == 100  # at most one slot differs
+    fresh = make(max_mean_kl=0.0)
+    again = fresh.edit_fact(fact_from_phrase("capital of India", "Paris"))
+    assert (fresh.retain_cache.hits, fresh.retain_cache.misses) == (50, 0)
+    assert again.edit.metrics["unchanged"] == first.edit.metrics["unchanged"]

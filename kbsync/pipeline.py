@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from editor.methods import EditRequest, make_method
+from editor.methods import ALIASES, EditRequest, make_method
 from kbsync.audit.log import AuditLog
 from kbsync.audit.models import Edit, EditCheck
 from kbsync.check import Probe, ProbeResult, probes, run_probes
@@ -172,7 +172,8 @@ class EditPipeline:
         with clock("load"):
             served = self.load_served_model()
         adapter = served.adapter
-        name = method or self.settings.editor.method
+        # Record the canonical method name ("ft" is an alias of "ft-layer").
+        name = ALIASES.get(method or self.settings.editor.method, method or self.settings.editor.method)
         actor = actor or default_actor()
         tgt = self._target(fact, target, source, actor, kb_revision, name)
         row = tgt.row

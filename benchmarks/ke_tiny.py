@@ -5,6 +5,10 @@ held-out (fact, new target) pairs with every method on the same edits and prints
 paper's Table 1 columns. Writes benchmarks/out/ke_tiny.json.
 
     OMP_NUM_THREADS=1 python benchmarks/ke_tiny.py [--steps 300] [--edits 48]
+
+The training knobs (--label-smoothing, --lagrange-init, --lagrange-lr, --margin,
+--margin-floor, --n-retain, --batch-retain, --per-fact) reproduce the ablation in RESULTS.md;
+--ke-only skips the fine-tuning baselines, whose numbers do not depend on them.
 """
 
 from __future__ import annotations
@@ -12,19 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+# Run as a script, sys.path[0] is benchmarks/, and the venv's editable kbsync install points at
+# another checkout: put this checkout first so the code measured is the code next to the script.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adapters.tiny import PRESETS, build_tiny, tiny_facts
-from editor.data import from_facts
-from editor.evaluate import evaluate
-from editor.hypernet import HyperConfig
-from editor.train import TrainConfig, Trainer
-from kbsync.commands.editor import COLUMNS
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from adapters.tiny import PRESETS, build_tiny, tiny_facts  # noqa: E402
+from editor.data import from_facts  # noqa: E402
+from editor.evaluate import evaluate  # noqa: E402
+from editor.hypernet import HyperConfig  # noqa: E402
+from editor.train import TrainConfig, Trainer  # noqa: E402
+from kbsync.commands.editor import COLUMNS  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +42,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--edits", type=int, default=48)
     ap.add_argument("--out", default="benchmarks/out/ke_tiny.json")
+    ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--lagrange-init", type=float, default=0.0)
+    ap.add_argument("--lagrange-lr", type=float, default=0.1)
+    ap.add_argument("--margin", type=float, default=1e-2)
+    ap.add_argument("--margin-floor", type=float, default=1e-3)
+    ap.add_argument("--n-retain", type=int, default=4, help="retain pairs per training record")
+    ap.add_argument("--batch-retain", action="store_true")
+    ap.add_argument("--per-fact", type=int, default=3, help="counterfactual training targets per fact")
+    ap.add_argument("--ke-only", action="store_true")
     args = ap.parse_args()
     facts = tiny_facts(n=40)
     t = time.perf_counter()
@@ -40,9 +58,12 @@ def main() -> None:
     build_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        Trainer(adapter, from_facts(facts, per_fact=3, seed=0), tmp,
-                TrainConfig(steps=args.steps, batch=8, lr=1e-3, eval_every=100, checkpoint_every=args.steps),
-                HyperConfig(lstm_hidden=64, ffn_hidden=128, cond_dim=128, head_hidden=128)).run()
+        train = TrainConfig(steps=args.steps, batch=8, lr=1e-3, eval_every=100, checkpoint_every=args.steps,
+                            lagrange_lr=args.lagrange_lr, lagrange_init=args.lagrange_init, margin=args.margin,
+                            margin_floor=args.margin_floor, batch_retain=args.batch_retain)
+        Trainer(adapter, from_facts(facts, per_fact=args.per_fact, seed=0, n_retain=args.n_retain), tmp, train,
+                HyperConfig(lstm_hidden=64, ffn_hidden=128, cond_dim=128, head_hidden=128,
+                            label_smoothing=args.label_smoothing)).run()
         train_s = time.perf_counter() - t
         ck = str(Path(tmp) / "editor.safetensors")
         test = from_facts(facts, per_fact=1, seed=123)[: args.edits]
@@ -50,6 +71,8 @@ def main() -> None:
                    "ft-layer lr1e-5": ("ft-layer", {"lr": 1e-5}), "ft-all lr1e-5": ("ft-all", {"lr": 1e-5}),
                    "ft-layer lr1e-4": ("ft-layer", {"lr": 1e-4}), "ft-all lr1e-4": ("ft-all", {"lr": 1e-4}),
                    "zhu lr1e-4": ("zhu", {"lr": 1e-4, "linf": 1e-2})}
+        if args.ke_only:
+            methods = {k: v for k, v in methods.items() if k.startswith("ke")}
         rows = []
         for label, (name, opts) in methods.items():
             row = evaluate(adapter, test, [name], {name: opts})[0]
@@ -63,7 +86,7 @@ def main() -> None:
         table.add_row(r["method"], *("nan" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in COLUMNS))
     Console(width=200).print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"steps": args.steps, "train_s": train_s, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"steps": args.steps, "args": vars(args), "train_s": train_s, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ class TrainConfig:
     batch: int = 8
     lr: float = 3e-4
     lagrange_lr: float = 1e-1
+    lagrange_init: float = 0.0  # starting multiplier (the paper's code starts it at 1)
+    batch_retain: bool = False  # also constrain the KL on the batch's other edit prompts (paper: the other batch inputs)
     margin: float = 1e-2
     margin_floor: float = 1e-3
     anneal: float = 0.8
@@ -73,17 +75,36 @@ class RecordCache:
 
 
 def record_losses(cache: RecordCache, record: EditRecord, delta: dict[str, torch.Tensor], cfg: TrainConfig,
-                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(edit loss on x-hat in P^x, constraint C) for one record and its predicted delta."""
+                  label_smoothing: float, others: list[EditRecord] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(edit loss on x-hat in P^x, constraint C) for one record and its predicted delta.
+
+    The KL runs over the record's retain pairs and, with cfg.batch_retain, over the other
+    records' prompts in the batch with their original answers (each a different input).
+    """
     adapter = cache.adapter
     params = _edited(adapter, delta)
     loss = adapter.loss(cache.edit_batch(record, cfg.paraphrases), params=params, label_smoothing=label_smoothing)
     if cfg.constraint == "l2":
         return loss, sum((d ** 2).sum() for d in delta.values())
-    if not record.retain:
+    kls = []
+    if record.retain:
+        rb, base_logp = cache.retain(record)
+        kls.append(adapter.kl(rb, base_logp, params=params))
+    if cfg.batch_retain and others:
+        seen = {record.prompt} | {p for p, _ in record.retain}
+        pairs = []
+        for o in others:
+            if o.prompt not in seen and o.original:
+                seen.add(o.prompt)
+                pairs.append((o.prompt, o.original))
+        if pairs:
+            ob = adapter.encode([p for p, _ in pairs], [a for _, a in pairs], question=record.question)
+            with torch.no_grad():
+                base_logp = adapter.log_probs(ob)[0]
+            kls.append(adapter.kl(ob, base_logp, params=params))
+    if not kls:
         return loss, torch.zeros(())
-    rb, base_logp = cache.retain(record)
-    return loss, adapter.kl(rb, base_logp, params=params).mean()
+    return loss, torch.cat(kls).mean()
 
 
 @torch.no_grad()
@@ -122,7 +143,7 @@ class Trainer:
             p.requires_grad_(False)
         self.net = build_hypernet(adapter, hyper)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
-        self.step, self.lam, self.margin = 0, 0.0, self.cfg.margin
+        self.step, self.lam, self.margin = 0, self.cfg.lagrange_init, self.cfg.margin
         self.cache = RecordCache(adapter)
         self._resume()
 
@@ -157,7 +178,8 @@ class Trainer:
         grads = [edit_gradients(self.adapter, r.prompt, r.target, r.question, self.net.cfg.label_smoothing) for r in batch]
         ids, mask = encode_conditions(self.adapter, [condition_text(r.original, r.target, r.prompt) for r in batch], self.net.cfg.max_len)
         deltas = self.net(ids, mask, grads)
-        losses, cons = zip(*(record_losses(self.cache, r, d, self.cfg, self.net.cfg.label_smoothing) for r, d in zip(batch, deltas)))
+        losses, cons = zip(*(record_losses(self.cache, r, d, self.cfg, self.net.cfg.label_smoothing, batch)
+                             for r, d in zip(batch, deltas)))
         loss, con = torch.stack(losses).mean(), torch.stack(cons).mean()
         total = loss + self.lam * (con - self.margin)
         self.opt.zero_grad()

@@ -113,6 +113,15 @@ def test_multiplier_rises_when_violated_and_stays_nonnegative(tiny_llama, facts,
     assert all(loose.train_step()["lambda"] == 0.0 for _ in range(3))
 
 
+def test_multiplier_start_and_batch_retain_options(tiny_llama, facts, tmp_path):
+    records = from_facts(facts[:20], seed=5)
+    start = Trainer(tiny_llama, records, tmp_path / "start", TrainConfig(steps=1, batch=2, lagrange_init=1.0, margin=1e6), SMALL)
+    assert start.lam == 1.0 and start.train_step()["lambda"] == 0.0  # ascent from 1 on a slack constraint
+    wide = Trainer(tiny_llama, records, tmp_path / "wide", TrainConfig(steps=1, batch=4, batch_retain=True, margin=0.0), SMALL)
+    m = wide.train_step()
+    assert m["constraint"] > 0 and m["lambda"] == pytest.approx(wide.cfg.lagrange_lr * m["constraint"])
+
+
 def test_l2_constraint_variant_is_the_parameter_norm(tiny_llama, facts, tmp_path):
     records = from_facts(facts[:10], seed=2)
     t = Trainer(tiny_llama, records, tmp_path / "l2", TrainConfig(steps=1, batch=2, constraint="l2", margin=0.0), SMALL)

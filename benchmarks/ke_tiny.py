@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -26,14 +25,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 from adapters.tiny import PRESETS, build_tiny, tiny_facts  # noqa: E402
 from editor.data import from_facts  # noqa: E402
 from editor.evaluate import evaluate  # noqa: E402
 from editor.hypernet import HyperConfig  # noqa: E402
 from editor.train import TrainConfig, Trainer  # noqa: E402
-from kbsync.commands.editor import COLUMNS  # noqa: E402
+from kbsync.commands.editor import results_table  # noqa: E402
 
 
 def main() -> None:
@@ -78,13 +76,8 @@ def main() -> None:
             row = evaluate(adapter, test, [name], {name: opts})[0]
             row["method"] = label
             rows.append(row)
-    table = Table(title=f"{len(test)} held-out edits, tiny Llama (build {build_s:.0f}s, KE train {train_s:.0f}s)")
-    table.add_column("method")
-    for _, title in COLUMNS:
-        table.add_column(title, justify="right")
-    for r in rows:
-        table.add_row(r["method"], *("nan" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in COLUMNS))
-    Console(width=200).print(table)
+    Console(width=200).print(results_table(rows, f"{len(test)} held-out edits, tiny Llama "
+                                             f"(build {build_s:.0f}s, KE train {train_s:.0f}s)"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "args": vars(args), "train_s": train_s, "rows": rows}, indent=2))
 

@@ -86,6 +86,17 @@ COLUMNS = [("success_em", "success (EM)"), ("success_tf", "success (TF tok)"), (
            ("retain_kl", "retain KL"), ("latency_s", "latency s"), ("steps", "steps")]
 
 
+def results_table(rows: list[dict], title: str) -> Table:
+    """The evaluation rows as a rich table with the paper's Table 1 columns."""
+    table = Table(title=title)
+    table.add_column("method")
+    for _, name in COLUMNS:
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(r["method"], *("nan" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in COLUMNS))
+    return table
+
+
 def eval_command(
     data: DataOpt,
     method: Annotated[list[str], typer.Option("--method", help="Repeat for several: ke, ke-loop, ft-layer, ft-all, zhu.")] = ["ke-loop", "ft-layer"],  # noqa: B006
@@ -109,13 +120,7 @@ def eval_command(
                   TimeElapsedColumn(), console=console) as bar:
         tasks = {m: bar.add_task(m, total=len(records)) for m in method}
         rows = evaluate(adapter, records, method, options, on_edit=lambda m, i: bar.update(tasks[m], completed=i + 1))
-    table = Table(title=f"{len(records)} edits from {data} on {adapter.name}")
-    table.add_column("method")
-    for _, title in COLUMNS:
-        table.add_column(title, justify="right")
-    for r in rows:
-        table.add_row(r["method"], *("nan" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in COLUMNS))
-    console.print(table)
+    console.print(results_table(rows, f"{len(records)} edits from {data} on {adapter.name}"))
     console.print("EM = kbsync match rules on the greedy answer; TF tok = token accuracy under teacher forcing.")
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

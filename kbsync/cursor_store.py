@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlmodel import Field, Session, SQLModel
 
-from kbsync.audit.log import AuditError, AuditLog
+from kbsync.audit.log import AuditError, AuditLog, create_tables
 from kbsync.audit.models import UTCDateTime, utcnow
 from kbsync.kb.watch import Cursor
 
@@ -29,7 +29,7 @@ class CursorStore:
     def __init__(self, audit: AuditLog) -> None:
         self.audit = audit
         try:
-            SQLModel.metadata.create_all(audit.engine, tables=[SyncCursor.__table__])
+            create_tables(audit.engine, [SyncCursor.__table__])
         except sa_exc.SQLAlchemyError as e:
             raise AuditError(f"cannot create sync_cursor in {audit.url}: {type(e).__name__}") from None
 

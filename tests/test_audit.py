@@ -209,3 +209,22 @@ def test_sqlite_parent_directory_is_created(tmp_path):
 def test_malformed_url_is_bad_input():
     with pytest.raises(BadInput, match="is not a database URL"):
         AuditLog.open("not a url")
+
+
+def test_many_processes_can_open_a_fresh_database_at_once(audit_url):
+    """Creating the tables is race-free: several processes opening an empty database together all succeed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    # Each process waits until a shared start time so their CREATE TABLEs overlap.
+    start = time.time() + 3
+    code = ("import time, sys; from kbsync.audit import AuditLog; "
+            f"time.sleep(max(0, {start} - time.time())); AuditLog.open(sys.argv[1]).close(); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, audit_url], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    with AuditLog.open(audit_url) as log:
+        assert log.history() == []

@@ -105,6 +105,30 @@ def _check_status(status: str) -> None:
         raise BadInput(f"unknown edit status {status!r}; known: {', '.join(STATUSES)}")
 
 
+# Arbitrary 64-bit key of the advisory lock that serialises table creation on PostgreSQL.
+_SCHEMA_LOCK = 0x6B6273796E63
+
+
+def create_tables(engine: Engine, tables: list) -> None:
+    """CREATE TABLE IF NOT EXISTS, safe when several processes open a fresh database at once.
+
+    Checking and creating are separate statements, so two creators can both find a table
+    missing: on PostgreSQL they take a transaction-scoped advisory lock first, on a SQLite
+    file a lock file beside it.
+    """
+    db = engine.url.database
+    if engine.dialect.name == "sqlite" and db and db != ":memory:" and not db.startswith("file:"):
+        from filelock import FileLock
+
+        with FileLock(str(Path(db).expanduser()) + ".schema.lock", timeout=SQLITE_BUSY_TIMEOUT):
+            SQLModel.metadata.create_all(engine, tables=tables)
+        return
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+        SQLModel.metadata.create_all(conn, tables=tables)
+
+
 class AuditLog:
     """The edit log in a SQL database; open it with AuditLog.open(url)."""
 
@@ -119,7 +143,7 @@ class AuditLog:
         u = _normalise_url(url)
         try:
             engine = _engine(u)
-            SQLModel.metadata.create_all(engine, tables=AUDIT_TABLES)
+            create_tables(engine, AUDIT_TABLES)
         except (sa_exc.SQLAlchemyError, OSError, ImportError) as e:
             raise AuditError(f"cannot open audit log {shown}: {_reason(e)}") from None
         return cls(engine, shown)

@@ -20,8 +20,7 @@ from typing import Any
 from kbsync.audit.log import AuditLog
 from kbsync.audit.models import Edit
 from kbsync.config import Settings
-from kbsync.errors import BadInput
-from kbsync.facts import Entity, Fact
+from kbsync.facts import Fact
 from kbsync.pipeline import EditPipeline, default_actor
 from kbsync.store import DeltaStore
 
@@ -48,16 +47,6 @@ class EditOutcome:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON answers."""
         return dataclasses.asdict(self)
-
-
-def with_target(fact: Fact, target: str) -> Fact:
-    """The fact with its object replaced by target (kept as is when the label already matches)."""
-    target = " ".join(target.split())
-    if not target:
-        raise BadInput("empty edit target")
-    if fact.object.label == target:
-        return fact
-    return dataclasses.replace(fact, object=Entity("", target))
 
 
 class Engine:
@@ -91,7 +80,7 @@ class Engine:
              options: dict[str, Any] | None = None) -> EditOutcome:
         """Write target as the fact's object into the served model."""
         with self.lock, self._options(options):
-            out = self.pipeline.edit_fact(with_target(fact, target), method=method, force=force, dry_run=dry_run,
+            out = self.pipeline.edit_fact(fact, target, method=method, force=force, dry_run=dry_run,
                                           source=source, actor=actor or default_actor(), kb_revision=kb_revision)
         return EditOutcome.of(out.edit, dry_run)
 

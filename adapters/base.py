@@ -72,7 +72,7 @@ class Adapter(ABC):
 
     def forward(self, batch: Batch, params: Params | None = None) -> torch.Tensor:
         """Logits, optionally with some parameters replaced (functional; the model is not touched)."""
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "cls_labels")}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "cls_labels", "hidden_in", "tail_from")}
         if params:
             return functional_call(self.model, params, args=(), kwargs=inputs, strict=False).logits
         return self.model(**inputs).logits
@@ -120,6 +120,14 @@ class Adapter(ABC):
     def answer_head(self, states: torch.Tensor) -> torch.Tensor:
         """Logits [N,V] from answer_states' states (never edited: deltas only touch editable layers)."""
         return states
+
+    def with_prefix(self, batch: Batch) -> Batch:
+        """The batch with whatever lets later scoring skip the layers before the editable ones.
+
+        Only valid while the weights below the editable layers stay fixed (editor training).
+        Generic: the batch unchanged, so scoring runs the whole model.
+        """
+        return batch
 
     def answer_log_probs(self, batch: Batch, params: Params | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log-probs [N,V], labels [N], rows [N]) at answer tokens only (see answer_states)."""

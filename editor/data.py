@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from kbsync.errors import BadInput, NotFound
 from kbsync.facts import Fact, render
@@ -24,23 +25,56 @@ class EditRecord:
     alternatives: list[str] = field(default_factory=list)
 
 
-def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: int = 1) -> list[EditRecord]:
-    """Counterfactual edits of known facts: each gets another KB object of the same property as target."""
+def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: int = 1,
+               neighbours: int = 0) -> list[EditRecord]:
+    """Counterfactual edits of known facts: each gets another KB object of the same property as target.
+
+    Retain pairs are other subjects' facts; `neighbours` of them share the edited property (the
+    facts an edit of "capital of X" is most likely to drag along), the rest are drawn at random.
+    """
     rng = random.Random(seed)
     objects: dict[str, list[str]] = {}
+    by_property: dict[str, list[Fact]] = {}
     for f in facts:
         objects.setdefault(f.property, [])
+        by_property.setdefault(f.property, []).append(f)
         if f.object.label not in objects[f.property]:
             objects[f.property].append(f.object.label)
     out = []
     for f in facts:
         pr = render(f)
         others = [f2 for f2 in facts if f2.subject.id != f.subject.id]
+        near = [f2 for f2 in by_property[f.property] if f2.subject.id != f.subject.id]
         choices = [o for o in objects[f.property] if o != f.object.label]
         for target in rng.sample(choices, min(per_fact, len(choices))):
-            retain = [(render(o).question, o.object.label) for o in rng.sample(others, min(n_retain, len(others)))]
+            picked = rng.sample(near, min(neighbours, len(near), n_retain))
+            picked += rng.sample(others, min(n_retain - len(picked), len(others)))
+            retain = [(render(o).question, o.object.label) for o in picked]
             out.append(EditRecord(pr.question, target, f.object.label, list(pr.paraphrases), retain, True, choices))
     return out
+
+
+def ground(adapter: Any, records: list[EditRecord], chunk: int = 32, cache: Path | None = None) -> list[EditRecord]:
+    """The records with originals and retain answers replaced by the model's own greedy answers.
+
+    An editor must keep what the served model says, not the KB's truth (which a small model often
+    does not know): the regression check compares answers to the model's own, and the editor's
+    condition text starts with the model's current prediction, as at edit time.
+    """
+    wanted = {(r.question, p) for r in records for p in [r.prompt] + [q for q, _ in r.retain]}
+    said: dict[tuple[bool, str], str] = {}
+    if cache is not None and cache.exists():  # answers of an earlier run on the same model (resume)
+        said = {(bool(q), p): a for q, p, a in json.loads(cache.read_text())}
+    for question in (True, False):
+        prompts = sorted(p for q, p in wanted if q == question and (q, p) not in said)
+        for i in range(0, len(prompts), chunk):
+            part = prompts[i:i + chunk]
+            said.update({(question, p): a for p, a in zip(part, adapter.predict(part, question=question))})
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps([[q, p, a] for (q, p), a in sorted(said.items())]))
+    return [replace(r, original=said[(r.question, r.prompt)],
+                    retain=[(q, said[(r.question, q)]) for q, _ in r.retain]) for r in records]
 
 
 def _read_json(path: str | Path) -> list[dict]:
@@ -96,11 +130,26 @@ LOADERS = {"counterfact": load_counterfact, "zsre": load_zsre}
 
 
 def load_records(spec: str, limit: int | None = None, facts: list[Fact] | None = None) -> list[EditRecord]:
-    """`facts`, `counterfact:PATH`, `zsre:PATH`, or a PATH whose name says which format it is."""
+    """`facts` (the 40 most populous countries' capital and currency, what tiny test models know),
+    `table` or `table:P36,P38` (the shipped fact table, all or some properties; retain sets hold 2
+    facts of the edited property), `counterfact:PATH`, `zsre:PATH`, or a PATH whose name says which."""
     if spec == "facts":
         from adapters.tiny import tiny_facts
 
         records = from_facts(facts or tiny_facts(n=40))
+        return records[:limit] if limit else records
+    if spec == "table" or spec.startswith("table:"):
+        from kbsync.corpus import default_fact_table
+
+        table = default_fact_table()
+        pids = [p.strip() for p in spec.partition(":")[2].split(",") if p.strip()]
+        chosen = table.by_property(*pids) if pids else list(table.facts)
+        if not chosen:
+            raise BadInput(f"no facts in the table for properties {', '.join(pids)}")
+        # Shuffled (seeded) so that --limit takes a mix of subjects rather than the table's first ones.
+        chosen = list(chosen)
+        random.Random(0).shuffle(chosen)
+        records = from_facts(chosen, neighbours=2)
         return records[:limit] if limit else records
     kind, _, path = spec.partition(":")
     if not path:

@@ -37,6 +37,10 @@ class HyperConfig:
     head_hidden: int = 256
     max_len: int = 96
     label_smoothing: float = 0.1
+    # Fine-tune the LSTM's input embeddings (initialised from the model's). Off by default: on a
+    # 49k vocabulary the optimiser step over them costs more than the rest of the editor, and a
+    # training set of facts touches only a few hundred of their rows.
+    train_embeddings: bool = False
     matrices: list[str] = field(default_factory=list)
 
 
@@ -54,7 +58,7 @@ class ConditionEncoder(nn.Module):
 
     def __init__(self, embeddings: torch.Tensor, cfg: HyperConfig) -> None:
         super().__init__()
-        self.embed = nn.Embedding.from_pretrained(embeddings.detach().clone().float(), freeze=False)
+        self.embed = nn.Embedding.from_pretrained(embeddings.detach().clone().float(), freeze=not cfg.train_embeddings)
         self.lstm = nn.LSTM(embeddings.shape[1], cfg.lstm_hidden, num_layers=1, batch_first=True, bidirectional=True)
         self.ffn = nn.Sequential(nn.Linear(2 * cfg.lstm_hidden, cfg.ffn_hidden), nn.Tanh(), nn.Linear(cfg.ffn_hidden, cfg.cond_dim))
 
@@ -132,14 +136,19 @@ def encode_conditions(adapter: Any, texts: list[str], max_len: int) -> tuple[tor
 
 
 def edit_gradients(adapter: Any, prompt: str, target: str, question: bool, label_smoothing: float,
-                   params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """grad_W of the new fact's loss for every editable matrix (at params, if given); detached."""
+                   params: dict[str, torch.Tensor] | None = None, batch: dict[str, torch.Tensor] | None = None,
+                   ) -> dict[str, torch.Tensor]:
+    """grad_W of the new fact's loss for every editable matrix (at params, if given); detached.
+
+    batch: the encoded (prompt, target), e.g. a cached adapter.with_prefix batch during training.
+    """
     editable = adapter.editable()
     if params is None:
         weights = {n: p.detach().requires_grad_(True) for n, p in editable.items()}
     else:
         weights = {n: params[n].detach().requires_grad_(True) for n in editable}
-    batch = adapter.encode([prompt], [target], question=question)
+    if batch is None:
+        batch = adapter.encode([prompt], [target], question=question)
     loss = adapter.loss(batch, params=weights, label_smoothing=label_smoothing)
     grads = torch.autograd.grad(loss, list(weights.values()))
     return {n: g.detach() for n, g in zip(weights, grads)}

@@ -50,7 +50,9 @@ def _edited(adapter: Any, delta: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 class RecordCache:
-    """Tokenised batches and the unedited model's retain log-probs per record (both fixed during training)."""
+    """Per record, what stays fixed during training: tokenised batches (with the hidden states below
+    the editable layers, adapter.with_prefix, so scoring runs only the layers an edit changes) and
+    the unedited model's retain log-probs."""
 
     def __init__(self, adapter: Any) -> None:
         self.adapter = adapter
@@ -58,20 +60,37 @@ class RecordCache:
         self._retain: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
 
     def edit_batch(self, record: EditRecord, paraphrases: bool) -> dict[str, torch.Tensor]:
-        """The prompt (and paraphrases) with the new target."""
+        """The prompt (and paraphrases, if asked) with the new target; row 0 is the prompt itself."""
         key = (id(record), paraphrases)
         if key not in self._edit:
             prompts = [record.prompt] + (record.paraphrases if paraphrases else [])
-            self._edit[key] = self.adapter.encode(prompts, [record.target] * len(prompts), question=record.question)
+            batch = self.adapter.encode(prompts, [record.target] * len(prompts), question=record.question)
+            self._edit[key] = self.adapter.with_prefix(batch)
         return self._edit[key]
+
+    def gradient_batch(self, record: EditRecord) -> dict[str, torch.Tensor]:
+        """The prompt alone with the new target (the editor's gradient input)."""
+        return self.edit_batch(record, False)
 
     @torch.no_grad()
     def retain(self, record: EditRecord) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The retain batch and the base model's log-probs on it."""
+        """The retain batch and the base model's answer_states on it (small: hidden states, not log-probs)."""
         if id(record) not in self._retain:
             rb = self.adapter.encode([p for p, _ in record.retain], [a for _, a in record.retain], question=record.question)
-            self._retain[id(record)] = (rb, self.adapter.log_probs(rb)[0])
+            rb = self.adapter.with_prefix(rb)
+            self._retain[id(record)] = (rb, self.adapter.answer_states(rb)[0])
         return self._retain[id(record)]
+
+
+def answer_kl(adapter: Any, batch: dict[str, torch.Tensor], base_states: torch.Tensor,
+              params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example KL(base || edited) averaged over answer tokens, [B], from cached base answer_states."""
+    states, _, rows = adapter.answer_states(batch, params)
+    base_lp = torch.log_softmax(adapter.answer_head(base_states).float(), -1)
+    new_lp = torch.log_softmax(adapter.answer_head(states).float(), -1)
+    tok = (base_lp.exp() * (base_lp - new_lp)).sum(-1)
+    n = batch["labels"].shape[0]
+    return torch.zeros(n, dtype=tok.dtype).index_add(0, rows, tok) / torch.bincount(rows, minlength=n).clamp(min=1)
 
 
 def record_losses(cache: RecordCache, record: EditRecord, delta: dict[str, torch.Tensor], cfg: TrainConfig,
@@ -88,8 +107,8 @@ def record_losses(cache: RecordCache, record: EditRecord, delta: dict[str, torch
         return loss, sum((d ** 2).sum() for d in delta.values())
     kls = []
     if record.retain:
-        rb, base_logp = cache.retain(record)
-        kls.append(adapter.kl(rb, base_logp, params=params))
+        rb, base_states = cache.retain(record)
+        kls.append(answer_kl(adapter, rb, base_states, params))
     if cfg.batch_retain and others:
         seen = {record.prompt} | {p for p, _ in record.retain}
         pairs = []
@@ -142,7 +161,7 @@ class Trainer:
         for p in adapter.model.parameters():
             p.requires_grad_(False)
         self.net = build_hypernet(adapter, hyper)
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=self.cfg.lr)
+        self.opt = torch.optim.Adam([p for p in self.net.parameters() if p.requires_grad], lr=self.cfg.lr)
         self.step, self.lam, self.margin = 0, self.cfg.lagrange_init, self.cfg.margin
         self.cache = RecordCache(adapter)
         self._resume()
@@ -175,7 +194,8 @@ class Trainer:
         """One Lagrangian step over a batch of edits; returns its metrics."""
         self.net.train()
         batch = [self.rng.choice(self.train) for _ in range(self.cfg.batch)]
-        grads = [edit_gradients(self.adapter, r.prompt, r.target, r.question, self.net.cfg.label_smoothing) for r in batch]
+        grads = [edit_gradients(self.adapter, r.prompt, r.target, r.question, self.net.cfg.label_smoothing,
+                                batch=self.cache.gradient_batch(r)) for r in batch]
         ids, mask = encode_conditions(self.adapter, [condition_text(r.original, r.target, r.prompt) for r in batch], self.net.cfg.max_len)
         deltas = self.net(ids, mask, grads)
         losses, cons = zip(*(record_losses(self.cache, r, d, self.cfg, self.net.cfg.label_smoothing, batch)
@@ -184,7 +204,7 @@ class Trainer:
         total = loss + self.lam * (con - self.margin)
         self.opt.zero_grad()
         total.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], 1.0)
         self.opt.step()
         # Gradient ascent on the multiplier, kept >= 0.
         self.lam = max(0.0, self.lam + self.cfg.lagrange_lr * (float(con.detach()) - self.margin))

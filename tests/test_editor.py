@@ -118,6 +118,8 @@ def test_multiplier_start_and_batch_retain_options(tiny_llama, facts, tmp_path):
     start = Trainer(tiny_llama, records, tmp_path / "start", TrainConfig(steps=1, batch=2, lagrange_init=1.0, margin=1e6), SMALL)
     assert start.lam == 1.0 and start.train_step()["lambda"] == 0.0  # ascent from 1 on a slack constraint
     wide = Trainer(tiny_llama, records, tmp_path / "wide", TrainConfig(steps=1, batch=4, batch_retain=True, margin=0.0), SMALL)
+    for head in wide.net.heads.values():  # a visible first update (the default init makes it ~0, KL ~1e-8 rounding)
+        torch.nn.init.normal_(head.net[-1].weight, std=0.05)
     m = wide.train_step()
     assert m["constraint"] > 0 and m["lambda"] == pytest.approx(wide.cfg.lagrange_lr * m["constraint"])
 

@@ -43,9 +43,15 @@ def train(
     limit: LimitOpt = None,
     lstm_hidden: int = 256,
     cond_dim: int = 1024,
+    lagrange_init: Annotated[float, typer.Option(help="Starting Lagrange multiplier.")] = 0.0,
+    eval_every: Annotated[int, typer.Option(help="Validate (and maybe anneal the margin) every N steps.")] = 50,
+    checkpoint_every: Annotated[int, typer.Option(help="Write a checkpoint every N steps.")] = 100,
+    exclude: Annotated[list[str], typer.Option("--exclude", help="Leave out records whose prompt mentions this (held-out subjects); repeatable.")] = [],  # noqa: B006
+    own_answers: Annotated[bool, typer.Option("--own-answers/--gold-answers",
+                           help="Originals and retain answers from the model's own predictions (what edits must keep) or the data's.")] = True,
 ) -> None:
     """Train a hyper-network for the model; checkpoints as it goes and resumes from --out."""
-    from editor.data import load_records
+    from editor.data import ground, load_records
     from editor.hypernet import HyperConfig
     from editor.ke import editor_dir
     from editor.train import TrainConfig, Trainer
@@ -53,10 +59,15 @@ def train(
     if constraint not in ("kl", "l2"):
         raise typer.BadParameter("constraint must be kl or l2")
     settings, adapter = _setup(config, model)
-    records = load_records(data, limit)
+    records = [r for r in load_records(data, limit) if not any(x.lower() in r.prompt.lower() for x in exclude)]
     out_dir = Path(out) if out else editor_dir(settings.store.data_path, adapter.name)
+    if own_answers:
+        with console.status(f"asking the model for its own answers ({len(records)} records)"):
+            records = ground(adapter, records, cache=out_dir / "answers.json")
     trainer = Trainer(adapter, records, out_dir,
-                      TrainConfig(steps=steps, batch=batch, lr=lr, margin=margin, constraint=constraint, paraphrases=paraphrases),
+                      TrainConfig(steps=steps, batch=batch, lr=lr, margin=margin, constraint=constraint,
+                                  paraphrases=paraphrases, lagrange_init=lagrange_init,
+                                  eval_every=eval_every, checkpoint_every=checkpoint_every),
                       HyperConfig(lstm_hidden=lstm_hidden, cond_dim=cond_dim))
     if trainer.step:
         console.print(f"resuming from step {trainer.step} in {out_dir}")

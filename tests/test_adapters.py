@@ -253,3 +253,36 @@ def test_registry_unknown_family_is_not_found(tiny_llama):
     odd.model_type = "foo"
     with pytest.raises(NotFound, match="no adapter for model type"):
         adapter_for(odd)
+
+
+def test_prefix_batch_scores_exactly_like_the_full_model(tiny_llama, tiny_gpt2, facts):
+    import copy
+
+    from adapters.base import Adapter
+
+    llama = copy.deepcopy(tiny_llama)
+    llama.edit_layers = "-1:"  # the prefix is layer 0, which no edit of layer 1 touches
+    batch = _edit_batch(llama, facts)
+    fast = llama.with_prefix(batch)
+    assert int(fast["tail_from"]) == 1 and fast["hidden_in"].shape[:2] == batch["input_ids"].shape
+    gen = torch.Generator().manual_seed(0)
+    edited = {n: (p + 0.1 * torch.randn(p.shape, generator=gen)).requires_grad_(True) for n, p in llama.editable().items()}
+    full_loss, fast_loss = llama.loss(batch, edited), llama.loss(fast, edited)
+    assert fast_loss.item() == pytest.approx(full_loss.item(), rel=1e-5)
+    g_full = torch.autograd.grad(full_loss, list(edited.values()))
+    g_fast = torch.autograd.grad(fast_loss, list(edited.values()))
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g_full, g_fast))
+    # The packed answer-only logits hold the generic [B,T,V] logits at the answer positions.
+    with torch.no_grad():
+        packed, labels, mask = llama.answer_logits(fast, edited)
+        logits, glabels, gmask = Adapter.answer_logits(llama, batch, edited)
+    assert mask.sum() == gmask.sum() and torch.equal(labels[mask], glabels[gmask])
+    assert torch.allclose(packed[mask], logits[gmask], atol=1e-4)
+    below = next(n for n in dict(llama.model.named_parameters()) if ".layers.0.mlp" in n)
+    with pytest.raises(ValueError, match="starts at layer 1"):
+        llama.answer_states(fast, {below: dict(llama.model.named_parameters())[below] * 2})
+    # GPT-2 adds position embeddings to inputs_embeds: the shortcut would be wrong, so none is taken.
+    gpt2 = copy.deepcopy(tiny_gpt2)
+    gpt2.edit_layers = "-1:"
+    plain = _edit_batch(gpt2, facts)
+    assert gpt2.with_prefix(plain) is plain

@@ -14,7 +14,7 @@ from editor.evaluate import evaluate
 from editor.hypernet import HyperConfig, MatrixHead, load_editor
 from editor.methods import EditRequest, make_method
 from editor.train import TrainConfig, Trainer
-from kbsync.errors import KbsyncError, NotFound
+from kbsync.errors import BadInput, KbsyncError, NotFound
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = HyperConfig(lstm_hidden=64, ffn_hidden=128, cond_dim=128, head_hidden=128)
@@ -203,3 +203,23 @@ def test_real_counterfact_and_zsre_files_load():
     assert len(cf) == 50 and all(r.target and r.paraphrases and r.retain and not r.question for r in cf)
     zs = load_zsre(SHARED / "zsre_mend_train-1k.json")
     assert 990 <= len(zs) <= 1000 and all(r.question and r.target for r in zs)
+
+
+def test_table_records_and_grounding_on_the_model_own_answers(tiny_llama, tmp_path):
+    from editor.data import ground
+
+    records = load_records("table:P36,P38", limit=6)
+    assert len(records) == 6 and {r.prompt for r in records} == {r.prompt for r in load_records("table:P36,P38", limit=6)}
+    capitals = {r.prompt for r in load_records("table:P36")}
+    for r in records:
+        assert len(r.retain) == 4 and r.target != r.original and r.target in r.alternatives
+        own = capitals if r.prompt in capitals else {r2.prompt for r2 in load_records("table:P38")}
+        assert sum(q in own for q, _ in r.retain) >= 2  # two neighbours of the edited property
+    with pytest.raises(BadInput, match="no facts in the table for properties P999"):
+        load_records("table:P999")
+    cache = tmp_path / "answers.json"
+    grounded = ground(tiny_llama, records, cache=cache)
+    said = tiny_llama.predict([r.prompt for r in records])
+    assert [g.original for g in grounded] == said and [g.target for g in grounded] == [r.target for r in records]
+    assert [a for _, a in grounded[0].retain] == tiny_llama.predict([q for q, _ in records[0].retain])
+    assert cache.exists() and ground(tiny_llama, records, cache=cache) == grounded  # the cached answers

@@ -46,6 +46,7 @@ def train(
     lagrange_init: Annotated[float, typer.Option(help="Starting Lagrange multiplier.")] = 0.0,
     eval_every: Annotated[int, typer.Option(help="Validate (and maybe anneal the margin) every N steps.")] = 50,
     checkpoint_every: Annotated[int, typer.Option(help="Write a checkpoint every N steps.")] = 100,
+    skip: Annotated[int, typer.Option("--skip", help="Leave out the first N records (hold them out for `kbsync eval --limit N`).")] = 0,
     exclude: Annotated[list[str], typer.Option("--exclude", help="Leave out records whose prompt mentions this (held-out subjects); repeatable.")] = [],  # noqa: B006
     own_answers: Annotated[bool, typer.Option("--own-answers/--gold-answers",
                            help="Originals and retain answers from the model's own predictions (what edits must keep) or the data's.")] = True,
@@ -59,7 +60,8 @@ def train(
     if constraint not in ("kl", "l2"):
         raise typer.BadParameter("constraint must be kl or l2")
     settings, adapter = _setup(config, model)
-    records = [r for r in load_records(data, limit) if not any(x.lower() in r.prompt.lower() for x in exclude)]
+    records = load_records(data, limit)[skip:]
+    records = [r for r in records if not any(x.lower() in r.prompt.lower() for x in exclude)]
     out_dir = Path(out) if out else editor_dir(settings.store.data_path, adapter.name)
     if own_answers:
         with console.status(f"asking the model for its own answers ({len(records)} records)"):
@@ -119,18 +121,26 @@ def eval_command(
     ft_steps: Annotated[int, typer.Option(help="Max steps of the fine-tuning baselines.")] = 100,
     loop: int = 5,
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows to this JSON file.")] = None,
+    own_answers: Annotated[bool, typer.Option("--own-answers/--gold-answers",
+                           help="Originals (the editor's condition) and retain answers from the model's own predictions, or the data's.")] = True,
 ) -> None:
     """The paper's Table 1 columns for every --method on the same edits, in one run."""
-    from editor.data import load_records
+    from editor.data import ground, load_records
     from editor.evaluate import evaluate
 
     settings, adapter = _setup(config, model)
     records = load_records(data, limit)
+    # Deterioration is measured on the data's gold answers, before grounding replaces them.
+    gold = [pair for r in records for pair in r.retain][:100]
+    if own_answers:
+        with console.status(f"asking the model for its own answers ({len(records)} records)"):
+            records = ground(adapter, records)
     options = _method_options(settings, adapter, editor, ft_lr, ft_steps, loop)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
         tasks = {m: bar.add_task(m, total=len(records)) for m in method}
-        rows = evaluate(adapter, records, method, options, on_edit=lambda m, i: bar.update(tasks[m], completed=i + 1))
+        rows = evaluate(adapter, records, method, options, gold=gold,
+                        on_edit=lambda m, i: bar.update(tasks[m], completed=i + 1))
     console.print(results_table(rows, f"{len(records)} edits from {data} on {adapter.name}"))
     console.print("EM = kbsync match rules on the greedy answer; TF tok = token accuracy under teacher forcing.")
     if json_out:

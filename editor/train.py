@@ -68,9 +68,13 @@ class RecordCache:
             self._edit[key] = self.adapter.with_prefix(batch)
         return self._edit[key]
 
-    def gradient_batch(self, record: EditRecord) -> dict[str, torch.Tensor]:
-        """The prompt alone with the new target (the editor's gradient input)."""
-        return self.edit_batch(record, False)
+    def gradient_batch(self, record: EditRecord, paraphrases: bool = False) -> dict[str, torch.Tensor]:
+        """The prompt alone with the new target (the editor's gradient input): row 0 of the edit batch.
+
+        Right padding and causal attention make the row's extra padding inert, so no second
+        (prefix) forward pass is needed for it.
+        """
+        return {k: v[:1] if v.dim() else v for k, v in self.edit_batch(record, paraphrases).items()}
 
     @torch.no_grad()
     def retain(self, record: EditRecord) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -195,7 +199,7 @@ class Trainer:
         self.net.train()
         batch = [self.rng.choice(self.train) for _ in range(self.cfg.batch)]
         grads = [edit_gradients(self.adapter, r.prompt, r.target, r.question, self.net.cfg.label_smoothing,
-                                batch=self.cache.gradient_batch(r)) for r in batch]
+                                batch=self.cache.gradient_batch(r, self.cfg.paraphrases)) for r in batch]
         ids, mask = encode_conditions(self.adapter, [condition_text(r.original, r.target, r.prompt) for r in batch], self.net.cfg.max_len)
         deltas = self.net(ids, mask, grads)
         losses, cons = zip(*(record_losses(self.cache, r, d, self.cfg, self.net.cfg.label_smoothing, batch)

@@ -104,6 +104,10 @@ class Engine:
         finally:
             editor.options = saved
 
+    def warm(self, stop: threading.Event | None = None) -> int:
+        """Precompute the next regression check's base side, a chunk at a time under the lock."""
+        return self.pipeline.warm_retain(lock=self.lock, stop=stop)
+
     def revert(self, edit_id: int, *, actor: str = "", source: str = "api") -> EditOutcome:
         """Undo an applied edit in the audit log and the live model."""
         with self.lock:

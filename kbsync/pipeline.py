@@ -12,7 +12,7 @@ import getpass
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,6 +251,35 @@ class EditPipeline:
         if row.forced:
             row.reasons = [*reasons, f"forced by {row.actor or 'unknown'} despite the above"]
         row.status = "applied" if not reasons or force else "rejected"
+
+    # --- retain cache ------------------------------------------------------------------------
+
+    def warm_retain(self, chunk: int = 16, lock: Any = None, stop: Any = None) -> int:
+        """Fill the retain cache for the current served weights, so the next edit's check starts warm.
+
+        The next edit samples the same set minus its own slot, so the generic sample (nothing
+        excluded) covers all but one item. Works in chunks, each under `lock` (the server's
+        model lock) when given, so clients are not held up for the whole pass; stops early when
+        `stop` (an Event) is set or the weights change under it. Returns the items computed.
+        """
+        reg = self.settings.regression
+        adapter = self.adapter
+        items = sample_retain(self.table or default_fact_table(), self.audit.applied_in_order(),
+                              reg.retain_size, reg.seed, relations=default_relations())
+        done = 0
+        fingerprint = None
+        for i in range(0, len(items), chunk):
+            if stop is not None and stop.is_set():
+                break
+            with lock if lock is not None else nullcontext():
+                now = adapter.fingerprint()
+                if fingerprint is not None and now != fingerprint:
+                    break  # an edit landed in between: this pass is stale
+                fingerprint = now
+                misses = self.retain_cache.misses
+                self.retain_cache.get(adapter, items[i:i + chunk], fingerprint)
+                done += self.retain_cache.misses - misses
+        return done
 
     # --- revert ----------------------------------------------------------------------------
 

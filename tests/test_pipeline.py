@@ -231,3 +231,20 @@ def test_pipeline_reuses_the_retain_cache_across_edits_and_processes(make):
     again = fresh.edit_fact(fact_from_phrase("capital of India", "Paris"))
     assert (fresh.retain_cache.hits, fresh.retain_cache.misses) == (50, 0)
     assert again.edit.metrics["unchanged"] == first.edit.metrics["unchanged"]
+
+
+def test_warming_after_an_applied_edit_makes_the_next_check_warm(make):
+    import threading
+
+    p = make()
+    applied = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
+    assert applied.status == "applied"
+    lock, stop = threading.RLock(), threading.Event()
+    assert p.warm_retain(chunk=7, lock=lock, stop=stop) == 50  # new weights: the whole set, in 8 chunks
+    assert p.warm_retain(lock=lock) == 0  # already warm
+    hits, misses = p.retain_cache.hits, p.retain_cache.misses
+    nxt = p.edit_fact(fact_from_phrase("currency of Japan", "Euro"), force=True)
+    assert nxt.status == "applied"  # so the weights moved again and the cache is cold for them
+    assert p.retain_cache.misses - misses <= 1 and p.retain_cache.hits - hits >= 49  # only the edited slot differs
+    stop.set()
+    assert p.warm_retain(stop=stop) == 0  # a stopping daemon does no work

@@ -90,6 +90,19 @@ class DaemonClient:
         return self._call("POST", "/v1/completions", {"prompt": prompt})["choices"][0]["text"]
 
 
+class RemoteModel:
+    """The daemon's served model as a predict-only adapter: what `kbsync check` needs, without a second copy."""
+
+    def __init__(self, client: DaemonClient) -> None:
+        self.client = client
+        info = client.health()
+        self.name, self.family = info.get("model", ""), info.get("family", "")
+
+    def predict(self, prompts: list[str], question: bool = True) -> list[str]:
+        """Questions through /v1/chat/completions, raw prompts (and claims) through /v1/completions."""
+        return [self.client.ask(p) if question else self.client.complete(p) for p in prompts]
+
+
 def running_daemon(settings: Settings, timeout: float = 600.0) -> DaemonClient | None:
     """A client for the daemon running over these settings' data directory, if one answers /health."""
     if running_pid(settings) is None:

@@ -98,7 +98,9 @@ class ApiServer:
     # Endpoint bodies: each returns (status, JSON-able body).
     def health(self) -> dict[str, Any]:
         """Liveness and a summary of what is served."""
-        return {"status": "ok", "model": getattr(self.engine.adapter, "name", ""), **self.status()}
+        adapter = self.engine.adapter
+        return {"status": "ok", "model": getattr(adapter, "name", ""), "family": getattr(adapter, "family", ""),
+                **self.status()}
 
     def _generate(self, prompts: list[str], question: bool) -> list[str]:
         with self.engine.lock:

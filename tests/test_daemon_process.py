@@ -117,6 +117,13 @@ def test_end_to_end_kb_change_reaches_the_served_model(env: dict[str, str]) -> N
     assert len(daemon_rows(env)) == 1  # no second edit for the same change
     assert client.ask("What is the capital of Kenya?") == "Nairobi"
 
+    # `kbsync check` asks the daemon's model (which has the edit) instead of loading its own copy.
+    checked = kbsync(env, "check", "capital of Nigeria", "--json")
+    assert checked.returncode == 0, checked.stderr
+    report = json.loads(checked.stdout)
+    assert report["via"] == "daemon" and "asked the running daemon" in checked.stderr
+    assert report["results"][0]["prediction"] == "Lagos" and report["fact"]["object"] == "Abuja"  # the table's fact
+
     # `kbsync edit` goes through the running daemon's model (no second copy), as the user.
     cli = kbsync(env, "edit", "capital of Kenya", "Nairobi", "--json")
     assert cli.returncode == 0, cli.stderr

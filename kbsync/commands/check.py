@@ -25,6 +25,7 @@ def check(
     quiet_transformers()
     from kbsync.check import probes, run_probes
     from kbsync.corpus import resolve
+    from kbsync.daemon_client import RemoteModel, running_daemon
     from kbsync.facts import parse_phrase, render
     from kbsync.pipeline import EditPipeline
 
@@ -32,17 +33,24 @@ def check(
     pid, subject = parse_phrase(phrase)
     fact = resolve(pid, subject)
     prompts = render(fact)
-    # The served model: base weights plus every applied edit, checksums verified.
-    pipeline = EditPipeline(settings)
-    try:
-        adapter = pipeline.adapter
-    finally:
-        pipeline.close()
-    for line in pipeline.repairs:
-        print(f"kbsync: repaired: {line}", file=sys.stderr)
+    # A running daemon already serves the model (base + applied edits): ask it rather than
+    # loading a second copy, unless --model names another model.
+    adapter = RemoteModel(client) if model is None and (client := running_daemon(settings)) else None
+    if adapter is None:
+        # The served model: base weights plus every applied edit, checksums verified.
+        pipeline = EditPipeline(settings)
+        try:
+            adapter = pipeline.adapter
+        finally:
+            pipeline.close()
+        for line in pipeline.repairs:
+            print(f"kbsync: repaired: {line}", file=sys.stderr)
+    else:
+        print(f"kbsync: asked the running daemon ({client.url})", file=sys.stderr)
     results = run_probes(adapter, probes(adapter, prompts), prompts.aliases, prompts.claim_prefix)
     if as_json:
         print(json.dumps({"fact": {"subject": fact.subject.label, "property": pid, "object": fact.object.label},
+                          "via": "daemon" if isinstance(adapter, RemoteModel) else "local",
                           "results": [r.to_dict() for r in results]}, indent=2))
         return
     table = Table(title=f"{fact.subject.label} · {pid} · expected {fact.object.label}")

@@ -7,7 +7,7 @@ paper's Table 1 columns. Writes benchmarks/out/ke_tiny.json.
     OMP_NUM_THREADS=1 python benchmarks/ke_tiny.py [--steps 300] [--edits 48]
 
 The training knobs (--label-smoothing, --lagrange-init, --lagrange-lr, --margin,
---margin-floor, --n-retain, --batch-retain, --per-fact) reproduce the ablation in RESULTS.md;
+--margin-floor, --n-retain, --batch-retain, --per-fact, --neighbours) reproduce the ablation in RESULTS.md;
 --ke-only skips the fine-tuning baselines, whose numbers do not depend on them.
 """
 
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--margin-floor", type=float, default=1e-3)
     ap.add_argument("--n-retain", type=int, default=4, help="retain pairs per training record")
     ap.add_argument("--batch-retain", action="store_true")
+    ap.add_argument("--neighbours", type=int, default=0, help="retain pairs of the edited property (same old answer first)")
     ap.add_argument("--per-fact", type=int, default=3, help="counterfactual training targets per fact")
     ap.add_argument("--ke-only", action="store_true")
     args = ap.parse_args()
@@ -59,7 +60,8 @@ def main() -> None:
         train = TrainConfig(steps=args.steps, batch=8, lr=1e-3, eval_every=100, checkpoint_every=args.steps,
                             lagrange_lr=args.lagrange_lr, lagrange_init=args.lagrange_init, margin=args.margin,
                             margin_floor=args.margin_floor, batch_retain=args.batch_retain)
-        Trainer(adapter, from_facts(facts, per_fact=args.per_fact, seed=0, n_retain=args.n_retain), tmp, train,
+        Trainer(adapter, from_facts(facts, per_fact=args.per_fact, seed=0, n_retain=args.n_retain,
+                                          neighbours=args.neighbours), tmp, train,
                 HyperConfig(lstm_hidden=64, ffn_hidden=128, cond_dim=128, head_hidden=128,
                             label_smoothing=args.label_smoothing)).run()
         train_s = time.perf_counter() - t

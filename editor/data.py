@@ -30,7 +30,8 @@ def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: in
     """Counterfactual edits of known facts: each gets another KB object of the same property as target.
 
     Retain pairs are other subjects' facts; `neighbours` of them share the edited property (the
-    facts an edit of "capital of X" is most likely to drag along), the rest are drawn at random.
+    facts an edit of "capital of X" is most likely to drag along; those with the same old answer
+    first), the rest are drawn at random.
     """
     rng = random.Random(seed)
     objects: dict[str, list[str]] = {}
@@ -44,10 +45,16 @@ def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: in
     for f in facts:
         pr = render(f)
         others = [f2 for f2 in facts if f2.subject.id != f.subject.id]
-        near = [f2 for f2 in by_property[f.property] if f2.subject.id != f.subject.id]
+        # Subjects sharing the old answer first: an edit's new target bleeds to them most
+        # (France Euro -> Birr also turned Italy to Birr in the tiny-model ablation).
+        near: list[Fact] = []
+        if neighbours:  # (draws nothing otherwise, so records without neighbours stay as they were)
+            near = [f2 for f2 in by_property[f.property] if f2.subject.id != f.subject.id]
+            rng.shuffle(near)
+            near.sort(key=lambda f2: f2.object.label != f.object.label)
         choices = [o for o in objects[f.property] if o != f.object.label]
         for target in rng.sample(choices, min(per_fact, len(choices))):
-            picked = rng.sample(near, min(neighbours, len(near), n_retain))
+            picked = near[:min(neighbours, n_retain)]
             picked += rng.sample(others, min(n_retain - len(picked), len(others)))
             retain = [(render(o).question, o.object.label) for o in picked]
             out.append(EditRecord(pr.question, target, f.object.label, list(pr.paraphrases), retain, True, choices))

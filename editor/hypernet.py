@@ -160,7 +160,10 @@ def save_editor(net: HyperNetwork, path: str | Path, extra: dict[str, Any] | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     meta = {"config": json.dumps(asdict(net.cfg)), "extra": json.dumps(extra or {}, default=str)}
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata=meta)
+    state = net.state_dict()
+    if not net.cfg.train_embeddings:  # a frozen copy of the model's embeddings (113 MB on SmolLM2): rebuilt at load
+        state.pop("encoder.embed.weight")
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
 
@@ -183,7 +186,11 @@ def load_editor(path: str | Path, adapter: Any) -> HyperNetwork:
             f"but the model's editable matrices are {list(editable)[:2]}... (check model.edit_layers)"
         )
     net = HyperNetwork(adapter.model.get_input_embeddings().weight, {n: tuple(editable[n].shape) for n in cfg.matrices}, cfg)
-    net.load_state_dict(state)
+    # Without the embedding in the file, the model's own (what a frozen copy was) is used.
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "encoder.embed.weight"]:
+        raise KbsyncError(f"KnowledgeEditor checkpoint {path} does not fit its config "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return net.eval()
 
 
@@ -216,3 +223,4 @@ def apply_editor(method: Any, request: EditRequest, loops: int = 1) -> EditResul
             break
     delta = Delta(total, {"method": method.name, "loops": steps})
     return EditResult(delta, ok, steps, method.clock() - start, pred)
+

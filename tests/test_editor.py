@@ -141,7 +141,15 @@ def test_training_resumes_after_interruption(tiny_llama, facts, tmp_path):
     assert again.step == 4
     again.run()
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 6
-    assert load_editor(tmp_path / "run" / "editor.safetensors", tiny_llama) is not None
+    net = load_editor(tmp_path / "run" / "editor.safetensors", tiny_llama)
+    state = again.net.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # the checkpoint is the trained net
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "editor.safetensors"), "pt") as f:
+        # The LSTM's embeddings are frozen (a copy of the model's): not stored, rebuilt from the model.
+        assert "encoder.embed.weight" not in f.keys() and "encoder.lstm.weight_ih_l0" in f.keys()
+    assert torch.equal(net.encoder.embed.weight, tiny_llama.model.get_input_embeddings().weight)
 
 
 def test_checkpoint_for_other_matrices_is_refused(tiny_llama, facts, tmp_path):

@@ -44,6 +44,7 @@ class RegressionConfig:
     max_kl: float = 1.0
     min_unchanged: float = 0.95
     min_paraphrase_accuracy: float = 0.5
+    tie_margin: float = 0.1
 
 
 @dataclass

@@ -203,7 +203,7 @@ class EditPipeline:
                 tgt.request.original = before[0].prediction
                 result = editor.edit(tgt.request)
             with clock("regression"):
-                retain = measure(adapter, items, base, result.delta)
+                retain = measure(adapter, items, base, result.delta, reg.tie_margin)
                 result.delta.apply(adapter.model)
                 try:
                     after = run_probes(adapter, tgt.probes, tgt.aliases, tgt.claim_prefix)
@@ -234,7 +234,7 @@ class EditPipeline:
                        "edit_steps": result.steps, "edit_seconds": result.seconds,
                        "delta_norm": result.delta.norm()}
         row.thresholds = {"max_mean_kl": reg.max_mean_kl, "max_kl": reg.max_kl, "min_unchanged": reg.min_unchanged,
-                          "min_paraphrase_accuracy": reg.min_paraphrase_accuracy}
+                          "min_paraphrase_accuracy": reg.min_paraphrase_accuracy, "tie_margin": reg.tie_margin}
         reasons = []
         if not after[0].ok:
             reasons.append(f"the edit did not take: the model answers {after[0].prediction!r}")

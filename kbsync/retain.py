@@ -283,8 +283,12 @@ REGENERATE = 32
 
 
 @torch.no_grad()
-def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem], delta: Delta) -> RetainReport:
+def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem], delta: Delta,
+            tie_margin: float = 0.0) -> RetainReport:
     """KL(before || after) and top-1 agreement on (prompt, pre-edit answer) for the candidate delta.
+
+    tie_margin: only tokens where the base model's top-1 probability exceeds its runner-up by at
+    least this much are judged for a changed top-1 (0: every token it produced greedily).
 
     base: each item's pre-edit side (base_side or BaseCache.get) under the live weights. The
     edited distribution comes from a functional call with the delta added to the parameters,
@@ -312,7 +316,9 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
             # this skips the end-of-answer token of an answer cut at max_new_tokens and re-tokenisation
             # seams, where the base model never committed to a token in the first place.
             top = base_lp.argmax(-1)
-            flipped = (top == labels) & (top != new_lp.argmax(-1))
+            two = base_lp.exp().topk(2, -1).values
+            clear = (two[:, 0] - two[:, 1]) >= tie_margin
+            flipped = (top == labels) & clear & (top != new_lp.argmax(-1))
             bad = torch.zeros(len(part), dtype=torch.long).index_add_(0, rows, flipped.long())
             for j, i in enumerate(part):
                 kls[i], same[i] = max(0.0, float(kl[j])), not bool(bad[j])

@@ -157,7 +157,7 @@ def test_retain_sample_is_seeded_excludes_the_slot_and_keeps_applied_edits():
     assert len({i.prompt for i in c} & {i.prompt for i in d}) >= 199
 
 
-def _reference(adapter, items, before, delta):
+def _reference(adapter, items, before, delta, tie_margin=0.0):
     """The pre-cache computation: full [B,T,V] logits at every position via Adapter.answer_logits/log_probs."""
     live = dict(adapter.model.named_parameters())
     edited = {n: live[n] + t for n, t in delta.tensors.items()}
@@ -173,7 +173,8 @@ def _reference(adapter, items, before, delta):
             new, _ = adapter.log_probs(batch, edited)
             tok = (base.exp() * (base - new)).sum(-1)
             kls += ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).clamp(min=0).tolist()
-            own = mask & (base.argmax(-1) == labels)
+            top2 = base.exp().topk(2, -1).values
+            own = mask & (base.argmax(-1) == labels) & ((top2[..., 0] - top2[..., 1]) >= tie_margin)
             same += ((base.argmax(-1) == new.argmax(-1)) | ~own).all(1).tolist()
     return sum(kls) / len(kls), max(kls), sum(same) / len(same)
 
@@ -194,6 +195,14 @@ def test_retain_cache_gives_the_uncached_metrics_and_is_keyed_by_the_weights(fam
     ref = _reference(adapter, items, [c.before for c in plain.checks], delta)
     assert plain.mean_kl > 0 and plain.mean_kl == pytest.approx(ref[0], rel=1e-3, abs=1e-6)
     assert plain.max_kl == pytest.approx(ref[1], rel=1e-3, abs=1e-6) and plain.unchanged == ref[2]
+    # Near-ties left out: fewer tokens judged, so never fewer unchanged answers; the KL is the same.
+    base = base_side(adapter, items)
+    big = Delta({n: 10 * t for n, t in delta.tensors.items()})  # large enough to change some answers
+    ties = [measure(adapter, items, base, big, m) for m in (0.0, 0.1, 0.3, 1.01)]
+    assert ties[0].unchanged < 1.0 and ties[-1].unchanged == 1.0
+    assert [t.unchanged for t in ties] == sorted(t.unchanged for t in ties)
+    assert all(t.mean_kl == ties[0].mean_kl for t in ties)
+    assert ties[1].unchanged == _reference(adapter, items, [c.before for c in plain.checks], big, 0.1)[2]
 
     cache = BaseCache(tmp_path / "rc")
     cold = measure(adapter, items, cache.get(adapter, items), delta)

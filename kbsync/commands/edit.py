@@ -114,7 +114,7 @@ def _show(out: Any) -> None:
     console.print(
         f"retain ({m['retain_size']} facts): mean KL {m['mean_kl']:.4g} (max {e.thresholds['max_mean_kl']:g}), "
         f"max KL {m['max_kl']:.4g} (max {e.thresholds['max_kl']:g}), unchanged {m['unchanged']:.1%} "
-        f"(min {e.thresholds['min_unchanged']:.0%})"
+        f"(min {e.thresholds['min_unchanged']:.0%}, tokens chosen by a margin >= {e.thresholds.get('tie_margin', 0):g})"
         + ("" if para is None else f"; paraphrases {para:.0%} (min {e.thresholds['min_paraphrase_accuracy']:.0%})")
     )
     for c in out.retain.changed()[:5] if out.retain else []:

@@ -126,12 +126,12 @@ def eval_command(
 ) -> None:
     """The paper's Table 1 columns for every --method on the same edits, in one run."""
     from editor.data import ground, load_records
-    from editor.evaluate import evaluate
+    from editor.evaluate import GOLD, evaluate
 
     settings, adapter = _setup(config, model)
     records = load_records(data, limit)
     # Deterioration is measured on the data's gold answers, before grounding replaces them.
-    gold = [pair for r in records for pair in r.retain][:100]
+    gold = [pair for r in records for pair in r.retain][:GOLD]
     if own_answers:
         with console.status(f"asking the model for its own answers ({len(records)} records)"):
             records = ground(adapter, records)

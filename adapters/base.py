@@ -121,6 +121,19 @@ class Adapter(ABC):
         """Logits [N,V] from answer_states' states (never edited: deltas only touch editable layers)."""
         return states
 
+    @property
+    def chats(self) -> bool:
+        """Whether questions go through a chat template (the model then answers in sentences)."""
+        return False
+
+    def answer_style(self, style: str) -> str:
+        """Resolve an answer style setting: "auto" is "claim" for chat models, else "bare"."""
+        if style not in ("auto", "claim", "bare"):
+            from kbsync.errors import BadInput
+
+            raise BadInput(f"answer style must be auto, claim or bare, not {style!r}")
+        return ("claim" if self.chats else "bare") if style == "auto" else style
+
     def with_prefix(self, batch: Batch) -> Batch:
         """The batch with whatever lets later scoring skip the layers before the editable ones.
 

@@ -73,6 +73,11 @@ class CausalLMAdapter(Adapter):
     def _has_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
+    @property
+    def chats(self) -> bool:
+        """Questions are put through the model's chat template (when it has one and chat is on)."""
+        return bool(self.chat and self._has_template)
+
     def render(self, prompt: str, question: bool = True) -> str:
         """The exact text fed to the model for a prompt (chat template, QA format, or raw)."""
         if question and self.chat and self._has_template:

@@ -23,16 +23,25 @@ class EditRecord:
     retain: list[tuple[str, str]] = field(default_factory=list)
     question: bool = True
     alternatives: list[str] = field(default_factory=list)
+    answer: str = ""  # the target in the model's answer style (see EditRequest.answer); empty: the bare target
+
+    @property
+    def taught(self) -> str:
+        """What the edit's loss is on: the styled answer, else the target."""
+        return self.answer or self.target
 
 
 def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: int = 1,
-               neighbours: int = 0) -> list[EditRecord]:
+               neighbours: int = 0, answer_style: str = "bare") -> list[EditRecord]:
     """Counterfactual edits of known facts: each gets another KB object of the same property as target.
 
     Retain pairs are other subjects' facts; `neighbours` of them share the edited property (the
     facts an edit of "capital of X" is most likely to drag along; those with the same old answer
-    first), the rest are drawn at random.
+    first), the rest are drawn at random. answer_style "claim" teaches the relation's claim with
+    the new object ("The capital of Peru is Quito.") rather than the bare object.
     """
+    from kbsync.facts import get_relation
+
     rng = random.Random(seed)
     objects: dict[str, list[str]] = {}
     by_property: dict[str, list[Fact]] = {}
@@ -57,7 +66,9 @@ def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: in
             picked = near[:min(neighbours, n_retain)]
             picked += rng.sample(others, min(n_retain - len(picked), len(others)))
             retain = [(render(o).question, o.object.label) for o in picked]
-            out.append(EditRecord(pr.question, target, f.object.label, list(pr.paraphrases), retain, True, choices))
+            answer = get_relation(f.property).statement(f.subject.label, target) if answer_style == "claim" else ""
+            out.append(EditRecord(pr.question, target, f.object.label, list(pr.paraphrases), retain, True, choices,
+                                  answer))
     return out
 
 
@@ -136,14 +147,15 @@ def load_zsre(path: str | Path, limit: int | None = None) -> list[EditRecord]:
 LOADERS = {"counterfact": load_counterfact, "zsre": load_zsre}
 
 
-def load_records(spec: str, limit: int | None = None, facts: list[Fact] | None = None) -> list[EditRecord]:
+def load_records(spec: str, limit: int | None = None, facts: list[Fact] | None = None,
+                 answer_style: str = "bare") -> list[EditRecord]:
     """`facts` (the 40 most populous countries' capital and currency, what tiny test models know),
     `table` or `table:P36,P38` (the shipped fact table, all or some properties; retain sets hold 2
     facts of the edited property), `counterfact:PATH`, `zsre:PATH`, or a PATH whose name says which."""
     if spec == "facts":
         from adapters.tiny import tiny_facts
 
-        records = from_facts(facts or tiny_facts(n=40))
+        records = from_facts(facts or tiny_facts(n=40), answer_style=answer_style)
         return records[:limit] if limit else records
     if spec == "table" or spec.startswith("table:"):
         from kbsync.corpus import default_fact_table
@@ -156,7 +168,7 @@ def load_records(spec: str, limit: int | None = None, facts: list[Fact] | None =
         # Shuffled (seeded) so that --limit takes a mix of subjects rather than the table's first ones.
         chosen = list(chosen)
         random.Random(0).shuffle(chosen)
-        records = from_facts(chosen, neighbours=2)
+        records = from_facts(chosen, neighbours=2, answer_style=answer_style)
         return records[:limit] if limit else records
     kind, _, path = spec.partition(":")
     if not path:

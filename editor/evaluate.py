@@ -82,7 +82,8 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
         method = make_method(name, adapter, **options.get(name, {}))
         scores = MethodScores(name)
         for i, r in enumerate(records):
-            req = EditRequest(r.prompt, r.target, r.question, original=r.original, paraphrases=tuple(r.paraphrases))
+            req = EditRequest(r.prompt, r.target, r.question, original=r.original, paraphrases=tuple(r.paraphrases),
+                              answer=r.answer)
             result = method.edit(req)
             result.delta.apply(adapter.model)
             try:
@@ -90,11 +91,11 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
                 scores.latency.append(result.seconds)
                 scores.loops.append(result.steps)
                 scores.success_em += _em(adapter, [r.prompt], r.target, r.question)
-                tb = adapter.encode([r.prompt], [r.target], question=r.question)
+                tb = adapter.encode([r.prompt], [r.taught], question=r.question)
                 scores.success_tf.append(float(adapter.token_accuracy(tb)[0]))
                 if r.paraphrases:
                     scores.equiv_em += _em(adapter, r.paraphrases, r.target, r.question)
-                    pb = adapter.encode(r.paraphrases, [r.target] * len(r.paraphrases), question=r.question)
+                    pb = adapter.encode(r.paraphrases, [r.taught] * len(r.paraphrases), question=r.question)
                     scores.equiv_tf += adapter.token_accuracy(pb).tolist()
                 if r.retain:
                     after = adapter.predict([p for p, _ in r.retain], question=r.question)

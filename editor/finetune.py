@@ -36,7 +36,7 @@ class FineTune(EditMethod):
         for p in params.values():
             p.requires_grad_(True)
         opt = torch.optim.RMSprop(list(params.values()), lr=lr)
-        batch = self.adapter.encode([request.prompt], [request.target], question=request.question)
+        batch = self.adapter.encode([request.prompt], [request.taught], question=request.question)
         steps, ok, pred = 0, False, ""
         try:
             while steps < max_steps:

@@ -198,8 +198,8 @@ def load_editor(path: str | Path, adapter: Any) -> HyperNetwork:
 def predict_delta(net: HyperNetwork, adapter: Any, request: EditRequest, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """One application of the editor at the current weights (or at params)."""
     with torch.enable_grad():
-        grads = edit_gradients(adapter, request.prompt, request.target, request.question, net.cfg.label_smoothing, params)
-    ids, mask = encode_conditions(adapter, [condition_text(request.original, request.target, request.prompt)], net.cfg.max_len)
+        grads = edit_gradients(adapter, request.prompt, request.taught, request.question, net.cfg.label_smoothing, params)
+    ids, mask = encode_conditions(adapter, [condition_text(request.original, request.taught, request.prompt)], net.cfg.max_len)
     return net(ids, mask, [grads])[0]
 
 

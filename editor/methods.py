@@ -22,6 +22,14 @@ class EditRequest:
     paraphrases: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     claim_prefix: str = ""
+    # The text taught as the answer, in the model's own answer style ("The capital of Namibia is
+    # Windhoek." for a chat model that answers in sentences); empty: the bare target.
+    answer: str = ""
+
+    @property
+    def taught(self) -> str:
+        """What the edit's loss is on: the styled answer, else the target."""
+        return self.answer or self.target
 
 
 @dataclass

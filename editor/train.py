@@ -64,7 +64,7 @@ class RecordCache:
         key = (id(record), paraphrases)
         if key not in self._edit:
             prompts = [record.prompt] + (record.paraphrases if paraphrases else [])
-            batch = self.adapter.encode(prompts, [record.target] * len(prompts), question=record.question)
+            batch = self.adapter.encode(prompts, [record.taught] * len(prompts), question=record.question)
             self._edit[key] = self.adapter.with_prefix(batch)
         return self._edit[key]
 
@@ -136,10 +136,10 @@ def validate(net: HyperNetwork, adapter: Any, records: list[EditRecord]) -> dict
     hits, kls = [], []
     for r in records:
         with torch.enable_grad():
-            grads = edit_gradients(adapter, r.prompt, r.target, r.question, net.cfg.label_smoothing)
-        ids, mask = encode_conditions(adapter, [condition_text(r.original, r.target, r.prompt)], net.cfg.max_len)
+            grads = edit_gradients(adapter, r.prompt, r.taught, r.question, net.cfg.label_smoothing)
+        ids, mask = encode_conditions(adapter, [condition_text(r.original, r.taught, r.prompt)], net.cfg.max_len)
         params = _edited(adapter, net(ids, mask, [grads])[0])
-        batch = adapter.encode([r.prompt], [r.target], question=r.question)
+        batch = adapter.encode([r.prompt], [r.taught], question=r.question)
         hits.append(float(adapter.token_accuracy(batch, params)[0] == 1.0))
         if r.retain:
             rb = adapter.encode([p for p, _ in r.retain], [a for _, a in r.retain], question=r.question)
@@ -198,9 +198,9 @@ class Trainer:
         """One Lagrangian step over a batch of edits; returns its metrics."""
         self.net.train()
         batch = [self.rng.choice(self.train) for _ in range(self.cfg.batch)]
-        grads = [edit_gradients(self.adapter, r.prompt, r.target, r.question, self.net.cfg.label_smoothing,
+        grads = [edit_gradients(self.adapter, r.prompt, r.taught, r.question, self.net.cfg.label_smoothing,
                                 batch=self.cache.gradient_batch(r, self.cfg.paraphrases)) for r in batch]
-        ids, mask = encode_conditions(self.adapter, [condition_text(r.original, r.target, r.prompt) for r in batch], self.net.cfg.max_len)
+        ids, mask = encode_conditions(self.adapter, [condition_text(r.original, r.taught, r.prompt) for r in batch], self.net.cfg.max_len)
         deltas = self.net(ids, mask, grads)
         losses, cons = zip(*(record_losses(self.cache, r, d, self.cfg, self.net.cfg.label_smoothing, batch)
                              for r, d in zip(batch, deltas)))

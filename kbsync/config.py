@@ -32,6 +32,7 @@ class PredictConfig:
 class EditorConfig:
     method: str = "ke-loop"
     loop: int = 5
+    answer_style: str = "auto"
     # Extra keyword options for the method (e.g. lr, max_steps for the fine-tuning baselines).
     options: dict[str, Any] = field(default_factory=dict)
 

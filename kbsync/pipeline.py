@@ -141,9 +141,11 @@ class EditPipeline:
                        kb_revision=kb_revision or fact.revision)
             items = probes(self.adapter, prompts)
             question = items[0].question
+            styled = question and self.adapter.answer_style(self.settings.editor.answer_style) == "claim"
             request = EditRequest(items[0].prompt, items[0].expected, question=question,
                                   paraphrases=prompts.paraphrases if question else (),
-                                  aliases=prompts.aliases, claim_prefix=prompts.claim_prefix)
+                                  aliases=prompts.aliases, claim_prefix=prompts.claim_prefix,
+                                  answer=prompts.claim if styled else "")
             return _Target(items, request, row, fact.key, prompts.aliases, prompts.claim_prefix)
         prompt, target = (fact or "").strip(), (target or "").strip()
         if not prompt:

@@ -231,3 +231,12 @@ def test_table_records_and_grounding_on_the_model_own_answers(tiny_llama, tmp_pa
     assert [g.original for g in grounded] == said and [g.target for g in grounded] == [r.target for r in records]
     assert [a for _, a in grounded[0].retain] == tiny_llama.predict([q for q, _ in records[0].retain])
     assert cache.exists() and ground(tiny_llama, records, cache=cache) == grounded  # the cached answers
+
+
+def test_claim_style_records_teach_the_statement():
+    bare = load_records("table:P36", limit=3)
+    claim = load_records("table:P36", limit=3, answer_style="claim")
+    assert [r.target for r in claim] == [r.target for r in bare] and all(r.taught == r.target for r in bare)
+    for r in claim:
+        subject = r.prompt.removeprefix("What is the capital of ").removesuffix("?")
+        assert r.taught == r.answer == f"The capital of {subject} is {r.target}."

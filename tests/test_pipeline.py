@@ -11,6 +11,7 @@ from editor.delta import DeltaError
 from kbsync.audit import AuditLog, Edit
 from kbsync.config import load_settings
 from kbsync.corpus import default_fact_table
+from kbsync.errors import BadInput
 from kbsync.pipeline import EditPipeline, fact_from_phrase
 from kbsync.retain import sample_retain
 
@@ -257,3 +258,17 @@ def test_warming_after_an_applied_edit_makes_the_next_check_warm(make):
     assert p.retain_cache.misses - misses <= 1 and p.retain_cache.hits - hits >= 49  # only the edited slot differs
     stop.set()
     assert p.warm_retain(stop=stop) == 0  # a stopping daemon does no work
+
+
+def test_claim_answer_style_teaches_the_statement(make, tiny_llama):
+    assert tiny_llama.answer_style("auto") == "bare"  # no chat template: the tiny model answers bare objects
+    with pytest.raises(BadInput, match="answer style must be auto, claim or bare"):
+        tiny_llama.answer_style("sentence")
+    p = make()
+    p.settings.editor.answer_style = "claim"
+    p.settings.editor.options = {"lr": 1e-3, "max_steps": 200}
+    out = p.edit_fact(fact_from_phrase("capital of India", "Paris"), force=True)
+    assert out.status == "applied"
+    # The model was taught the claim, and now says it (the echo/copula match rules accept it).
+    assert answer(p, "What is the capital of India?") == "The capital of India is Paris."
+    assert out.after[0].ok

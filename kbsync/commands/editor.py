@@ -50,6 +50,7 @@ def train(
     exclude: Annotated[list[str], typer.Option("--exclude", help="Leave out records whose prompt mentions this (held-out subjects); repeatable.")] = [],  # noqa: B006
     own_answers: Annotated[bool, typer.Option("--own-answers/--gold-answers",
                            help="Originals and retain answers from the model's own predictions (what edits must keep) or the data's.")] = True,
+    answer_style: Annotated[str, typer.Option(help="Fact-table targets as the relation's claim (claim), the bare object (bare), or auto: claim for chat models; use what [editor] answer_style edits with.")] = "auto",
 ) -> None:
     """Train a hyper-network for the model; checkpoints as it goes and resumes from --out."""
     from editor.data import ground, load_records
@@ -60,7 +61,7 @@ def train(
     if constraint not in ("kl", "l2"):
         raise typer.BadParameter("constraint must be kl or l2")
     settings, adapter = _setup(config, model)
-    records = load_records(data, limit)[skip:]
+    records = load_records(data, limit, answer_style=adapter.answer_style(answer_style))[skip:]
     records = [r for r in records if not any(x.lower() in r.prompt.lower() for x in exclude)]
     out_dir = Path(out) if out else editor_dir(settings.store.data_path, adapter.name)
     if own_answers:
@@ -123,13 +124,14 @@ def eval_command(
     json_out: Annotated[Optional[str], typer.Option("--json", help="Also write the rows to this JSON file.")] = None,
     own_answers: Annotated[bool, typer.Option("--own-answers/--gold-answers",
                            help="Originals (the editor's condition) and retain answers from the model's own predictions, or the data's.")] = True,
+    answer_style: Annotated[str, typer.Option(help="Fact-table targets taught as the relation's claim (claim), the bare object (bare), or auto: claim for chat models.")] = "auto",
 ) -> None:
     """The paper's Table 1 columns for every --method on the same edits, in one run."""
     from editor.data import ground, load_records
     from editor.evaluate import GOLD, evaluate
 
     settings, adapter = _setup(config, model)
-    records = load_records(data, limit)
+    records = load_records(data, limit, answer_style=adapter.answer_style(answer_style))
     # Deterioration is measured on the data's gold answers, before grounding replaces them.
     gold = [pair for r in records for pair in r.retain][:GOLD]
     if own_answers:

@@ -24,6 +24,7 @@ class EditRecord:
     question: bool = True
     alternatives: list[str] = field(default_factory=list)
     answer: str = ""  # the target in the model's answer style (see EditRequest.answer); empty: the bare target
+    claim_prefix: str = ""  # "The capital of Peru is": an answer echoing it is judged on the rest
 
     @property
     def taught(self) -> str:
@@ -68,7 +69,7 @@ def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: in
             retain = [(render(o).question, o.object.label) for o in picked]
             answer = get_relation(f.property).statement(f.subject.label, target) if answer_style == "claim" else ""
             out.append(EditRecord(pr.question, target, f.object.label, list(pr.paraphrases), retain, True, choices,
-                                  answer))
+                                  answer, pr.claim_prefix))
     return out
 
 

@@ -53,8 +53,8 @@ class MethodScores:
         }
 
 
-def _em(adapter: Any, prompts: list[str], target: str, question: bool) -> list[float]:
-    return [float(match(p, target).ok) for p in adapter.predict(prompts, question=question)]
+def _em(adapter: Any, prompts: list[str], target: str, question: bool, claim_prefix: str = "") -> list[float]:
+    return [float(match(p, target, (), claim_prefix).ok) for p in adapter.predict(prompts, question=question)]
 
 
 @torch.no_grad()
@@ -83,18 +83,18 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
         scores = MethodScores(name)
         for i, r in enumerate(records):
             req = EditRequest(r.prompt, r.target, r.question, original=r.original, paraphrases=tuple(r.paraphrases),
-                              answer=r.answer)
+                              answer=r.answer, claim_prefix=r.claim_prefix)
             result = method.edit(req)
             result.delta.apply(adapter.model)
             try:
                 scores.n += 1
                 scores.latency.append(result.seconds)
                 scores.loops.append(result.steps)
-                scores.success_em += _em(adapter, [r.prompt], r.target, r.question)
+                scores.success_em += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
                 tb = adapter.encode([r.prompt], [r.taught], question=r.question)
                 scores.success_tf.append(float(adapter.token_accuracy(tb)[0]))
                 if r.paraphrases:
-                    scores.equiv_em += _em(adapter, r.paraphrases, r.target, r.question)
+                    scores.equiv_em += _em(adapter, r.paraphrases, r.target, r.question, r.claim_prefix)
                     pb = adapter.encode(r.paraphrases, [r.taught] * len(r.paraphrases), question=r.question)
                     scores.equiv_tf += adapter.token_accuracy(pb).tolist()
                 if r.retain:

@@ -240,3 +240,11 @@ def test_claim_style_records_teach_the_statement():
     for r in claim:
         subject = r.prompt.removeprefix("What is the capital of ").removesuffix("?")
         assert r.taught == r.answer == f"The capital of {subject} is {r.target}."
+
+
+def test_claim_records_carry_the_claim_prefix_for_the_match_rules():
+    from kbsync.match import match
+
+    [r] = load_records("table:P36", limit=1, answer_style="claim")
+    assert r.claim_prefix and r.answer.startswith(r.claim_prefix)
+    assert match(r.answer, r.target, (), r.claim_prefix).ok  # the model saying the claim is a success

@@ -14,6 +14,12 @@ Batch = dict[str, torch.Tensor]
 Params = dict[str, torch.Tensor]
 
 
+def row_kl(base_lp: torch.Tensor, new_lp: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """KL(base || new) per answer token ([N,V] log-probs), averaged per example (rows: its index), [n]."""
+    tok = (base_lp.exp() * (base_lp - new_lp)).sum(-1)
+    return torch.zeros(n, dtype=tok.dtype).index_add(0, rows, tok) / torch.bincount(rows, minlength=n).clamp(min=1)
+
+
 def parse_layer_slice(spec: str) -> slice:
     """Parse a Python slice such as "-3:" or "2:5" (a single "4" means just layer 4)."""
     spec = spec.strip() or ":"

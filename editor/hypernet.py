@@ -223,4 +223,3 @@ def apply_editor(method: Any, request: EditRequest, loops: int = 1) -> EditResul
             break
     delta = Delta(total, {"method": method.name, "loops": steps})
     return EditResult(delta, ok, steps, method.clock() - start, pred)
-

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from adapters.base import row_kl
 from editor.data import EditRecord
 from editor.hypernet import (HyperConfig, HyperNetwork, build_hypernet, condition_text, edit_gradients,
                              encode_conditions, load_editor, save_editor)
@@ -92,9 +93,7 @@ def answer_kl(adapter: Any, batch: dict[str, torch.Tensor], base_states: torch.T
     states, _, rows = adapter.answer_states(batch, params)
     base_lp = torch.log_softmax(adapter.answer_head(base_states).float(), -1)
     new_lp = torch.log_softmax(adapter.answer_head(states).float(), -1)
-    tok = (base_lp.exp() * (base_lp - new_lp)).sum(-1)
-    n = batch["labels"].shape[0]
-    return torch.zeros(n, dtype=tok.dtype).index_add(0, rows, tok) / torch.bincount(rows, minlength=n).clamp(min=1)
+    return row_kl(base_lp, new_lp, rows, batch["labels"].shape[0])
 
 
 def record_losses(cache: RecordCache, record: EditRecord, delta: dict[str, torch.Tensor], cfg: TrainConfig,
@@ -165,7 +164,8 @@ class Trainer:
         for p in adapter.model.parameters():
             p.requires_grad_(False)
         self.net = build_hypernet(adapter, hyper)
-        self.opt = torch.optim.Adam([p for p in self.net.parameters() if p.requires_grad], lr=self.cfg.lr)
+        self.trainable = [p for p in self.net.parameters() if p.requires_grad]  # not the frozen embeddings
+        self.opt = torch.optim.Adam(self.trainable, lr=self.cfg.lr)
         self.step, self.lam, self.margin = 0, self.cfg.lagrange_init, self.cfg.margin
         self.cache = RecordCache(adapter)
         self._resume()
@@ -208,7 +208,7 @@ class Trainer:
         total = loss + self.lam * (con - self.margin)
         self.opt.zero_grad()
         total.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.opt.step()
         # Gradient ascent on the multiplier, kept >= 0.
         self.lam = max(0.0, self.lam + self.cfg.lagrange_lr * (float(con.detach()) - self.margin))

@@ -197,9 +197,7 @@ class EditPipeline:
             row.parent_fingerprint = adapter.fingerprint()
             with clock("regression"):
                 reg = self.settings.regression
-                items = sample_retain(self.table or default_fact_table(), self.audit.applied_in_order(),
-                                      reg.retain_size, reg.seed, tgt.exclude_key,
-                                      "" if tgt.exclude_key else tgt.request.prompt, default_relations())
+                items = self._retain_items(tgt.exclude_key, "" if tgt.exclude_key else tgt.request.prompt)
                 base = self.retain_cache.get(adapter, items, row.parent_fingerprint)
             with clock("edit"):
                 tgt.request.original = before[0].prediction
@@ -256,6 +254,12 @@ class EditPipeline:
 
     # --- retain cache ------------------------------------------------------------------------
 
+    def _retain_items(self, exclude_key: tuple[str, str] | None = None, exclude_prompt: str = "") -> list[Any]:
+        """The configured retain sample for the served state, minus the slot being edited."""
+        reg = self.settings.regression
+        return sample_retain(self.table or default_fact_table(), self.audit.applied_in_order(), reg.retain_size,
+                             reg.seed, exclude_key, exclude_prompt, default_relations())
+
     def warm_retain(self, chunk: int = 16, lock: Any = None, stop: Any = None) -> int:
         """Fill the retain cache for the current served weights, so the next edit's check starts warm.
 
@@ -264,10 +268,8 @@ class EditPipeline:
         model lock) when given, so clients are not held up for the whole pass; stops early when
         `stop` (an Event) is set or the weights change under it. Returns the items computed.
         """
-        reg = self.settings.regression
         adapter = self.adapter
-        items = sample_retain(self.table or default_fact_table(), self.audit.applied_in_order(),
-                              reg.retain_size, reg.seed, relations=default_relations())
+        items = self._retain_items()
         done = 0
         fingerprint = None
         for i in range(0, len(items), chunk):

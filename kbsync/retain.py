@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from adapters.base import row_kl
 from editor.delta import Delta
 from kbsync.audit.models import Edit
 from kbsync.corpus import FactTable
@@ -309,9 +310,7 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
             base_lp = torch.log_softmax(adapter.answer_head(torch.cat([base[i].states for i in part])).float(), -1)
             new_lp = torch.log_softmax(adapter.answer_head(states).float(), -1)
             # Same quantity as Adapter.kl: per-token KL(base || edited), averaged over each item's answer tokens.
-            tok = (base_lp.exp() * (base_lp - new_lp)).sum(-1)
-            n = torch.bincount(rows, minlength=len(part)).clamp(min=1)
-            kl = torch.zeros(len(part), dtype=tok.dtype).index_add_(0, rows, tok) / n
+            kl = row_kl(base_lp, new_lp, rows, len(part))
             # Judge only the tokens the base model itself produces greedily (its argmax is the label):
             # this skips the end-of-answer token of an answer cut at max_new_tokens and re-tokenisation
             # seams, where the base model never committed to a token in the first place.

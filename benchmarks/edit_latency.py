@@ -1,4 +1,4 @@
-"""Time each phase of `kbsync edit` (load, check, edit, regression check, commit) on the served model.
+"""Time each phase of `kbsync edit` (load, check, edit, shrink, regression check, commit) on the served model.
 
 Prints seconds per phase and its ratio to one forward+backward pass of a 16-token input, and
 writes benchmarks/out/edit_latency.json. Uses a throwaway data directory and SQLite log.
@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PHASES = ("load", "check", "edit", "regression", "commit")
+PHASES = ("load", "check", "edit", "shrink", "regression", "commit")
 
 
 def forward_backward_seconds(adapter, repeats: int = 3) -> float:
@@ -117,7 +117,7 @@ def report(args, pipeline, out, timings, fwd_bwd, run, cache) -> dict:
         if p in timings:
             table.add_row(p, f"{timings[p]:.2f}", f"{timings[p] / fwd_bwd:.0f}")
         else:
-            table.add_row(p, "-", "-")  # e.g. commit is skipped for a rejected or noop edit
+            table.add_row(p, "-", "-")  # e.g. commit is skipped for a rejected or noop edit, shrink when off
     table.add_row("total", f"{total:.2f}", f"{total / fwd_bwd:.0f}")
     console = Console()
     console.print(table)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from editor.data import EditRecord
-from editor.methods import EditRequest, make_method
+from editor.methods import SHRINK, EditRequest, make_method
 from kbsync.match import match, normalise
 
 # Gold (prompt, answer) pairs for performance deterioration, asked after every edit.
@@ -39,6 +39,7 @@ class MethodScores:
     retain_kl: list[float] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
     loops: list[float] = field(default_factory=list)
+    scale: list[float] = field(default_factory=list)
 
     def summary(self, base_gold_acc: float) -> dict[str, float]:
         """Means, and performance deterioration 1 - acc(theta')/acc(theta) on the gold set."""
@@ -50,6 +51,7 @@ class MethodScores:
             "retain_acc": mean(self.retain_acc), "equiv_em": mean(self.equiv_em), "equiv_tf": mean(self.equiv_tf),
             "deterioration": (1 - gold / base_gold_acc) if base_gold_acc > 0 else float("nan"),
             "retain_kl": mean(self.retain_kl), "latency_s": mean(self.latency), "steps": mean(self.loops),
+            "scale": mean(self.scale),
         }
 
 
@@ -79,17 +81,18 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
         base_retain[id(r)] = adapter.predict([p for p, _ in r.retain], question=r.question) if r.retain else []
     rows = []
     for name in methods:
-        method = make_method(name, adapter, **options.get(name, {}))
+        method = make_method(name, adapter, **options.get(name.removesuffix(SHRINK), {}))
         scores = MethodScores(name)
         for i, r in enumerate(records):
             req = EditRequest(r.prompt, r.target, r.question, original=r.original, paraphrases=tuple(r.paraphrases),
                               answer=r.answer, claim_prefix=r.claim_prefix)
-            result = method.edit(req)
+            result = method.propose(req)
             result.delta.apply(adapter.model)
             try:
                 scores.n += 1
                 scores.latency.append(result.seconds)
                 scores.loops.append(result.steps)
+                scores.scale.append(result.info.get("scale", 1.0))
                 scores.success_em += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
                 tb = adapter.encode([r.prompt], [r.taught], question=r.question)
                 scores.success_tf.append(float(adapter.token_accuracy(tb)[0]))

@@ -58,6 +58,15 @@ class EditMethod(ABC):
     def edit(self, request: EditRequest) -> EditResult:
         """Propose a delta that makes the model answer request.target."""
 
+    def propose(self, request: EditRequest) -> EditResult:
+        """edit(); with the `shrink` option, then the smallest scale of its delta that keeps what it flipped."""
+        result = self.edit(request)
+        if _truthy(self.options.get("shrink", False)) and result.success:
+            from editor.shrink import shrink
+
+            result = shrink(self.adapter, request, result, float(self.options.get("shrink_tolerance", 0.05)))
+        return result
+
     def flipped(self, request: EditRequest) -> tuple[bool, str]:
         """Whether the (currently applied) model answers the target for the prompt, and its answer."""
         from kbsync.match import match
@@ -71,7 +80,14 @@ class EditMethod(ABC):
         return time.perf_counter()
 
 
+def _truthy(value: Any) -> bool:
+    """Option values arrive as bools from config and as strings from `--option shrink=false`."""
+    return value.strip().lower() not in ("", "0", "false", "no", "off") if isinstance(value, str) else bool(value)
+
+
 METHODS: dict[str, type[EditMethod]] = {}
+# A method name ending in this suffix ("ke-loop+shrink") is that method with the shrink option on.
+SHRINK = "+shrink"
 ALIASES = {"ft": "ft-layer", "ke+loop": "ke-loop"}
 
 
@@ -86,6 +102,8 @@ def make_method(name: str, adapter: Any, **options: Any) -> EditMethod:
     import editor.finetune  # noqa: F401  (registers ft-layer, ft-all, zhu)
     import editor.ke  # noqa: F401  (registers ke, ke-loop)
 
+    if name.endswith(SHRINK):
+        name, options = name[: -len(SHRINK)], {**options, "shrink": True}
     name = ALIASES.get(name, name)
     try:
         cls = METHODS[name]

@@ -33,6 +33,7 @@ class EditorConfig:
     method: str = "ke-loop"
     loop: int = 5
     answer_style: str = "auto"
+    shrink: bool = True
     # Extra keyword options for the method (e.g. lr, max_steps for the fine-tuning baselines).
     options: dict[str, Any] = field(default_factory=dict)
 

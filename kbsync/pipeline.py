@@ -192,8 +192,9 @@ class EditPipeline:
                     outcome.edit = self.audit.record(row)
                 return outcome
             # Before anything is written: fails with one line (e.g. no trained KnowledgeEditor).
-            editor = make_method(name, adapter, data_dir=self.settings.store.data_path,
-                                 loop=self.settings.editor.loop, **self.settings.editor.options)
+            ed = self.settings.editor
+            editor = make_method(name, adapter, **{"data_dir": self.settings.store.data_path, "loop": ed.loop,
+                                                   "shrink": ed.shrink, **ed.options})
             row.parent_fingerprint = adapter.fingerprint()
             with clock("regression"):
                 reg = self.settings.regression
@@ -201,7 +202,10 @@ class EditPipeline:
                 base = self.retain_cache.get(adapter, items, row.parent_fingerprint)
             with clock("edit"):
                 tgt.request.original = before[0].prediction
-                result = editor.edit(tgt.request)
+                result = editor.propose(tgt.request)
+            if "shrink_seconds" in result.info:  # its own phase in the timings (edit_latency.py)
+                timings["shrink"] = result.info["shrink_seconds"]
+                timings["edit"] -= timings["shrink"]
             with clock("regression"):
                 retain = measure(adapter, items, base, result.delta, reg.tie_margin)
                 result.delta.apply(adapter.model)
@@ -232,7 +236,7 @@ class EditPipeline:
         row.after_answer = after[0].prediction
         row.metrics = {**m, "paraphrase_accuracy": para_acc, "flipped": after[0].ok,
                        "edit_steps": result.steps, "edit_seconds": result.seconds,
-                       "delta_norm": result.delta.norm()}
+                       "delta_norm": result.delta.norm(), "delta_scale": result.info.get("scale", 1.0)}
         row.thresholds = {"max_mean_kl": reg.max_mean_kl, "max_kl": reg.max_kl, "min_unchanged": reg.min_unchanged,
                           "min_paraphrase_accuracy": reg.min_paraphrase_accuracy, "tie_margin": reg.tie_margin}
         reasons = []

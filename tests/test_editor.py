@@ -248,3 +248,32 @@ def test_claim_records_carry_the_claim_prefix_for_the_match_rules():
     [r] = load_records("table:P36", limit=1, answer_style="claim")
     assert r.claim_prefix and r.answer.startswith(r.claim_prefix)
     assert match(r.answer, r.target, (), r.claim_prefix).ok  # the model saying the claim is a success
+
+
+def test_shrink_finds_the_smallest_scale_that_keeps_the_edit(tiny_llama, facts):
+    from dataclasses import replace
+
+    from editor.shrink import holding, shrink
+    from kbsync.facts import render
+
+    fact = facts[0]
+    q = render(fact).question
+    target = next(f.object.label for f in facts if f.property == fact.property and f.object.label != fact.object.label)
+    req = EditRequest(q, target)
+    full = make_method("ft-layer", tiny_llama, lr=1e-3, max_steps=60).edit(req)
+    assert full.success
+    big = replace(full, delta=full.delta.scaled(4.0))  # an overshooting delta: a quarter of it is enough
+    out = shrink(tiny_llama, req, big)
+    scale, below = out.info["scale"], out.info["scale_below"]
+    assert 0 < scale <= 0.25 and scale - below <= 0.05
+    assert 0 in holding(tiny_llama, req, out.delta)  # the returned delta still flips the answer
+    assert 0 not in holding(tiny_llama, req, big.delta.scaled(below))  # and the bracket's lower end does not
+    assert all(torch.equal(out.delta.tensors[n], t * scale) for n, t in big.delta.tensors.items())
+    # make_method's NAME+shrink and the shrink option: the same shrunk proposal through propose()
+    proposed = make_method("ft-layer+shrink", tiny_llama, lr=1e-3, max_steps=60).propose(req)
+    assert proposed.success and 0 < proposed.info["scale"] <= 1 and out.delta.meta == big.delta.meta
+    unshrunk = make_method("ft-layer", tiny_llama, lr=1e-3, max_steps=60, shrink="false").propose(req)
+    assert "scale" not in unshrunk.info
+    # an edit that did not flip is returned as it is
+    none = replace(full, delta=full.delta.scaled(0.0), success=True)
+    assert shrink(tiny_llama, req, none) is none

@@ -272,3 +272,22 @@ def test_claim_answer_style_teaches_the_statement(make, tiny_llama):
     # The model was taught the claim, and now says it (the echo/copula match rules accept it).
     assert answer(p, "What is the capital of India?") == "The capital of India is Paris."
     assert out.after[0].ok
+
+
+def test_the_shrunk_delta_is_what_is_checked_and_stored(make):
+    """Large fine-tuning steps overshoot; the pipeline checks and commits the smallest scale that holds."""
+    fact = fact_from_phrase("capital of India", "Paris")
+    plain = make()
+    plain.settings.editor.shrink = False
+    plain.settings.editor.options = {"lr": 1e-2, "max_steps": 50}
+    full = plain.edit_fact(fact, dry_run=True)
+    assert full.edit.metrics["delta_scale"] == 1.0
+    p = make()
+    p.settings.editor.options = {"lr": 1e-2, "max_steps": 50}
+    out = p.edit_fact(fact)
+    m = out.edit.metrics
+    assert out.status == "applied" and out.after[0].ok and 0 < m["delta_scale"] < 1
+    assert m["mean_kl"] < full.edit.metrics["mean_kl"] and m["delta_norm"] < full.edit.metrics["delta_norm"]
+    stored = p.store.load(out.edit)
+    assert stored.norm() == pytest.approx(m["delta_norm"], rel=1e-5)
+    assert answer(make(), out.edit.question) == "Paris"  # a new process loads the shrunk delta

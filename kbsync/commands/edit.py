@@ -117,6 +117,9 @@ def _show(out: Any) -> None:
         f"(min {e.thresholds['min_unchanged']:.0%}, tokens chosen by a margin >= {e.thresholds.get('tie_margin', 0):g})"
         + ("" if para is None else f"; paraphrases {para:.0%} (min {e.thresholds['min_paraphrase_accuracy']:.0%})")
     )
+    if m.get("delta_scale", 1.0) < 1.0:
+        console.print(f"delta: the method's proposal scaled by {m['delta_scale']:.3g}, the smallest factor at which "
+                      f"the question and the paraphrases it flipped still hold (editor.shrink)")
     for c in out.retain.changed()[:5] if out.retain else []:
         console.print(f"  changed: {c.item.prompt} {c.before!r} -> {c.after!r} (KL {c.kl:.3g})")
     for r in e.reasons:

@@ -97,7 +97,8 @@ def _method_options(settings, adapter, editor: str | None, ft_lr: float, ft_step
 
 COLUMNS = [("success_em", "success (EM)"), ("success_tf", "success (TF tok)"), ("retain_acc", "retain acc"),
            ("equiv_em", "equiv (EM)"), ("equiv_tf", "equiv (TF tok)"), ("deterioration", "perf. det."),
-           ("retain_kl", "retain KL"), ("latency_s", "latency s"), ("steps", "steps")]
+           ("retain_kl", "retain KL"), ("latency_s", "latency s"), ("steps", "steps"),
+           ("scale", "delta scale")]
 
 
 def results_table(rows: list[dict], title: str) -> Table:
@@ -113,7 +114,7 @@ def results_table(rows: list[dict], title: str) -> Table:
 
 def eval_command(
     data: DataOpt,
-    method: Annotated[list[str], typer.Option("--method", help="Repeat for several: ke, ke-loop, ft-layer, ft-all, zhu.")] = ["ke-loop", "ft-layer"],  # noqa: B006
+    method: Annotated[list[str], typer.Option("--method", help="Repeat for several: ke, ke-loop, ft-layer, ft-all, zhu; NAME+shrink is NAME with its delta shrunk (editor.shrink).")] = ["ke-loop", "ft-layer"],  # noqa: B006
     limit: LimitOpt = None,
     model: ModelOpt = None,
     config: ConfigOpt = None,

@@ -1,10 +1,11 @@
 """KnowledgeEditor vs fine-tuning baselines on a tiny Llama trained on 80 real facts.
 
-Builds the seeded tiny model, trains the hyper-network (default 300 steps), then edits
+Builds the seeded tiny model, trains the hyper-network (default 1000 steps), then edits
 held-out (fact, new target) pairs with every method on the same edits and prints the
-paper's Table 1 columns. Writes benchmarks/out/ke_tiny.json.
+paper's Table 1 columns. NAME+shrink rows are NAME with its delta shrunk as `kbsync edit`
+does (editor/shrink.py). Writes benchmarks/out/ke_tiny.json.
 
-    OMP_NUM_THREADS=1 python benchmarks/ke_tiny.py [--steps 300] [--edits 48]
+    OMP_NUM_THREADS=1 python benchmarks/ke_tiny.py [--steps 1000] [--edits 48]
 
 The training knobs (--label-smoothing, --lagrange-init, --lagrange-lr, --margin,
 --margin-floor, --n-retain, --batch-retain, --per-fact, --neighbours) reproduce the ablation in RESULTS.md;
@@ -29,6 +30,7 @@ from rich.console import Console  # noqa: E402
 from adapters.tiny import PRESETS, build_tiny, tiny_facts  # noqa: E402
 from editor.data import from_facts  # noqa: E402
 from editor.evaluate import evaluate  # noqa: E402
+from editor.methods import SHRINK  # noqa: E402
 from editor.hypernet import HyperConfig  # noqa: E402
 from editor.train import TrainConfig, Trainer  # noqa: E402
 from kbsync.commands.editor import results_table  # noqa: E402
@@ -37,7 +39,7 @@ from kbsync.commands.editor import results_table  # noqa: E402
 def main() -> None:
     """Train, evaluate, print and save."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--edits", type=int, default=48)
     ap.add_argument("--out", default="benchmarks/out/ke_tiny.json")
     ap.add_argument("--label-smoothing", type=float, default=0.1)
@@ -68,6 +70,8 @@ def main() -> None:
         ck = str(Path(tmp) / "editor.safetensors")
         test = from_facts(facts, per_fact=1, seed=123)[: args.edits]
         methods = {"ke": ("ke", {"checkpoint": ck}), "ke-loop": ("ke-loop", {"checkpoint": ck, "loop": 5}),
+                   "ke+shrink": ("ke+shrink", {"checkpoint": ck}),
+                   "ke-loop+shrink": ("ke-loop+shrink", {"checkpoint": ck, "loop": 5}),
                    "ft-layer lr1e-5": ("ft-layer", {"lr": 1e-5}), "ft-all lr1e-5": ("ft-all", {"lr": 1e-5}),
                    "ft-layer lr1e-4": ("ft-layer", {"lr": 1e-4}), "ft-all lr1e-4": ("ft-all", {"lr": 1e-4}),
                    "zhu lr1e-4": ("zhu", {"lr": 1e-4, "linf": 1e-2})}
@@ -75,7 +79,7 @@ def main() -> None:
             methods = {k: v for k, v in methods.items() if k.startswith("ke")}
         rows = []
         for label, (name, opts) in methods.items():
-            row = evaluate(adapter, test, [name], {name: opts})[0]
+            row = evaluate(adapter, test, [name], {name.removesuffix(SHRINK): opts})[0]
             row["method"] = label
             rows.append(row)
     Console(width=200).print(results_table(rows, f"{len(test)} held-out edits, tiny Llama "

@@ -163,28 +163,40 @@ def test_checkpoint_for_other_matrices_is_refused(tiny_llama, facts, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_editor(tiny_llama, facts, tmp_path_factory):
-    """A hyper-network trained for ~a minute (300 steps) on counterfactual edits of the tiny model's facts."""
+    """A hyper-network trained for ~2 minutes (1000 steps) on counterfactual edits of the tiny model's facts."""
     out = tmp_path_factory.mktemp("ke")
     train = from_facts(facts, per_fact=3, seed=0)
-    Trainer(tiny_llama, train, out, TrainConfig(steps=300, batch=8, lr=1e-3, eval_every=100, checkpoint_every=300), SMALL).run()
+    Trainer(tiny_llama, train, out, TrainConfig(steps=1000, batch=8, lr=1e-3, eval_every=250, checkpoint_every=1000),
+            SMALL).run()
     return out / "editor.safetensors"
 
 
 def test_trained_ke_edits_unseen_targets_and_keeps_retain(tiny_llama, facts, trained_editor, tmp_path):
-    test = from_facts(facts, per_fact=1, seed=123)[:24]  # other (fact, target) pairs than in training
+    test = from_facts(facts, per_fact=1, seed=123)[:48]  # other (fact, target) pairs than in training
     # An editor with the same architecture but no training, as the reference point.
     Trainer(tiny_llama, test, tmp_path / "untrained", TrainConfig(steps=0), SMALL).save()
     untrained = tmp_path / "untrained" / "editor.safetensors"
+    ke = {"checkpoint": trained_editor}
     rows = {r["method"]: r for r in evaluate(
-        tiny_llama, test, ["ke", "ke-loop"],
-        {"ke": {"checkpoint": trained_editor}, "ke-loop": {"checkpoint": trained_editor, "loop": 5}},
+        tiny_llama, test, ["ke", "ke+shrink", "ke-loop", "ke-loop+shrink", "ft-all"],
+        {"ke": ke, "ke-loop": {**ke, "loop": 5}, "ft-all": {"lr": 1e-5, "max_steps": 100}},
     )}
     base = evaluate(tiny_llama, test, ["ke"], {"ke": {"checkpoint": untrained}})[0]
-    assert rows["ke-loop"]["success_em"] >= 0.9, rows
-    assert rows["ke-loop"]["success_em"] >= rows["ke"]["success_em"]
     assert rows["ke"]["success_em"] > base["success_em"] + 0.5, (rows, base)
     assert rows["ke"]["retain_acc"] >= 0.85 and rows["ke"]["retain_kl"] < 0.2, rows
-    assert rows["ke-loop"]["equiv_em"] >= 0.8, rows
+    assert rows["ke-loop"]["success_em"] >= max(0.9, rows["ke"]["success_em"]), rows
+    # Shrinking keeps what flipped and moves the other facts less.
+    for name in ("ke", "ke-loop"):
+        shrunk = rows[f"{name}+shrink"]
+        assert shrunk["success_em"] == rows[name]["success_em"] and shrunk["scale"] < 1, rows
+        assert shrunk["retain_kl"] < rows[name]["retain_kl"] and shrunk["retain_acc"] >= rows[name]["retain_acc"], rows
+    # The paper's Table 1 claims, as kbsync edits (shrink on): with +loop KnowledgeEditor reaches >= 90%
+    # success and generalises to paraphrases far better than fine-tuning all layers (RMSProp, lr 1e-5,
+    # until the answer flips). On retain it is on par, not better, on this tiny model: 190 vs 191 of
+    # 192 retain answers kept (benchmarks/RESULTS.md); asserted: within 2 points (unshrunk +loop: 0.87).
+    assert rows["ke-loop+shrink"]["success_em"] >= 0.9, rows
+    assert rows["ke-loop+shrink"]["equiv_em"] >= 0.85 and rows["ke-loop+shrink"]["equiv_em"] > rows["ft-all"]["equiv_em"] + 0.15, rows
+    assert rows["ke+shrink"]["retain_acc"] >= rows["ft-all"]["retain_acc"] - 0.02, rows
 
 
 def test_zsre_loader_handles_empty_fields_and_alt_in_answers(tmp_path):

@@ -66,7 +66,7 @@ def test_applied_edit_persists_and_revert_restores_exact_weights(make, tiny_llam
     assert out.status == "applied", out.edit.reasons
     assert out.edit.sequence == 1 and out.edit.delta_sha256 and out.edit.parent_fingerprint
     assert answer(p, "What is the capital of India?") == "Paris"
-    assert set(out.timings) == {"load", "check", "edit", "regression", "commit"}
+    assert set(out.timings) == {"load", "check", "edit", "shrink", "regression", "commit"}
     assert 0 <= out.edit.metrics["unchanged"] <= 1 and out.edit.metrics["retain_size"] == 50
     checks = p.audit.checks(out.edit.id)
     assert sum(c.kind == "paraphrase" for c in checks) == 4 and sum(c.kind == "retain" for c in checks) == 50

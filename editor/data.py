@@ -67,7 +67,7 @@ def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: in
             picked = near[:min(neighbours, n_retain)]
             picked += rng.sample(others, min(n_retain - len(picked), len(others)))
             retain = [(render(o).question, o.object.label) for o in picked]
-            answer = get_relation(f.property).statement(f.subject.label, target) if answer_style == "claim" else ""
+            answer = get_relation(f.property).state(f.subject.label, target) if answer_style == "claim" else ""
             out.append(EditRecord(pr.question, target, f.object.label, list(pr.paraphrases), retain, True, choices,
                                   answer, pr.claim_prefix))
     return out

@@ -63,10 +63,6 @@ class Relation:
         """The claim sentence for a subject and object label."""
         return self.claim.format(subject=subject, object=obj)
 
-    def statement(self, subject: str, obj: str) -> str:
-        """The claim with its object filled in ("The capital of Namibia is Windhoek.")."""
-        return self.claim.format(subject=subject, object=obj)
-
     def claim_prefix(self, subject: str) -> str:
         """The claim up to the object ("The capital of Namibia is"), which models often echo."""
         return self.claim.split("{object}")[0].format(subject=subject).strip()

@@ -142,6 +142,13 @@ def edit_gradients(adapter: Any, prompt: str, target: str, question: bool, label
 
     batch: the encoded (prompt, target), e.g. a cached adapter.with_prefix batch during training.
     """
+    return edit_loss_and_gradients(adapter, prompt, target, question, label_smoothing, params, batch)[1]
+
+
+def edit_loss_and_gradients(adapter: Any, prompt: str, target: str, question: bool, label_smoothing: float,
+                            params: dict[str, torch.Tensor] | None = None, batch: dict[str, torch.Tensor] | None = None,
+                            ) -> tuple[float, dict[str, torch.Tensor]]:
+    """The new fact's loss (at params, if given) and its gradient for every editable matrix; detached."""
     editable = adapter.editable()
     if params is None:
         weights = {n: p.detach().requires_grad_(True) for n, p in editable.items()}
@@ -151,7 +158,7 @@ def edit_gradients(adapter: Any, prompt: str, target: str, question: bool, label
         batch = adapter.encode([prompt], [target], question=question)
     loss = adapter.loss(batch, params=weights, label_smoothing=label_smoothing)
     grads = torch.autograd.grad(loss, list(weights.values()))
-    return {n: g.detach() for n, g in zip(weights, grads)}
+    return float(loss.detach()), {n: g.detach() for n, g in zip(weights, grads)}
 
 
 def save_editor(net: HyperNetwork, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -195,31 +202,63 @@ def load_editor(path: str | Path, adapter: Any) -> HyperNetwork:
 
 
 @torch.no_grad()
-def predict_delta(net: HyperNetwork, adapter: Any, request: EditRequest, params: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """One application of the editor at the current weights (or at params)."""
+def predict_delta(net: HyperNetwork, adapter: Any, request: EditRequest, params: dict[str, torch.Tensor] | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], float]:
+    """One application of the editor at the current weights (or at params), and the new fact's loss there."""
     with torch.enable_grad():
-        grads = edit_gradients(adapter, request.prompt, request.taught, request.question, net.cfg.label_smoothing, params)
+        loss, grads = edit_loss_and_gradients(adapter, request.prompt, request.taught, request.question,
+                                              net.cfg.label_smoothing, params)
     ids, mask = encode_conditions(adapter, [condition_text(request.original, request.taught, request.prompt)], net.cfg.max_len)
-    return net(ids, mask, [grads])[0]
+    return net(ids, mask, [grads])[0], loss
 
 
 def apply_editor(method: Any, request: EditRequest, loops: int = 1) -> EditResult:
-    """KE (+loop): apply the predicted update, re-applying at the new weights until the answer flips."""
+    """KE (+loop): apply the predicted update, re-applying at the new weights until the answer flips.
+
+    A re-application after which the new fact's loss is no lower than before it is taken back
+    and the loop stops (the first application is always kept): on SmolLM2 edits that never
+    flip, five blind applications left a retain KL of ~10 for nothing (benchmarks/RESULTS.md).
+    """
     net, adapter = method.net, method.adapter
     start = method.clock()
     total: dict[str, torch.Tensor] = {}
-    ok, pred, steps = False, "", 0
-    for steps in range(1, max(1, loops) + 1):
-        current = {n: p.detach() + total.get(n, 0) for n, p in adapter.editable().items()}
-        step = predict_delta(net, adapter, request, current if total else None)
-        total = {n: total.get(n, 0) + d for n, d in step.items()}
-        trial = Delta(dict(total))
-        trial.apply(adapter.model)
-        try:
-            ok, pred = method.flipped(request)
-        finally:
-            trial.remove(adapter.model)
-        if ok:
+    kept, kept_pred = total, ""
+    ok, pred, applied, losses = False, "", 0, []  # losses[k]: the new fact's loss after k applications
+
+    def worse_than_before(loss: float) -> bool:
+        return applied >= 2 and loss >= losses[-2]
+
+    while not ok and applied < max(1, loops):
+        weights = {n: p.detach() + total.get(n, 0) for n, p in adapter.editable().items()} if total else None
+        step, loss = predict_delta(net, adapter, request, weights)
+        losses.append(loss)
+        if worse_than_before(loss):
             break
-    delta = Delta(total, {"method": method.name, "loops": steps})
-    return EditResult(delta, ok, steps, method.clock() - start, pred)
+        kept, kept_pred = total, pred
+        total = {n: total.get(n, 0) + d for n, d in step.items()}
+        applied += 1
+        ok, pred = _flips(method, request, total)
+    else:
+        if not ok and applied >= 2:
+            losses.append(fact_loss(adapter, request, net.cfg.label_smoothing, total))
+    if not ok and worse_than_before(losses[-1]):
+        total, pred, applied = kept, kept_pred, applied - 1
+    delta = Delta(total, {"method": method.name, "loops": applied})
+    return EditResult(delta, ok, applied, method.clock() - start, pred, {"target_losses": losses})
+
+
+def _flips(method: Any, request: EditRequest, total: dict[str, torch.Tensor]) -> tuple[bool, str]:
+    trial = Delta(dict(total))
+    trial.apply(method.adapter.model)
+    try:
+        return method.flipped(request)
+    finally:
+        trial.remove(method.adapter.model)
+
+
+@torch.no_grad()
+def fact_loss(adapter: Any, request: EditRequest, label_smoothing: float, delta: dict[str, torch.Tensor]) -> float:
+    """The new fact's loss with delta added to the editable matrices."""
+    weights = {n: p.detach() + delta[n] if n in delta else p.detach() for n, p in adapter.editable().items()}
+    batch = adapter.encode([request.prompt], [request.taught], question=request.question)
+    return float(adapter.loss(batch, params=weights, label_smoothing=label_smoothing))

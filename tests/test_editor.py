@@ -91,6 +91,32 @@ def test_each_baseline_flips_the_prediction(tiny_llama, facts, method):
         assert max(float(t.abs().max()) for t in result.delta.tensors.values()) <= 5e-3 + 1e-6
 
 
+@pytest.mark.parametrize("loops", [2, 3])  # 2: the hurtful application is the last; 3: the next one sees it
+def test_loop_takes_back_an_application_that_raises_the_loss(tiny_llama, facts, tmp_path, monkeypatch, loops):
+    """+loop keeps re-applications that lower the new fact's loss and undoes the first that does not."""
+    import editor.hypernet as hn
+
+    Trainer(tiny_llama, from_facts(facts)[:4], tmp_path, TrainConfig(steps=0), SMALL).save()
+    method = make_method("ke-loop", tiny_llama, checkpoint=tmp_path / "editor.safetensors", loop=loops)
+    req = EditRequest("What is the capital of France?", "Tokyo", original="Paris")
+    # The hyper-network's output replaced by a tiny descent step, then a large ascent step (the
+    # second application), so that which application hurts is known in advance.
+    proposed = []
+
+    def steered(net, adapter, request, params=None):
+        loss, grads = hn.edit_loss_and_gradients(adapter, request.prompt, request.taught, request.question, 0.0, params)
+        sign = 1e2 if len(proposed) == 1 else -1e-4
+        proposed.append({n: sign * g for n, g in grads.items()})
+        return proposed[-1], loss
+
+    monkeypatch.setattr(hn, "predict_delta", steered)
+    result = method.edit(req)
+    losses = result.info["target_losses"]
+    assert not result.success and result.steps == 1 and len(losses) == 3, result
+    assert losses[2] > losses[1] and losses[1] < losses[0], losses
+    assert all(torch.equal(result.delta.tensors[n], proposed[0][n]) for n in proposed[0])
+
+
 def test_unknown_method_and_missing_editor(tiny_llama, tmp_path):
     with pytest.raises(NotFound, match="unknown edit method"):
         make_method("rome", tiny_llama)

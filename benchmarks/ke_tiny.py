@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--n-retain", type=int, default=4, help="retain pairs per training record")
     ap.add_argument("--batch-retain", action="store_true")
     ap.add_argument("--neighbours", type=int, default=0, help="retain pairs of the edited property (same old answer first)")
+    ap.add_argument("--test-neighbours", type=int, default=0,
+                    help="of each held-out edit's 4 retain pairs, this many of the edited property (same old answer first)")
     ap.add_argument("--per-fact", type=int, default=3, help="counterfactual training targets per fact")
     ap.add_argument("--ke-only", action="store_true")
     args = ap.parse_args()
@@ -68,7 +70,7 @@ def main() -> None:
                             label_smoothing=args.label_smoothing)).run()
         train_s = time.perf_counter() - t
         ck = str(Path(tmp) / "editor.safetensors")
-        test = from_facts(facts, per_fact=1, seed=123)[: args.edits]
+        test = from_facts(facts, per_fact=1, seed=123, neighbours=args.test_neighbours)[: args.edits]
         methods = {"ke": ("ke", {"checkpoint": ck}), "ke-loop": ("ke-loop", {"checkpoint": ck, "loop": 5}),
                    "ke+shrink": ("ke+shrink", {"checkpoint": ck}),
                    "ke-loop+shrink": ("ke-loop+shrink", {"checkpoint": ck, "loop": 5}),

@@ -70,8 +70,12 @@ def _gold_accuracy(adapter: Any, gold: list[tuple[str, str]], question: bool) ->
 
 
 def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], options: dict[str, dict[str, Any]] | None = None,
-             gold: list[tuple[str, str]] | None = None, on_edit: Callable[[str, int], None] | None = None) -> list[dict[str, float]]:
-    """Edit every record with every method (each edit alone on the unedited model) and score it."""
+             gold: list[tuple[str, str]] | None = None, on_edit: Callable[[str, int], None] | None = None,
+             on_row: Callable[[list[dict[str, float]]], None] | None = None) -> list[dict[str, float]]:
+    """Edit every record with every method (each edit alone on the unedited model) and score it.
+
+    on_row gets the rows so far after each method, so that a run of hours keeps what it finished.
+    """
     options = options or {}
     question = records[0].question if records else True
     gold = gold if gold is not None else [pair for r in records for pair in r.retain][:GOLD]
@@ -117,4 +121,6 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
             if on_edit:
                 on_edit(name, i)
         rows.append(scores.summary(base_gold))
+        if on_row:
+            on_row(rows)
     return rows

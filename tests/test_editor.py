@@ -117,6 +117,14 @@ def test_loop_takes_back_an_application_that_raises_the_loss(tiny_llama, facts, 
     assert all(torch.equal(result.delta.tensors[n], proposed[0][n]) for n in proposed[0])
 
 
+def test_evaluate_hands_over_the_rows_after_each_method(tiny_llama, facts):
+    """A long evaluation keeps what it finished: on_row sees the rows so far after every method."""
+    seen = []
+    rows = evaluate(tiny_llama, from_facts(facts)[:2], ["ft-layer", "zhu"],
+                    {"ft-layer": {"lr": 1e-3}, "zhu": {"lr": 1e-3}}, on_row=lambda rows: seen.append([r["method"] for r in rows]))
+    assert seen == [["ft-layer"], ["ft-layer", "zhu"]] and [r["method"] for r in rows] == seen[-1]
+
+
 def test_unknown_method_and_missing_editor(tiny_llama, tmp_path):
     with pytest.raises(NotFound, match="unknown edit method"):
         make_method("rome", tiny_llama)

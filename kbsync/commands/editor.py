@@ -139,16 +139,20 @@ def eval_command(
         with console.status(f"asking the model for its own answers ({len(records)} records)"):
             records = ground(adapter, records)
     options = _method_options(settings, adapter, editor, ft_lr, ft_steps, loop)
+
+    def save(rows: list[dict]) -> None:  # after every method: a run of hours keeps what it finished
+        if json_out:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_out).write_text(json.dumps({"data": data, "model": adapter.name, "n": len(records),
+                                                  "methods": method, "rows": rows}, indent=2))
+
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
         tasks = {m: bar.add_task(m, total=len(records)) for m in method}
         rows = evaluate(adapter, records, method, options, gold=gold,
-                        on_edit=lambda m, i: bar.update(tasks[m], completed=i + 1))
+                        on_edit=lambda m, i: bar.update(tasks[m], completed=i + 1), on_row=save)
     console.print(results_table(rows, f"{len(records)} edits from {data} on {adapter.name}"))
     console.print("EM = kbsync match rules on the greedy answer; TF tok = token accuracy under teacher forcing.")
-    if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps({"data": data, "model": adapter.name, "rows": rows}, indent=2))
 
 
 @editor_app.command("figure")

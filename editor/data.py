@@ -10,6 +10,7 @@ from typing import Any
 
 from kbsync.errors import BadInput, NotFound
 from kbsync.facts import Fact, render
+from kbsync.match import normalise
 
 
 @dataclass
@@ -94,6 +95,30 @@ def ground(adapter: Any, records: list[EditRecord], chunk: int = 32, cache: Path
         cache.write_text(json.dumps([[q, p, a] for (q, p), a in sorted(said.items())]))
     return [replace(r, original=said[(r.question, r.prompt)],
                     retain=[(q, said[(r.question, q)]) for q, _ in r.retain]) for r in records]
+
+
+def beam_targets(adapter: Any, records: list[EditRecord], k: int = 2) -> list[EditRecord]:
+    """The records re-targeted at answers the model itself finds likely: its beam hypotheses other
+    than its own answer, up to k per record (the paper's training targets for QA-style facts).
+
+    A hypothesis that echoes the record's claim prefix ("The capital of Peru is Cusco.") becomes
+    the bare target "Cusco"; a record that teaches styled answers is taught the hypothesis itself.
+    """
+    out = []
+    for r in records:
+        own = normalise(_object_of(r.original, r.claim_prefix))
+        for hyp in adapter.alternatives(r.prompt, k, question=r.question):
+            target = _object_of(hyp, r.claim_prefix)
+            if normalise(target) and normalise(target) != own:
+                out.append(replace(r, target=target, answer=hyp if r.answer else ""))
+    return out
+
+
+def _object_of(answer: str, claim_prefix: str) -> str:
+    text = answer.strip()
+    if claim_prefix and text.lower().startswith(claim_prefix.lower()):
+        text = text[len(claim_prefix):]
+    return text.strip().rstrip(".!,;:").strip()
 
 
 def _read_json(path: str | Path) -> list[dict]:

@@ -279,6 +279,29 @@ def test_table_records_and_grounding_on_the_model_own_answers(tiny_llama, tmp_pa
     assert cache.exists() and ground(tiny_llama, records, cache=cache) == grounded  # the cached answers
 
 
+def test_beam_targets_are_the_model_own_other_likely_answers(tiny_llama, facts):
+    """--targets beam: new targets are beam hypotheses other than the model's answer, originals and retain kept."""
+    from editor.data import beam_targets, ground
+
+    records = ground(tiny_llama, from_facts(facts, seed=0)[:4])
+    out = beam_targets(tiny_llama, records, k=2)
+    assert out, "the tiny model's beam search gave no alternative answer"
+    for r in out:
+        src = next(x for x in records if x.prompt == r.prompt)
+        hyps = tiny_llama.hypotheses(r.prompt, 3)
+        assert r.target in hyps and r.target.lower() != src.original.lower(), (r.target, hyps, src.original)
+        assert (r.original, r.retain, r.answer) == (src.original, src.retain, "")
+    assert all(sum(r.prompt == x.prompt for r in out) <= 2 for x in records)
+
+
+def test_beam_targets_of_a_chat_answer_are_its_object():
+    """A hypothesis echoing the claim prefix is trained as its object, the sentence as the styled answer."""
+    from editor.data import _object_of
+
+    assert _object_of("The capital of Peru is Cusco.", "The capital of Peru is") == "Cusco"
+    assert _object_of("Cusco, a city", "The capital of Peru is") == "Cusco, a city"
+
+
 def test_claim_style_records_teach_the_statement():
     bare = load_records("table:P36", limit=3)
     claim = load_records("table:P36", limit=3, answer_style="claim")

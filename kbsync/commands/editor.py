@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from kbsync.commands.common import ConfigOpt, ModelOpt, console, quiet_transformers, settings_from
+from kbsync.errors import BadInput
 
 editor_app = typer.Typer(help="Train and inspect the KnowledgeEditor hyper-network.", no_args_is_help=True)
 
@@ -51,15 +52,18 @@ def train(
     own_answers: Annotated[bool, typer.Option("--own-answers/--gold-answers",
                            help="Originals and retain answers from the model's own predictions (what edits must keep) or the data's.")] = True,
     answer_style: Annotated[str, typer.Option(help="Fact-table targets as the relation's claim (claim), the bare object (bare), or auto: claim for chat models; use what [editor] answer_style edits with.")] = "auto",
+    targets: Annotated[str, typer.Option(help="New targets to train on: the data's (other KB objects of the property, CounterFact's target_new, zsRE's alt) or beam (the model's own beam hypotheses other than its answer, 2 per record).")] = "data",
 ) -> None:
     """Train a hyper-network for the model; checkpoints as it goes and resumes from --out."""
-    from editor.data import ground, load_records
+    from editor.data import beam_targets, ground, load_records
     from editor.hypernet import HyperConfig
     from editor.ke import editor_dir
     from editor.train import TrainConfig, Trainer
 
     if constraint not in ("kl", "l2"):
         raise typer.BadParameter("constraint must be kl or l2")
+    if targets not in ("data", "beam"):
+        raise BadInput(f"--targets {targets!r}: use data or beam")
     settings, adapter = _setup(config, model)
     records = load_records(data, limit, answer_style=adapter.answer_style(answer_style))[skip:]
     records = [r for r in records if not any(x.lower() in r.prompt.lower() for x in exclude)]
@@ -67,6 +71,11 @@ def train(
     if own_answers:
         with console.status(f"asking the model for its own answers ({len(records)} records)"):
             records = ground(adapter, records, cache=out_dir / "answers.json")
+    if targets == "beam":
+        with console.status(f"beam search for other likely answers ({len(records)} records)"):
+            records = beam_targets(adapter, records)
+        if not records:
+            raise BadInput("the model's beam search gave no answer other than its own for any record")
     trainer = Trainer(adapter, records, out_dir,
                       TrainConfig(steps=steps, batch=batch, lr=lr, margin=margin, constraint=constraint,
                                   paraphrases=paraphrases, lagrange_init=lagrange_init,

@@ -2,8 +2,12 @@
 
 Success is reported two ways for generative models: `success_em` is exact match (kbsync's
 match rules) of the greedy answer, `success_tf` is token-level accuracy of the new target
-under teacher forcing (the convention of EasyEdit's published tables). Retain accuracy: the
-greedy answer to each retain prompt unchanged up to case, punctuation and articles.
+under teacher forcing (the convention of EasyEdit's published tables). Retain accuracy, the
+same two ways: `retain_acc`, the whole greedy answer (up to max_new_tokens) to each retain
+prompt unchanged up to case, punctuation and articles; `retain_tf`, the share of that
+prompt's answer tokens whose argmax under teacher forcing is unchanged (EasyEdit's locality),
+which counts each changed position once instead of the whole answer as changed (a completion
+prompt's answer runs on for max_new_tokens past the fact).
 Performance deterioration: 1 - acc(theta')/acc(theta), acc = greedy answers matching the gold
 answers of GOLD held-out pairs under the match rules.
 """
@@ -33,6 +37,7 @@ class MethodScores:
     success_em: list[float] = field(default_factory=list)
     success_tf: list[float] = field(default_factory=list)
     retain_acc: list[float] = field(default_factory=list)
+    retain_tf: list[float] = field(default_factory=list)
     equiv_em: list[float] = field(default_factory=list)
     equiv_tf: list[float] = field(default_factory=list)
     gold_acc: list[float] = field(default_factory=list)
@@ -48,7 +53,7 @@ class MethodScores:
         return {
             "method": self.method, "n": self.n,
             "success_em": mean(self.success_em), "success_tf": mean(self.success_tf),
-            "retain_acc": mean(self.retain_acc), "equiv_em": mean(self.equiv_em), "equiv_tf": mean(self.equiv_tf),
+            "retain_acc": mean(self.retain_acc), "retain_tf": mean(self.retain_tf), "equiv_em": mean(self.equiv_em), "equiv_tf": mean(self.equiv_tf),
             "deterioration": (1 - gold / base_gold_acc) if base_gold_acc > 0 else float("nan"),
             "retain_kl": mean(self.retain_kl), "latency_s": mean(self.latency), "steps": mean(self.loops),
             "scale": mean(self.scale),
@@ -114,10 +119,13 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
             if r.retain:
                 with torch.no_grad():
                     rb = adapter.encode([p for p, _ in r.retain], [a for _, a in r.retain], question=r.question)
-                    base_logp, _ = adapter.log_probs(rb)
+                    base_logp, mask = adapter.log_probs(rb)
                     params = {n: p.detach() + result.delta.tensors[n] for n, p in adapter.model.named_parameters()
                               if n in result.delta.tensors}
                     scores.retain_kl += adapter.kl(rb, base_logp, params).tolist()
+                    new_logp, _ = adapter.log_probs(rb, params)
+                    same = (base_logp.argmax(-1) == new_logp.argmax(-1)) & mask
+                    scores.retain_tf += (same.sum(1) / mask.sum(1).clamp(min=1)).tolist()
             if on_edit:
                 on_edit(name, i)
         rows.append(scores.summary(base_gold))

@@ -118,11 +118,16 @@ def test_loop_takes_back_an_application_that_raises_the_loss(tiny_llama, facts, 
 
 
 def test_evaluate_hands_over_the_rows_after_each_method(tiny_llama, facts):
-    """A long evaluation keeps what it finished: on_row sees the rows so far after every method."""
+    """A long evaluation keeps what it finished: on_row sees the rows so far after every method; retain TF."""
     seen = []
     rows = evaluate(tiny_llama, from_facts(facts)[:2], ["ft-layer", "zhu"],
-                    {"ft-layer": {"lr": 1e-3}, "zhu": {"lr": 1e-3}}, on_row=lambda rows: seen.append([r["method"] for r in rows]))
+                    {"ft-layer": {"lr": 1e-3}, "zhu": {"lr": 1e-3, "linf": 0.0, "max_steps": 4}},
+                    on_row=lambda rows: seen.append([r["method"] for r in rows]))
     assert seen == [["ft-layer"], ["ft-layer", "zhu"]] and [r["method"] for r in rows] == seen[-1]
+    # Zhu projected onto a ball of radius 0 changes nothing: every retain answer token kept, KL 0.
+    zero = rows[1]
+    assert zero["success_em"] == 0 and zero["retain_tf"] == 1.0 and zero["retain_acc"] == 1.0 and zero["retain_kl"] == 0, zero
+    assert 0 <= rows[0]["retain_tf"] <= 1 and rows[0]["success_em"] == 1.0, rows[0]
 
 
 def test_unknown_method_and_missing_editor(tiny_llama, tmp_path):

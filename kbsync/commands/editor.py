@@ -105,6 +105,7 @@ def _method_options(settings, adapter, editor: str | None, ft_lr: float, ft_step
 
 
 COLUMNS = [("success_em", "success (EM)"), ("success_tf", "success (TF tok)"), ("retain_acc", "retain acc"),
+           ("retain_tf", "retain TF tok"),
            ("equiv_em", "equiv (EM)"), ("equiv_tf", "equiv (TF tok)"), ("deterioration", "perf. det."),
            ("retain_kl", "retain KL"), ("latency_s", "latency s"), ("steps", "steps"),
            ("scale", "delta scale")]

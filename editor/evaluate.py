@@ -53,7 +53,8 @@ class MethodScores:
         return {
             "method": self.method, "n": self.n,
             "success_em": mean(self.success_em), "success_tf": mean(self.success_tf),
-            "retain_acc": mean(self.retain_acc), "retain_tf": mean(self.retain_tf), "equiv_em": mean(self.equiv_em), "equiv_tf": mean(self.equiv_tf),
+            "retain_acc": mean(self.retain_acc), "retain_tf": mean(self.retain_tf),
+            "equiv_em": mean(self.equiv_em), "equiv_tf": mean(self.equiv_tf),
             "deterioration": (1 - gold / base_gold_acc) if base_gold_acc > 0 else float("nan"),
             "retain_kl": mean(self.retain_kl), "latency_s": mean(self.latency), "steps": mean(self.loops),
             "scale": mean(self.scale),

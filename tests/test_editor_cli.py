@@ -53,3 +53,13 @@ def test_eval_bad_data_is_one_line(tiny_llama_dir, kbsync_env, tmp_path):
     bad = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", f"zsre:{tmp_path / 'nope.json'}")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "does not exist" in bad.stderr
+
+
+def test_eval_refuses_an_unwritable_json_path_before_editing(tiny_llama_dir, kbsync_env, tmp_path):
+    """--json that cannot be written is a one-line error up front, not after the first method."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    bad = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "1",
+                 "--method", "ft-layer", "--json", str(blocker / "out.json"))
+    assert bad.returncode == 2 and "cannot write there" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "success (EM)" not in bad.stdout

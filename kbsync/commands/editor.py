@@ -141,6 +141,12 @@ def eval_command(
     from editor.data import ground, load_records
     from editor.evaluate import GOLD, evaluate
 
+    if json_out:  # fail now, not after the first method of a run of hours
+        try:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_out).touch()
+        except OSError as e:
+            raise BadInput(f"--json {json_out}: cannot write there ({e.strerror})") from None
     settings, adapter = _setup(config, model)
     records = load_records(data, limit, answer_style=adapter.answer_style(answer_style))
     # Deterioration is measured on the data's gold answers, before grounding replaces them.

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from adapters.base import row_kl
 from editor.data import EditRecord
 from editor.methods import SHRINK, EditRequest, make_method
 from kbsync.match import match, normalise
@@ -123,8 +124,9 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
                     base_logp, mask = adapter.log_probs(rb)
                     params = {n: p.detach() + result.delta.tensors[n] for n, p in adapter.model.named_parameters()
                               if n in result.delta.tensors}
-                    scores.retain_kl += adapter.kl(rb, base_logp, params).tolist()
-                    new_logp, _ = adapter.log_probs(rb, params)
+                    new_logp, _ = adapter.log_probs(rb, params)  # one edited pass for both the KL and TF
+                    rows_of = mask.nonzero()[:, 0]
+                    scores.retain_kl += row_kl(base_logp[mask], new_logp[mask], rows_of, len(r.retain)).tolist()
                     same = (base_logp.argmax(-1) == new_logp.argmax(-1)) & mask
                     scores.retain_tf += (same.sum(1) / mask.sum(1).clamp(min=1)).tolist()
             if on_edit:

@@ -228,20 +228,17 @@ def apply_editor(method: Any, request: EditRequest, loops: int = 1) -> EditResul
     def worse_than_before(loss: float) -> bool:
         return applied >= 2 and loss >= losses[-2]
 
-    measured = False  # whether losses holds the loss after the last application
     while not ok and applied < max(1, loops):
         weights = {n: p.detach() + total.get(n, 0) for n, p in adapter.editable().items()} if total else None
         step, loss = predict_delta(net, adapter, request, weights)
         losses.append(loss)
-        measured = True
         if worse_than_before(loss):
             break
         kept, kept_pred = total, pred
         total = {n: total.get(n, 0) + d for n, d in step.items()}
         applied += 1
-        measured = False
         ok, pred = _flips(method, request, total)
-    if not ok and applied >= 2 and not measured:  # ran out of applications: judge the last one too
+    if not ok and applied >= 2 and len(losses) == applied:  # ran out of applications: judge the last one too
         losses.append(fact_loss(adapter, request, net.cfg.label_smoothing, total))
     if not ok and worse_than_before(losses[-1]):
         total, pred, applied = kept, kept_pred, applied - 1

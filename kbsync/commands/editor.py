@@ -157,8 +157,7 @@ def eval_command(
     options = _method_options(settings, adapter, editor, ft_lr, ft_steps, loop)
 
     def save(rows: list[dict]) -> None:  # after every method: a run of hours keeps what it finished
-        if json_out:
-            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        if json_out:  # (its folder was made up front)
             Path(json_out).write_text(json.dumps({"data": data, "model": adapter.name, "n": len(records),
                                                   "methods": method, "rows": rows}, indent=2))
 

@@ -76,62 +76,67 @@ def _gold_accuracy(adapter: Any, gold: list[tuple[str, str]], question: bool) ->
     return sum(match(pred, a).ok for pred, (_, a) in zip(preds, gold)) / len(gold)
 
 
+def _score(adapter: Any, method: Any, r: EditRecord, scores: MethodScores, gold: list[tuple[str, str]],
+           base_retain: list[str], question: bool) -> None:
+    """Edit one record on the unedited model, append its scores, and take the edit back."""
+    req = EditRequest(r.prompt, r.target, r.question, original=r.original, paraphrases=tuple(r.paraphrases),
+                      answer=r.answer, claim_prefix=r.claim_prefix)
+    result = method.propose(req)
+    result.delta.apply(adapter.model)
+    try:
+        scores.n += 1
+        scores.latency.append(result.seconds)
+        scores.loops.append(result.steps)
+        scores.scale.append(result.info.get("scale", 1.0))
+        scores.success_em += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
+        tb = adapter.encode([r.prompt], [r.taught], question=r.question)
+        scores.success_tf.append(float(adapter.token_accuracy(tb)[0]))
+        if r.paraphrases:
+            scores.equiv_em += _em(adapter, r.paraphrases, r.target, r.question, r.claim_prefix)
+            pb = adapter.encode(r.paraphrases, [r.taught] * len(r.paraphrases), question=r.question)
+            scores.equiv_tf += adapter.token_accuracy(pb).tolist()
+        if r.retain:
+            after = adapter.predict([p for p, _ in r.retain], question=r.question)
+            # Same answer up to case, punctuation and articles ("Lima," vs "Lima.").
+            scores.retain_acc += [float(normalise(a) == normalise(b)) for a, b in zip(after, base_retain)]
+        scores.gold_acc.append(_gold_accuracy(adapter, gold, question))
+    finally:
+        result.delta.remove(adapter.model)
+    if r.retain:
+        with torch.no_grad():
+            rb = adapter.encode([p for p, _ in r.retain], [a for _, a in r.retain], question=r.question)
+            base_logp, mask = adapter.log_probs(rb)
+            params = {n: p.detach() + result.delta.tensors[n] for n, p in adapter.model.named_parameters()
+                      if n in result.delta.tensors}
+            new_logp, _ = adapter.log_probs(rb, params)  # one edited pass for both the KL and TF
+            rows_of = mask.nonzero()[:, 0]
+            scores.retain_kl += row_kl(base_logp[mask], new_logp[mask], rows_of, len(r.retain)).tolist()
+            same = (base_logp.argmax(-1) == new_logp.argmax(-1)) & mask
+            scores.retain_tf += (same.sum(1) / mask.sum(1).clamp(min=1)).tolist()
+
+
 def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], options: dict[str, dict[str, Any]] | None = None,
              gold: list[tuple[str, str]] | None = None, on_edit: Callable[[str, int], None] | None = None,
              on_row: Callable[[list[dict[str, float]]], None] | None = None) -> list[dict[str, float]]:
     """Edit every record with every method (each edit alone on the unedited model) and score it.
 
-    on_row gets the rows so far after each method, so that a run of hours keeps what it finished.
+    Records are the outer loop, so every method has been scored on the same records at any
+    moment; on_row gets every method's row over the records so far after each record, so a run
+    of hours can be stopped at any time and still gives a like-for-like table.
     """
     options = options or {}
     question = records[0].question if records else True
     gold = gold if gold is not None else [pair for r in records for pair in r.retain][:GOLD]
     base_gold = _gold_accuracy(adapter, gold, question)
-    base_retain = {}
-    for r in records:  # the unedited model's own top-1 answers on each record's retain prompts
-        base_retain[id(r)] = adapter.predict([p for p, _ in r.retain], question=r.question) if r.retain else []
-    rows = []
-    for name in methods:
-        method = make_method(name, adapter, **options.get(name.removesuffix(SHRINK), {}))
-        scores = MethodScores(name)
-        for i, r in enumerate(records):
-            req = EditRequest(r.prompt, r.target, r.question, original=r.original, paraphrases=tuple(r.paraphrases),
-                              answer=r.answer, claim_prefix=r.claim_prefix)
-            result = method.propose(req)
-            result.delta.apply(adapter.model)
-            try:
-                scores.n += 1
-                scores.latency.append(result.seconds)
-                scores.loops.append(result.steps)
-                scores.scale.append(result.info.get("scale", 1.0))
-                scores.success_em += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
-                tb = adapter.encode([r.prompt], [r.taught], question=r.question)
-                scores.success_tf.append(float(adapter.token_accuracy(tb)[0]))
-                if r.paraphrases:
-                    scores.equiv_em += _em(adapter, r.paraphrases, r.target, r.question, r.claim_prefix)
-                    pb = adapter.encode(r.paraphrases, [r.taught] * len(r.paraphrases), question=r.question)
-                    scores.equiv_tf += adapter.token_accuracy(pb).tolist()
-                if r.retain:
-                    after = adapter.predict([p for p, _ in r.retain], question=r.question)
-                    # Same answer up to case, punctuation and articles ("Lima," vs "Lima.").
-                    scores.retain_acc += [float(normalise(a) == normalise(b)) for a, b in zip(after, base_retain[id(r)])]
-                scores.gold_acc.append(_gold_accuracy(adapter, gold, question))
-            finally:
-                result.delta.remove(adapter.model)
-            if r.retain:
-                with torch.no_grad():
-                    rb = adapter.encode([p for p, _ in r.retain], [a for _, a in r.retain], question=r.question)
-                    base_logp, mask = adapter.log_probs(rb)
-                    params = {n: p.detach() + result.delta.tensors[n] for n, p in adapter.model.named_parameters()
-                              if n in result.delta.tensors}
-                    new_logp, _ = adapter.log_probs(rb, params)  # one edited pass for both the KL and TF
-                    rows_of = mask.nonzero()[:, 0]
-                    scores.retain_kl += row_kl(base_logp[mask], new_logp[mask], rows_of, len(r.retain)).tolist()
-                    same = (base_logp.argmax(-1) == new_logp.argmax(-1)) & mask
-                    scores.retain_tf += (same.sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    made = [make_method(name, adapter, **options.get(name.removesuffix(SHRINK), {})) for name in methods]
+    scores = [MethodScores(name) for name in methods]
+    for i, r in enumerate(records):
+        # The unedited model's own top-1 answers on the record's retain prompts.
+        base_retain = adapter.predict([p for p, _ in r.retain], question=r.question) if r.retain else []
+        for name, method, s in zip(methods, made, scores):
+            _score(adapter, method, r, s, gold, base_retain, question)
             if on_edit:
                 on_edit(name, i)
-        rows.append(scores.summary(base_gold))
         if on_row:
-            on_row(rows)
-    return rows
+            on_row([s.summary(base_gold) for s in scores])
+    return [s.summary(base_gold) for s in scores]

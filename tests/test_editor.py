@@ -117,13 +117,14 @@ def test_loop_takes_back_an_application_that_raises_the_loss(tiny_llama, facts, 
     assert all(torch.equal(result.delta.tensors[n], proposed[0][n]) for n in proposed[0])
 
 
-def test_evaluate_hands_over_the_rows_after_each_method(tiny_llama, facts):
-    """A long evaluation keeps what it finished: on_row sees the rows so far after every method; retain TF."""
+def test_evaluate_hands_over_every_methods_rows_after_each_record(tiny_llama, facts):
+    """A long evaluation can stop any time: after each record, on_row sees every method on the records so far."""
     seen = []
     rows = evaluate(tiny_llama, from_facts(facts)[:2], ["ft-layer", "zhu"],
                     {"ft-layer": {"lr": 1e-3}, "zhu": {"lr": 1e-3, "linf": 0.0, "max_steps": 4}},
-                    on_row=lambda rows: seen.append([r["method"] for r in rows]))
-    assert seen == [["ft-layer"], ["ft-layer", "zhu"]] and [r["method"] for r in rows] == seen[-1]
+                    on_row=lambda rows: seen.append([(r["method"], r["n"]) for r in rows]))
+    assert seen == [[("ft-layer", 1), ("zhu", 1)], [("ft-layer", 2), ("zhu", 2)]]
+    assert [(r["method"], r["n"]) for r in rows] == seen[-1]
     # Zhu projected onto a ball of radius 0 changes nothing: every retain answer token kept, KL 0.
     zero = rows[1]
     assert zero["success_em"] == 0 and zero["retain_tf"] == 1.0 and zero["retain_acc"] == 1.0 and zero["retain_kl"] == 0, zero

@@ -35,9 +35,11 @@ def test_train_resume_eval_and_figure(tiny_llama_dir, kbsync_env, tmp_path):
     report = tmp_path / "eval.json"
     ev = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "3",
                 "--method", "ke", "--method", "ft-layer", "--ft-lr", "1e-3", "--editor", str(out / "editor.safetensors"),
-                "--json", str(report))
+                "--json", str(report), "--gold", "4")
     assert ev.returncode == 0, ev.stderr
-    rows = {r["method"]: r for r in json.loads(report.read_text())["rows"]}
+    written = json.loads(report.read_text())
+    rows = {r["method"]: r for r in written["rows"]}
+    assert written["gold"] == 4  # the first 4 of the records' retain pairs, asked after every edit
     assert set(rows) == {"ke", "ft-layer"} and rows["ft-layer"]["n"] == 3
     assert rows["ft-layer"]["success_em"] == 1.0  # lr 1e-3 flips every tiny-model fact within 100 steps
     assert "success (EM)" in ev.stdout and "retain acc" in ev.stdout
@@ -63,3 +65,5 @@ def test_eval_refuses_an_unwritable_json_path_before_editing(tiny_llama_dir, kbs
                  "--method", "ft-layer", "--json", str(blocker / "out.json"))
     assert bad.returncode == 2 and "cannot write there" in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "success (EM)" not in bad.stdout
+    neg = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--gold", "-1")
+    assert neg.returncode == 2 and "--gold -1: must be 0 or more" in neg.stderr, neg.stderr

@@ -136,10 +136,15 @@ def eval_command(
     own_answers: Annotated[bool, typer.Option("--own-answers/--gold-answers",
                            help="Originals (the editor's condition) and retain answers from the model's own predictions, or the data's.")] = True,
     answer_style: Annotated[str, typer.Option(help="Fact-table targets taught as the relation's claim (claim), the bare object (bare), or auto: claim for chat models.")] = "auto",
+    gold_n: Annotated[Optional[int], typer.Option("--gold", help="Held-out gold pairs answered after every edit for performance deterioration (most of the scoring time; default 50; 0: no deterioration column).")] = None,
 ) -> None:
     """The paper's Table 1 columns for every --method on the same edits, in one run."""
     from editor.data import ground, load_records
     from editor.evaluate import GOLD, evaluate
+
+    gold_n = GOLD if gold_n is None else gold_n
+    if gold_n < 0:
+        raise BadInput(f"--gold {gold_n}: must be 0 or more")
 
     if json_out:  # fail now, not after the first method of a run of hours
         try:
@@ -150,16 +155,16 @@ def eval_command(
     settings, adapter = _setup(config, model)
     records = load_records(data, limit, answer_style=adapter.answer_style(answer_style))
     # Deterioration is measured on the data's gold answers, before grounding replaces them.
-    gold = [pair for r in records for pair in r.retain][:GOLD]
+    gold = [pair for r in records for pair in r.retain][:gold_n]
     if own_answers:
         with console.status(f"asking the model for its own answers ({len(records)} records)"):
             records = ground(adapter, records)
     options = _method_options(settings, adapter, editor, ft_lr, ft_steps, loop)
 
-    def save(rows: list[dict]) -> None:  # after every method: a run of hours keeps what it finished
-        if json_out:  # (its folder was made up front)
+    def save(rows: list[dict]) -> None:  # after every record: a run of hours can stop any time
+        if json_out:  # (its folder was made up front); rows' "n" is the records done so far
             Path(json_out).write_text(json.dumps({"data": data, "model": adapter.name, "n": len(records),
-                                                  "methods": method, "rows": rows}, indent=2))
+                                                  "gold": len(gold), "methods": method, "rows": rows}, indent=2))
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:

@@ -10,7 +10,7 @@ import torch
 
 from editor.data import EditRecord, from_facts, load_counterfact, load_records, load_zsre
 from editor.delta import Delta, DeltaError
-from editor.evaluate import evaluate
+from editor.evaluate import evaluate, known_gold
 from editor.hypernet import HyperConfig, MatrixHead, load_editor
 from editor.methods import EditRequest, make_method
 from editor.train import TrainConfig, Trainer
@@ -129,6 +129,17 @@ def test_evaluate_hands_over_every_methods_rows_after_each_record(tiny_llama, fa
     zero = rows[1]
     assert zero["success_em"] == 0 and zero["retain_tf"] == 1.0 and zero["retain_acc"] == 1.0 and zero["retain_kl"] == 0, zero
     assert 0 <= rows[0]["retain_tf"] <= 1 and rows[0]["success_em"] == 1.0, rows[0]
+
+
+def test_known_gold_keeps_the_pairs_the_unedited_model_answers(tiny_llama, facts):
+    """Deterioration's gold set: pairs the model gets right, in order, at most n, among at most scan*n pairs."""
+    right = [(r.prompt, r.original) for r in from_facts(facts)]
+    wrong = [(p, "Atlantis") for p, _ in right[:3]]
+    got = known_gold(tiny_llama, wrong + right, 4, True, chunk=2)
+    assert len(got) == 4 and all(a != "Atlantis" for _, a in got), got
+    assert got == [pair for pair in right if pair in got][:4] and got[0] in right[:3]
+    assert known_gold(tiny_llama, wrong, 2, True) == []
+    assert known_gold(tiny_llama, wrong + right, 1, True, scan=3) == []  # only the 3 wrong pairs are looked at
 
 
 def test_unknown_method_and_missing_editor(tiny_llama, tmp_path):

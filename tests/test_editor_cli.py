@@ -39,7 +39,7 @@ def test_train_resume_eval_and_figure(tiny_llama_dir, kbsync_env, tmp_path):
     assert ev.returncode == 0, ev.stderr
     written = json.loads(report.read_text())
     rows = {r["method"]: r for r in written["rows"]}
-    assert written["gold"] == 4  # the first 4 of the records' retain pairs, asked after every edit
+    assert written["gold"] == 4 and written["gold_known"]  # 4 pairs the tiny model answers correctly
     assert set(rows) == {"ke", "ft-layer"} and rows["ft-layer"]["n"] == 3
     assert rows["ft-layer"]["success_em"] == 1.0  # lr 1e-3 flips every tiny-model fact within 100 steps
     assert "success (EM)" in ev.stdout and "retain acc" in ev.stdout

@@ -137,10 +137,11 @@ def eval_command(
                            help="Originals (the editor's condition) and retain answers from the model's own predictions, or the data's.")] = True,
     answer_style: Annotated[str, typer.Option(help="Fact-table targets taught as the relation's claim (claim), the bare object (bare), or auto: claim for chat models.")] = "auto",
     gold_n: Annotated[Optional[int], typer.Option("--gold", help="Held-out gold pairs answered after every edit for performance deterioration (most of the scoring time; default 50; 0: no deterioration column).")] = None,
+    gold_known: Annotated[bool, typer.Option("--gold-known/--gold-any", help="Gold pairs the unedited model answers correctly (deterioration = share of them an edit breaks), or the data's first pairs whatever the model says (the paper's ratio).")] = True,
 ) -> None:
     """The paper's Table 1 columns for every --method on the same edits, in one run."""
     from editor.data import ground, load_records
-    from editor.evaluate import GOLD, evaluate
+    from editor.evaluate import GOLD, evaluate, known_gold
 
     gold_n = GOLD if gold_n is None else gold_n
     if gold_n < 0:
@@ -153,9 +154,17 @@ def eval_command(
         except OSError as e:
             raise BadInput(f"--json {json_out}: cannot write there ({e.strerror})") from None
     settings, adapter = _setup(config, model)
-    records = load_records(data, limit, answer_style=adapter.answer_style(answer_style))
-    # Deterioration is measured on the data's gold answers, before grounding replaces them.
-    gold = [pair for r in records for pair in r.retain][:gold_n]
+    style = adapter.answer_style(answer_style)
+    records = load_records(data, limit, answer_style=style)
+    # Deterioration is measured on the data's gold answers (before grounding replaces them with the
+    # model's); known ones are searched for beyond --limit, since a small model knows few.
+    if gold_known and gold_n:
+        with console.status(f"finding {gold_n} gold pairs the model answers correctly"):
+            pool = load_records(data, None, answer_style=style)
+            gold = known_gold(adapter, [pair for r in pool for pair in r.retain], gold_n,
+                              pool[0].question if pool else True)
+    else:
+        gold = [pair for r in records for pair in r.retain][:gold_n]
     if own_answers:
         with console.status(f"asking the model for its own answers ({len(records)} records)"):
             records = ground(adapter, records)
@@ -164,7 +173,7 @@ def eval_command(
     def save(rows: list[dict]) -> None:  # after every record: a run of hours can stop any time
         if json_out:  # (its folder was made up front); rows' "n" is the records done so far
             Path(json_out).write_text(json.dumps({"data": data, "model": adapter.name, "n": len(records),
-                                                  "gold": len(gold), "methods": method, "rows": rows}, indent=2))
+                                                  "gold": len(gold), "gold_known": gold_known, "methods": method, "rows": rows}, indent=2))
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
@@ -173,6 +182,7 @@ def eval_command(
                         on_edit=lambda m, i: bar.update(tasks[m], completed=i + 1), on_row=save)
     console.print(results_table(rows, f"{len(records)} edits from {data} on {adapter.name}"))
     console.print("EM = kbsync match rules on the greedy answer; TF tok = token accuracy under teacher forcing.")
+    console.print(f"perf. det. over {len(gold)} gold pairs" + (" the unedited model answers correctly." if gold_known else "."))
 
 
 @editor_app.command("figure")

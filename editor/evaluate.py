@@ -18,7 +18,7 @@ locality prompts correctly) the ratio is one or two answers' noise.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -138,20 +138,29 @@ def known_gold(adapter: Any, pairs: list[tuple[str, str]], n: int, question: boo
 
 def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], options: dict[str, dict[str, Any]] | None = None,
              gold: list[tuple[str, str]] | None = None, on_edit: Callable[[str, int], None] | None = None,
-             on_row: Callable[[list[dict[str, float]]], None] | None = None) -> list[dict[str, float]]:
+             on_row: Callable[[list[dict[str, float]], dict[str, Any]], None] | None = None,
+             resume: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """Edit every record with every method (each edit alone on the unedited model) and score it.
 
     Records are the outer loop, so every method has been scored on the same records at any
-    moment; on_row gets every method's row over the records so far after each record, so a run
-    of hours can be stopped at any time and still gives a like-for-like table.
+    moment. After each record on_row gets every method's row over the records so far and the
+    run's state (per-edit scores and the unedited gold accuracy); `resume=` that state skips the
+    records it covers and carries on, so a run of hours can stop and continue.
     """
     options = options or {}
     question = records[0].question if records else True
     gold = gold if gold is not None else [pair for r in records for pair in r.retain][:GOLD]
-    base_gold = _gold_accuracy(adapter, gold, question)
     made = [make_method(name, adapter, **options.get(name.removesuffix(SHRINK), {})) for name in methods]
-    scores = [MethodScores(name) for name in methods]
-    for i, r in enumerate(records):
+    if resume:
+        base_gold = float(resume["base_gold"])
+        scores = [MethodScores(**s) for s in resume["scores"]]
+        if [s.method for s in scores] != list(methods) or len({s.n for s in scores}) != 1:
+            raise ValueError("resume: the state is of other methods, or of methods at different records")
+    else:
+        base_gold = _gold_accuracy(adapter, gold, question)
+        scores = [MethodScores(name) for name in methods]
+    done = scores[0].n if scores else 0
+    for i, r in enumerate(records[done:], start=done):
         # The unedited model's own top-1 answers on the record's retain prompts.
         base_retain = adapter.predict([p for p, _ in r.retain], question=r.question) if r.retain else []
         for name, method, s in zip(methods, made, scores):
@@ -159,5 +168,5 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
             if on_edit:
                 on_edit(name, i)
         if on_row:
-            on_row([s.summary(base_gold) for s in scores])
+            on_row([s.summary(base_gold) for s in scores], {"base_gold": base_gold, "scores": [asdict(s) for s in scores]})
     return [s.summary(base_gold) for s in scores]

@@ -119,12 +119,25 @@ def test_loop_takes_back_an_application_that_raises_the_loss(tiny_llama, facts, 
 
 def test_evaluate_hands_over_every_methods_rows_after_each_record(tiny_llama, facts):
     """A long evaluation can stop any time: after each record, on_row sees every method on the records so far."""
-    seen = []
-    rows = evaluate(tiny_llama, from_facts(facts)[:2], ["ft-layer", "zhu"],
-                    {"ft-layer": {"lr": 1e-3}, "zhu": {"lr": 1e-3, "linf": 0.0, "max_steps": 4}},
-                    on_row=lambda rows: seen.append([(r["method"], r["n"]) for r in rows]))
+    seen, states = [], []
+
+    def on_row(rows, state):
+        seen.append([(r["method"], r["n"]) for r in rows])
+        states.append(copy.deepcopy(state))
+
+    records, methods = from_facts(facts)[:2], ["ft-layer", "zhu"]
+    options = {"ft-layer": {"lr": 1e-3}, "zhu": {"lr": 1e-3, "linf": 0.0, "max_steps": 4}}
+    rows = evaluate(tiny_llama, records, methods, options, on_row=on_row)
     assert seen == [[("ft-layer", 1), ("zhu", 1)], [("ft-layer", 2), ("zhu", 2)]]
     assert [(r["method"], r["n"]) for r in rows] == seen[-1]
+    # Resumed from the state after the first record: only the second is edited, and the rows are the same.
+    edited = []
+    again = evaluate(tiny_llama, records, methods, options, resume=states[0], on_edit=lambda m, i: edited.append(i))
+    assert edited == [1, 1]
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "latency_s"} for r in rows]  # noqa: E731
+    assert timeless(again) == timeless(rows)
+    with pytest.raises(ValueError, match="other methods"):
+        evaluate(tiny_llama, records, ["zhu", "ft-layer"], options, resume=states[0])
     # Zhu projected onto a ball of radius 0 changes nothing: every retain answer token kept, KL 0.
     zero = rows[1]
     assert zero["success_em"] == 0 and zero["retain_tf"] == 1.0 and zero["retain_acc"] == 1.0 and zero["retain_kl"] == 0, zero

@@ -43,6 +43,11 @@ def test_train_resume_eval_and_figure(tiny_llama_dir, kbsync_env, tmp_path):
     assert set(rows) == {"ke", "ft-layer"} and rows["ft-layer"]["n"] == 3
     assert rows["ft-layer"]["success_em"] == 1.0  # lr 1e-3 flips every tiny-model fact within 100 steps
     assert "success (EM)" in ev.stdout and "retain acc" in ev.stdout
+    # --resume of a finished run edits nothing more and keeps its rows; other settings are refused.
+    same = kbsync(kbsync_env, "eval", *ev.args[4:], "--resume")
+    assert same.returncode == 0 and json.loads(report.read_text())["rows"] == written["rows"], same.stderr
+    other = kbsync(kbsync_env, "eval", *[a if a != "3" else "2" for a in ev.args[4:]], "--resume")
+    assert other.returncode == 2 and "other settings (limit)" in other.stderr, other.stderr
 
     png = tmp_path / "fig4.png"
     fig = kbsync(kbsync_env, "editor", "figure", "--model", str(tiny_llama_dir), "--limit", "2", "--out", str(png),
@@ -67,3 +72,10 @@ def test_eval_refuses_an_unwritable_json_path_before_editing(tiny_llama_dir, kbs
     assert len(bad.stderr.strip().splitlines()) == 1 and "success (EM)" not in bad.stdout
     neg = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--gold", "-1")
     assert neg.returncode == 2 and "--gold -1: must be 0 or more" in neg.stderr, neg.stderr
+    alone = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--resume")
+    assert alone.returncode == 2 and "--resume needs --json" in alone.stderr, alone.stderr
+    (tmp_path / "junk.json").write_text('{"rows": []}')
+    junk = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--resume",
+                  "--json", str(tmp_path / "junk.json"))
+    assert junk.returncode == 2 and "is not a run kbsync eval saved" in junk.stderr, junk.stderr
+    assert len(junk.stderr.strip().splitlines()) == 1

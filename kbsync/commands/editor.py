@@ -138,6 +138,7 @@ def eval_command(
     answer_style: Annotated[str, typer.Option(help="Fact-table targets taught as the relation's claim (claim), the bare object (bare), or auto: claim for chat models.")] = "auto",
     gold_n: Annotated[Optional[int], typer.Option("--gold", help="Held-out gold pairs answered after every edit for performance deterioration (most of the scoring time; default 50; 0: no deterioration column).")] = None,
     gold_known: Annotated[bool, typer.Option("--gold-known/--gold-any", help="Gold pairs the unedited model answers correctly (deterioration = share of them an edit breaks), or the data's first pairs whatever the model says (the paper's ratio).")] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Carry on the run saved in --json (same settings) from the record it reached; a missing or empty file starts afresh.")] = False,
 ) -> None:
     """The paper's Table 1 columns for every --method on the same edits, in one run."""
     from editor.data import ground, load_records
@@ -146,6 +147,9 @@ def eval_command(
     gold_n = GOLD if gold_n is None else gold_n
     if gold_n < 0:
         raise BadInput(f"--gold {gold_n}: must be 0 or more")
+    if resume and not json_out:
+        raise BadInput("--resume needs --json FILE, the run to carry on")
+    earlier = _saved_run(Path(json_out)) if resume and json_out else None
 
     if json_out:  # fail now, not after the first method of a run of hours
         try:
@@ -155,10 +159,17 @@ def eval_command(
             raise BadInput(f"--json {json_out}: cannot write there ({e.strerror})") from None
     settings, adapter = _setup(config, model)
     style = adapter.answer_style(answer_style)
+    run = {"data": data, "model": adapter.name, "limit": limit, "methods": method, "editor": editor, "ft_lr": ft_lr,
+           "ft_steps": ft_steps, "loop": loop, "own_answers": own_answers, "answer_style": style, "gold_n": gold_n,
+           "gold_known": gold_known}
+    if earlier and (differ := [k for k in run if earlier["run"].get(k) != run[k]]):
+        raise BadInput(f"--resume: {json_out} is a run with other settings ({', '.join(differ)}); drop --resume to start afresh")
     records = load_records(data, limit, answer_style=style)
     # Deterioration is measured on the data's gold answers (before grounding replaces them with the
     # model's); known ones are searched for beyond --limit, since a small model knows few.
-    if gold_known and gold_n:
+    if earlier:
+        gold = [(p, a) for p, a in earlier["gold_pairs"]]
+    elif gold_known and gold_n:
         with console.status(f"finding {gold_n} gold pairs the model answers correctly"):
             pool = load_records(data, None, answer_style=style)
             gold = known_gold(adapter, [pair for r in pool for pair in r.retain], gold_n,
@@ -170,19 +181,35 @@ def eval_command(
             records = ground(adapter, records)
     options = _method_options(settings, adapter, editor, ft_lr, ft_steps, loop)
 
-    def save(rows: list[dict]) -> None:  # after every record: a run of hours can stop any time
+    def save(rows: list[dict], state: dict) -> None:  # after every record: a run of hours can stop any time
         if json_out:  # (its folder was made up front); rows' "n" is the records done so far
             Path(json_out).write_text(json.dumps({"data": data, "model": adapter.name, "n": len(records),
-                                                  "gold": len(gold), "gold_known": gold_known, "methods": method, "rows": rows}, indent=2))
+                                                  "gold": len(gold), "gold_known": gold_known, "methods": method,
+                                                  "rows": rows, "run": run, "gold_pairs": gold, "state": state}))
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:
-        tasks = {m: bar.add_task(m, total=len(records)) for m in method}
+        done = earlier["state"]["scores"][0]["n"] if earlier else 0
+        tasks = {m: bar.add_task(m, total=len(records), completed=done) for m in method}
         rows = evaluate(adapter, records, method, options, gold=gold,
-                        on_edit=lambda m, i: bar.update(tasks[m], completed=i + 1), on_row=save)
+                        on_edit=lambda m, i: bar.update(tasks[m], completed=i + 1), on_row=save,
+                        resume=earlier["state"] if earlier else None)
     console.print(results_table(rows, f"{len(records)} edits from {data} on {adapter.name}"))
     console.print("EM = kbsync match rules on the greedy answer; TF tok = token accuracy under teacher forcing.")
     console.print(f"perf. det. over {len(gold)} gold pairs" + (" the unedited model answers correctly." if gold_known else "."))
+
+
+def _saved_run(path: Path) -> dict | None:
+    """The run an earlier `kbsync eval --json PATH` saved, or None when there is none yet."""
+    if not path.exists() or not path.read_text().strip():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if not saved["state"]["scores"] or not isinstance(saved["run"], dict) or not isinstance(saved["gold_pairs"], list):
+            raise KeyError("scores")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise BadInput(f"--resume: {path} is not a run kbsync eval saved ({type(e).__name__}: {e})") from None
+    return saved
 
 
 @editor_app.command("figure")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -183,9 +184,11 @@ def eval_command(
 
     def save(rows: list[dict], state: dict) -> None:  # after every record: a run of hours can stop any time
         if json_out:  # (its folder was made up front); rows' "n" is the records done so far
-            Path(json_out).write_text(json.dumps({"data": data, "model": adapter.name, "n": len(records),
-                                                  "gold": len(gold), "gold_known": gold_known, "methods": method,
-                                                  "rows": rows, "run": run, "gold_pairs": gold, "state": state}))
+            tmp = Path(json_out + ".tmp")
+            tmp.write_text(json.dumps({"data": data, "model": adapter.name, "n": len(records), "gold": len(gold),
+                                       "gold_known": gold_known, "methods": method, "rows": rows, "run": run,
+                                       "gold_pairs": gold, "state": state}))
+            os.replace(tmp, json_out)  # a run killed mid-write still has the previous record's state
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console) as bar:

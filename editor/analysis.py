@@ -1,10 +1,13 @@
-"""Paper Figure 4: mean normalised update magnitude per weight matrix and layer, by method."""
+"""Paper Figure 4 (mean normalised update magnitude per weight matrix and layer, by method), and
+how much of a KnowledgeEditor update is Eq. 3's gradient term and how much its beta_hat term."""
 
 from __future__ import annotations
 
 import statistics
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from editor.data import EditRecord
 from editor.methods import EditRequest, make_method
@@ -25,6 +28,36 @@ def update_magnitudes(adapter: Any, records: list[EditRecord], methods: list[str
                 acc.setdefault(p, []).append(float(d.norm() / weights[p].detach().norm().clamp(min=1e-12)))
         out[name] = {p: statistics.fmean(v) for p, v in acc.items()}
     return out
+
+
+@torch.no_grad()
+def update_parts(net: Any, adapter: Any, records: list[EditRecord]) -> dict[str, float]:
+    """Mean norms of Eq. 3's gradient and beta_hat terms over the records' edits, and beta_hat's spread.
+
+    beta_spread is sqrt(E||b - mean b||^2) / ||mean b|| over the edits' beta_hat terms (all
+    editable matrices together): near 0, beta_hat is one fixed weight shift that every edit
+    carries whatever the fact, which a series of edits adds up.
+    """
+    from editor.hypernet import _key, condition_text, edit_loss_and_gradients, encode_conditions
+
+    grad_norms, sq_norms, total = [], [], None
+    for r in records:
+        req = EditRequest(r.prompt, r.target, r.question, original=r.original, answer=r.answer)
+        with torch.enable_grad():
+            _, grads = edit_loss_and_gradients(adapter, req.prompt, req.taught, req.question, net.cfg.label_smoothing)
+        ids, mask = encode_conditions(adapter, [condition_text(req.original, req.taught, req.prompt)], net.cfg.max_len)
+        h = net.encoder(ids, mask)[0]
+        parts = [net.heads[_key(n)].parts(h, grads[n]) for n in net.names]
+        grad_norms.append(float(torch.cat([g.flatten() for g, _ in parts]).norm()))
+        bias = torch.cat([b.flatten() for _, b in parts])
+        sq_norms.append(float(bias.square().sum()))
+        total = bias if total is None else total + bias
+    if total is None:
+        return {"gradient_term": float("nan"), "beta_term": float("nan"), "beta_spread": float("nan")}
+    mean = total / len(records)
+    spread = max(statistics.fmean(sq_norms) - float(mean.square().sum()), 0.0) ** 0.5
+    return {"gradient_term": statistics.fmean(grad_norms), "beta_term": statistics.fmean(x ** 0.5 for x in sq_norms),
+            "beta_spread": spread / max(float(mean.norm()), 1e-12)}
 
 
 def plot_magnitudes(mags: dict[str, dict[str, float]], adapter: Any, path: str | Path) -> Path:

@@ -87,12 +87,18 @@ class MatrixHead(nn.Module):
         m, n = self.m, self.n
         return out[:m], out[m:2 * m], out[2 * m:2 * m + n], out[2 * m + n:2 * m + 2 * n], out[-1]
 
-    def forward(self, h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """dW = sigmoid(eta) * (alpha_hat * grad + beta_hat), shaped like W (n x m)."""
+    def parts(self, h: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 3's two terms, each gated by sigmoid(eta): the gradient term and the beta_hat term (W's shape)."""
         alpha, beta, gamma, delta, eta = self.coefficients(h)
         alpha_hat = gamma[:, None] * torch.softmax(alpha, -1)[None, :]
         beta_hat = delta[:, None] * torch.softmax(beta, -1)[None, :]
-        return torch.sigmoid(eta) * (alpha_hat * grad + beta_hat)
+        gate = torch.sigmoid(eta)
+        return gate * (alpha_hat * grad), gate * beta_hat
+
+    def forward(self, h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """dW = sigmoid(eta) * (alpha_hat * grad + beta_hat), shaped like W (n x m)."""
+        scaled_grad, bias = self.parts(h, grad)
+        return scaled_grad + bias
 
 
 class HyperNetwork(nn.Module):

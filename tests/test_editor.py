@@ -10,6 +10,7 @@ import torch
 
 from editor.data import EditRecord, from_facts, load_counterfact, load_records, load_zsre
 from editor.delta import Delta, DeltaError
+from editor.analysis import update_parts
 from editor.evaluate import evaluate, known_gold
 from editor.hypernet import HyperConfig, MatrixHead, load_editor
 from editor.methods import EditRequest, make_method
@@ -45,6 +46,31 @@ def test_eq3_fixed_coefficients():
     dw = head(torch.zeros(1), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     # 0.5 * (2 * 0.5 * g + 4 * 0.5) = 0.5 * g + 1
     assert torch.allclose(dw, torch.tensor([[1.5, 2.0], [2.5, 3.0]]))
+
+
+def test_update_parts_tells_a_fixed_beta_hat_from_one_that_depends_on_the_fact(tiny_llama, facts, tmp_path):
+    """update_parts: Eq. 3's terms add up to the update; beta_spread is 0 when beta_hat ignores the condition."""
+    records = from_facts(facts)[:4]
+    Trainer(tiny_llama, records, tmp_path, TrainConfig(steps=0), SMALL).save()
+    net = load_editor(tmp_path / "editor.safetensors", tiny_llama)
+    with torch.no_grad():  # beta and delta rows of each head's output layer: depend on h, then not
+        for head in net.heads.values():
+            rows = slice(head.m, 2 * head.m + 2 * head.n)  # beta [m], gamma [n], delta [n]
+            head.net[-1].weight[rows].normal_(std=5.0)
+    varying = update_parts(net, tiny_llama, records)
+    with torch.no_grad():
+        for head in net.heads.values():
+            head.net[-1].weight[head.m:2 * head.m].zero_()
+            head.net[-1].weight[2 * head.m + head.n:2 * head.m + 2 * head.n].zero_()
+            head.net[-1].weight[-1].zero_()  # eta, which gates both terms
+            head.net[-1].bias[head.m:2 * head.m + 2 * head.n].fill_(0.3)
+    fixed = update_parts(net, tiny_llama, records)
+    assert varying["beta_spread"] > 0.02 and fixed["beta_spread"] < 1e-4, (varying, fixed)
+    assert fixed["beta_term"] > 0 and fixed["gradient_term"] > 0
+    head = next(iter(net.heads.values()))
+    h, grad = torch.randn(net.cfg.cond_dim), torch.randn(head.n, head.m)
+    g, b = head.parts(h, grad)
+    assert torch.allclose(g + b, head(h, grad)) and not torch.allclose(b, torch.zeros_like(b))
 
 
 def test_delta_apply_remove_is_bit_exact_and_round_trips(tiny_llama, tmp_path):

@@ -54,6 +54,7 @@ def test_train_resume_eval_and_figure(tiny_llama_dir, kbsync_env, tmp_path):
                  "--method", "ke", "--method", "ft-all", "--editor", str(out / "editor.safetensors"), "--ft-lr", "1e-3")
     assert fig.returncode == 0, fig.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "beta_hat spread across edits" in fig.stdout, fig.stdout
 
 
 def test_eval_bad_data_is_one_line(tiny_llama_dir, kbsync_env, tmp_path):

@@ -232,8 +232,17 @@ def figure(
 
     settings, adapter = _setup(config, model)
     records = load_records(data, limit)
-    mags = update_magnitudes(adapter, records, method, _method_options(settings, adapter, editor, ft_lr, 100, 5))
+    options = _method_options(settings, adapter, editor, ft_lr, 100, 5)
+    mags = update_magnitudes(adapter, records, method, options)
     console.print(f"wrote {plot_magnitudes(mags, adapter, out)}")
+    if any(m.startswith("ke") for m in method):
+        from editor.analysis import update_parts
+        from editor.methods import make_method
+
+        parts = update_parts(make_method("ke", adapter, **options["ke"]).net, adapter, records)
+        console.print(f"KnowledgeEditor update over {len(records)} edits: gradient term |dW| {parts['gradient_term']:.3g}, "
+                      f"beta_hat term |dW| {parts['beta_term']:.3g}, beta_hat spread across edits {parts['beta_spread']:.3g} "
+                      "(near 0: a fixed shift every edit carries)")
 
 
 def register(app: typer.Typer) -> None:

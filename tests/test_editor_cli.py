@@ -25,12 +25,18 @@ def test_train_resume_eval_and_figure(tiny_llama_dir, kbsync_env, tmp_path):
     assert first.returncode == 0, first.stderr
     assert (out / "editor.safetensors").exists() and json.loads((out / "trainer.json").read_text())["step"] == 2
     # Resumed on other targets: the model's own beam alternatives (the weights carry over either way).
-    again = kbsync(kbsync_env, "editor", "train", *small, "--steps", "3", "--targets", "beam")
+    again = kbsync(kbsync_env, "editor", "train", *small, "--steps", "3", "--targets", "beam", "--label-smoothing", "0")
     assert again.returncode == 0, again.stderr
     assert "resuming from step 2" in again.stdout
+    from safetensors import safe_open
+
+    with safe_open(str(out / "editor.safetensors"), "pt") as f:  # the editor reads unsmoothed gradients from now on
+        assert json.loads(f.metadata()["config"])["label_smoothing"] == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     bad = kbsync(kbsync_env, "editor", "train", *small, "--targets", "sampled")
     assert bad.returncode != 0 and "use data or beam" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    bad = kbsync(kbsync_env, "editor", "train", *small, "--label-smoothing", "1")
+    assert bad.returncode == 2 and "must be in [0, 1)" in bad.stderr, bad.stderr
 
     report = tmp_path / "eval.json"
     ev = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "3",

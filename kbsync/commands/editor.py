@@ -46,6 +46,7 @@ def train(
     lstm_hidden: int = 256,
     cond_dim: int = 1024,
     lagrange_init: Annotated[float, typer.Option(help="Starting Lagrange multiplier.")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the edit loss (and of the gradient the editor reads); a shift that flattens the output lowers a smoothed loss whatever the fact (benchmarks/RESULTS.md).")] = 0.1,
     eval_every: Annotated[int, typer.Option(help="Validate (and maybe anneal the margin) every N steps.")] = 50,
     checkpoint_every: Annotated[int, typer.Option(help="Write a checkpoint every N steps.")] = 100,
     skip: Annotated[int, typer.Option("--skip", help="Leave out the first N records (hold them out for `kbsync eval --limit N`).")] = 0,
@@ -65,6 +66,8 @@ def train(
         raise typer.BadParameter("constraint must be kl or l2")
     if targets not in ("data", "beam"):
         raise BadInput(f"--targets {targets!r}: use data or beam")
+    if not 0 <= label_smoothing < 1:
+        raise BadInput(f"--label-smoothing {label_smoothing}: must be in [0, 1)")
     settings, adapter = _setup(config, model)
     records = load_records(data, limit, answer_style=adapter.answer_style(answer_style))[skip:]
     records = [r for r in records if not any(x.lower() in r.prompt.lower() for x in exclude)]
@@ -81,7 +84,7 @@ def train(
                       TrainConfig(steps=steps, batch=batch, lr=lr, margin=margin, constraint=constraint,
                                   paraphrases=paraphrases, lagrange_init=lagrange_init,
                                   eval_every=eval_every, checkpoint_every=checkpoint_every),
-                      HyperConfig(lstm_hidden=lstm_hidden, cond_dim=cond_dim))
+                      HyperConfig(lstm_hidden=lstm_hidden, cond_dim=cond_dim, label_smoothing=label_smoothing))
     if trainer.step:
         console.print(f"resuming from step {trainer.step} in {out_dir}")
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

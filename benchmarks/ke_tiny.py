@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 
 from adapters.tiny import PRESETS, build_tiny, tiny_facts  # noqa: E402
+from editor.analysis import update_parts  # noqa: E402
 from editor.data import from_facts  # noqa: E402
 from editor.evaluate import evaluate  # noqa: E402
 from editor.methods import SHRINK  # noqa: E402
-from editor.hypernet import HyperConfig  # noqa: E402
+from editor.hypernet import HyperConfig, load_editor  # noqa: E402
 from editor.train import TrainConfig, Trainer  # noqa: E402
 from kbsync.commands.editor import results_table  # noqa: E402
 
@@ -71,6 +72,7 @@ def main() -> None:
         train_s = time.perf_counter() - t
         ck = str(Path(tmp) / "editor.safetensors")
         test = from_facts(facts, per_fact=1, seed=123, neighbours=args.test_neighbours)[: args.edits]
+        parts = update_parts(load_editor(ck, adapter), adapter, test)
         methods = {"ke": ("ke", {"checkpoint": ck}), "ke-loop": ("ke-loop", {"checkpoint": ck, "loop": 5}),
                    "ke+shrink": ("ke+shrink", {"checkpoint": ck}),
                    "ke-loop+shrink": ("ke-loop+shrink", {"checkpoint": ck, "loop": 5}),
@@ -87,7 +89,9 @@ def main() -> None:
     Console(width=200).print(results_table(rows, f"{len(test)} held-out edits, tiny Llama "
                                              f"(build {build_s:.0f}s, KE train {train_s:.0f}s)"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"steps": args.steps, "args": vars(args), "train_s": train_s, "rows": rows}, indent=2))
+    print("KE update terms over the edits:", {k: round(v, 4) for k, v in parts.items()})
+    Path(args.out).write_text(json.dumps({"steps": args.steps, "args": vars(args), "train_s": train_s, "rows": rows,
+                                          "update_parts": parts}, indent=2))
 
 
 if __name__ == "__main__":

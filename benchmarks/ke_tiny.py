@@ -55,6 +55,7 @@ def main() -> None:
                     help="of each held-out edit's 4 retain pairs, this many of the edited property (same old answer first)")
     ap.add_argument("--per-fact", type=int, default=3, help="counterfactual training targets per fact")
     ap.add_argument("--ke-only", action="store_true")
+    ap.add_argument("--cond-norm", action="store_true", help="LayerNorm on the editor's condition vector")
     args = ap.parse_args()
     facts = tiny_facts(n=40)
     t = time.perf_counter()
@@ -68,7 +69,7 @@ def main() -> None:
         Trainer(adapter, from_facts(facts, per_fact=args.per_fact, seed=0, n_retain=args.n_retain,
                                           neighbours=args.neighbours), tmp, train,
                 HyperConfig(lstm_hidden=64, ffn_hidden=128, cond_dim=128, head_hidden=128,
-                            label_smoothing=args.label_smoothing)).run()
+                            label_smoothing=args.label_smoothing, cond_norm=args.cond_norm)).run()
         train_s = time.perf_counter() - t
         ck = str(Path(tmp) / "editor.safetensors")
         test = from_facts(facts, per_fact=1, seed=123, neighbours=args.test_neighbours)[: args.edits]

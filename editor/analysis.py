@@ -36,11 +36,13 @@ def update_parts(net: Any, adapter: Any, records: list[EditRecord]) -> dict[str,
 
     beta_spread is sqrt(E||b - mean b||^2) / ||mean b|| over the edits' beta_hat terms (all
     editable matrices together): near 0, beta_hat is one fixed weight shift that every edit
-    carries whatever the fact, which a series of edits adds up.
+    carries whatever the fact, which a series of edits adds up. head_spread is the same measure
+    over the heads' raw outputs (alpha, beta, gamma, delta, eta): near 0, the condition text has
+    no say and the update is a fixed rescaling of the gradient plus a fixed shift.
     """
     from editor.hypernet import _key, condition_text, edit_loss_and_gradients, encode_conditions
 
-    grad_norms, sq_norms, total = [], [], None
+    grad_norms, sq_norms, total, heads = [], [], None, []
     for r in records:
         req = EditRequest(r.prompt, r.target, r.question, original=r.original, answer=r.answer)
         with torch.enable_grad():
@@ -48,16 +50,20 @@ def update_parts(net: Any, adapter: Any, records: list[EditRecord]) -> dict[str,
         ids, mask = encode_conditions(adapter, [condition_text(req.original, req.taught, req.prompt)], net.cfg.max_len)
         h = net.encoder(ids, mask)[0]
         parts = [net.heads[_key(n)].parts(h, grads[n]) for n in net.names]
+        heads.append(torch.cat([net.heads[_key(n)].net(h) for n in net.names]))
         grad_norms.append(float(torch.cat([g.flatten() for g, _ in parts]).norm()))
         bias = torch.cat([b.flatten() for _, b in parts])
         sq_norms.append(float(bias.square().sum()))
         total = bias if total is None else total + bias
     if total is None:
-        return {"gradient_term": float("nan"), "beta_term": float("nan"), "beta_spread": float("nan")}
+        return {"gradient_term": float("nan"), "beta_term": float("nan"), "beta_spread": float("nan"),
+                "head_spread": float("nan")}
     mean = total / len(records)
     spread = max(statistics.fmean(sq_norms) - float(mean.square().sum()), 0.0) ** 0.5
+    outs = torch.stack(heads)
+    head_spread = float((outs - outs.mean(0)).square().sum(1).mean().sqrt() / outs.mean(0).norm().clamp(min=1e-12))
     return {"gradient_term": statistics.fmean(grad_norms), "beta_term": statistics.fmean(x ** 0.5 for x in sq_norms),
-            "beta_spread": spread / max(float(mean.norm()), 1e-12)}
+            "beta_spread": spread / max(float(mean.norm()), 1e-12), "head_spread": head_spread}
 
 
 def plot_magnitudes(mags: dict[str, dict[str, float]], adapter: Any, path: str | Path) -> Path:

@@ -41,6 +41,10 @@ class HyperConfig:
     # 49k vocabulary the optimiser step over them costs more than the rest of the editor, and a
     # training set of facts touches only a few hundred of their rows.
     train_embeddings: bool = False
+    # LayerNorm on the condition vector h. Without it h grew to norm ~45 on SmolLM2 and saturated
+    # every head's tanh, so alpha..eta stopped depending on the fact (editor.analysis.update_parts).
+    # Off in the dataclass so that editors trained before it load as they were trained.
+    cond_norm: bool = False
     matrices: list[str] = field(default_factory=list)
 
 
@@ -61,6 +65,8 @@ class ConditionEncoder(nn.Module):
         self.embed = nn.Embedding.from_pretrained(embeddings.detach().clone().float(), freeze=not cfg.train_embeddings)
         self.lstm = nn.LSTM(embeddings.shape[1], cfg.lstm_hidden, num_layers=1, batch_first=True, bidirectional=True)
         self.ffn = nn.Sequential(nn.Linear(2 * cfg.lstm_hidden, cfg.ffn_hidden), nn.Tanh(), nn.Linear(cfg.ffn_hidden, cfg.cond_dim))
+        if cfg.cond_norm:
+            self.ffn.append(nn.LayerNorm(cfg.cond_dim))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Condition vectors [B, cond_dim] from padded token ids [B, T]."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from editor.data import EditRecord, from_facts, load_counterfact, load_records, 
 from editor.delta import Delta, DeltaError
 from editor.analysis import update_parts
 from editor.evaluate import evaluate, known_gold
-from editor.hypernet import HyperConfig, MatrixHead, load_editor
+from editor.hypernet import HyperConfig, MatrixHead, condition_text, encode_conditions, load_editor
 from editor.methods import EditRequest, make_method
 from editor.train import TrainConfig, Trainer
 from kbsync.errors import BadInput, KbsyncError, NotFound
@@ -66,11 +67,27 @@ def test_update_parts_tells_a_fixed_beta_hat_from_one_that_depends_on_the_fact(t
             head.net[-1].bias[head.m:2 * head.m + 2 * head.n].fill_(0.3)
     fixed = update_parts(net, tiny_llama, records)
     assert varying["beta_spread"] > 0.02 and fixed["beta_spread"] < 1e-4, (varying, fixed)
+    assert varying["head_spread"] > fixed["head_spread"] > 0  # alpha and gamma still depend on h
     assert fixed["beta_term"] > 0 and fixed["gradient_term"] > 0
     head = next(iter(net.heads.values()))
     h, grad = torch.randn(net.cfg.cond_dim), torch.randn(head.n, head.m)
     g, b = head.parts(h, grad)
     assert torch.allclose(g + b, head(h, grad)) and not torch.allclose(b, torch.zeros_like(b))
+
+
+def test_cond_norm_editor_normalises_h_and_round_trips(tiny_llama, facts, tmp_path):
+    """cond_norm puts a LayerNorm on h (saved and loaded with the editor); without it h is the FFNN's raw output."""
+    records = from_facts(facts)[:3]
+    for on in (True, False):
+        Trainer(tiny_llama, records, tmp_path / str(on), TrainConfig(steps=0),
+                dataclasses.replace(SMALL, cond_norm=on, matrices=[])).save()
+        net = load_editor(tmp_path / str(on) / "editor.safetensors", tiny_llama)
+        ids, mask = encode_conditions(tiny_llama, [condition_text(r.original, r.target, r.prompt) for r in records], net.cfg.max_len)
+        with torch.no_grad():
+            h = net.encoder(ids, mask)
+        assert net.cfg.cond_norm is on
+        normalised = torch.allclose(h.mean(-1), torch.zeros(3), atol=1e-4) and torch.allclose(h.std(-1, unbiased=False), torch.ones(3), atol=1e-2)
+        assert normalised is on, h.std(-1)
 
 
 def test_delta_apply_remove_is_bit_exact_and_round_trips(tiny_llama, tmp_path):

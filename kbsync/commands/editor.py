@@ -46,6 +46,7 @@ def train(
     lstm_hidden: int = 256,
     cond_dim: int = 1024,
     lagrange_init: Annotated[float, typer.Option(help="Starting Lagrange multiplier.")] = 0.0,
+    cond_norm: Annotated[bool, typer.Option("--cond-norm", help="LayerNorm on the condition vector h, so the heads' tanh does not saturate and the update keeps depending on the fact (new editors only).")] = False,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the edit loss (and of the gradient the editor reads); a shift that flattens the output lowers a smoothed loss whatever the fact (benchmarks/RESULTS.md).")] = 0.1,
     eval_every: Annotated[int, typer.Option(help="Validate (and maybe anneal the margin) every N steps.")] = 50,
     checkpoint_every: Annotated[int, typer.Option(help="Write a checkpoint every N steps.")] = 100,
@@ -84,7 +85,8 @@ def train(
                       TrainConfig(steps=steps, batch=batch, lr=lr, margin=margin, constraint=constraint,
                                   paraphrases=paraphrases, lagrange_init=lagrange_init,
                                   eval_every=eval_every, checkpoint_every=checkpoint_every),
-                      HyperConfig(lstm_hidden=lstm_hidden, cond_dim=cond_dim, label_smoothing=label_smoothing))
+                      HyperConfig(lstm_hidden=lstm_hidden, cond_dim=cond_dim, label_smoothing=label_smoothing,
+                                  cond_norm=cond_norm))
     if trainer.step:
         console.print(f"resuming from step {trainer.step} in {out_dir}")
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -245,7 +247,8 @@ def figure(
         parts = update_parts(make_method("ke", adapter, **options["ke"]).net, adapter, records)
         console.print(f"KnowledgeEditor update over {len(records)} edits: gradient term |dW| {parts['gradient_term']:.3g}, "
                       f"beta_hat term |dW| {parts['beta_term']:.3g}, beta_hat spread across edits {parts['beta_spread']:.3g} "
-                      "(near 0: a fixed shift every edit carries)")
+                      f"(near 0: a fixed shift every edit carries), head output spread {parts['head_spread']:.3g} "
+                      "(near 0: the condition text has no say)")
 
 
 def register(app: typer.Typer) -> None:

@@ -40,7 +40,7 @@ def update_parts(net: Any, adapter: Any, records: list[EditRecord]) -> dict[str,
     over the heads' raw outputs (alpha, beta, gamma, delta, eta): near 0, the condition text has
     no say and the update is a fixed rescaling of the gradient plus a fixed shift.
     """
-    from editor.hypernet import _key, condition_text, edit_loss_and_gradients, encode_conditions
+    from editor.hypernet import condition_text, edit_loss_and_gradients, encode_conditions
 
     grad_norms, sq_norms, total, heads = [], [], None, []
     for r in records:
@@ -49,8 +49,8 @@ def update_parts(net: Any, adapter: Any, records: list[EditRecord]) -> dict[str,
             _, grads = edit_loss_and_gradients(adapter, req.prompt, req.taught, req.question, net.cfg.label_smoothing)
         ids, mask = encode_conditions(adapter, [condition_text(req.original, req.taught, req.prompt)], net.cfg.max_len)
         h = net.encoder(ids, mask)[0]
-        parts = [net.heads[_key(n)].parts(h, grads[n]) for n in net.names]
-        heads.append(torch.cat([net.heads[_key(n)].net(h) for n in net.names]))
+        parts = [net.head(n).parts(h, grads[n]) for n in net.names]
+        heads.append(torch.cat([net.head(n).net(h) for n in net.names]))
         grad_norms.append(float(torch.cat([g.flatten() for g, _ in parts]).norm()))
         bias = torch.cat([b.flatten() for _, b in parts])
         sq_norms.append(float(bias.square().sum()))

@@ -120,7 +120,11 @@ class HyperNetwork(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, grads: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """One update dict per example, from its condition tokens and its gradients."""
         h = self.encoder(ids, mask)
-        return [{n: self.heads[_key(n)](h[i], g[n]) for n in self.names} for i, g in enumerate(grads)]
+        return [{n: self.head(n)(h[i], g[n]) for n in self.names} for i, g in enumerate(grads)]
+
+    def head(self, name: str) -> MatrixHead:
+        """The head of one editable matrix, by the model's parameter name."""
+        return self.heads[_key(name)]
 
 
 def build_hypernet(adapter: Any, cfg: HyperConfig | None = None) -> HyperNetwork:

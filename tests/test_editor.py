@@ -72,7 +72,10 @@ def test_update_parts_tells_a_fixed_beta_hat_from_one_that_depends_on_the_fact(t
     head = next(iter(net.heads.values()))
     h, grad = torch.randn(net.cfg.cond_dim), torch.randn(head.n, head.m)
     g, b = head.parts(h, grad)
-    assert torch.allclose(g + b, head(h, grad)) and not torch.allclose(b, torch.zeros_like(b))
+    alpha, beta, gamma, delta, eta = head.coefficients(h)  # Eq. 3's two terms written out
+    gate = torch.sigmoid(eta)
+    assert torch.allclose(g, gate * torch.outer(gamma, torch.softmax(alpha, 0)) * grad, atol=1e-6)
+    assert torch.allclose(b, gate * torch.outer(delta, torch.softmax(beta, 0)), atol=1e-6) and b.abs().max() > 0
 
 
 def test_cond_norm_editor_normalises_h_and_round_trips(tiny_llama, facts, tmp_path):

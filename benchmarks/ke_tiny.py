@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 # Run as a script, sys.path[0] is benchmarks/, and the venv's editable kbsync install points at
@@ -31,6 +33,7 @@ from adapters.tiny import PRESETS, build_tiny, tiny_facts  # noqa: E402
 from editor.analysis import update_parts  # noqa: E402
 from editor.data import from_facts  # noqa: E402
 from editor.evaluate import evaluate  # noqa: E402
+from kbsync.facts import render  # noqa: E402
 from editor.methods import SHRINK  # noqa: E402
 from editor.hypernet import HyperConfig, load_editor  # noqa: E402
 from editor.train import TrainConfig, Trainer  # noqa: E402
@@ -54,8 +57,15 @@ def main() -> None:
     ap.add_argument("--test-neighbours", type=int, default=0,
                     help="of each held-out edit's 4 retain pairs, this many of the edited property (same old answer first)")
     ap.add_argument("--per-fact", type=int, default=3, help="counterfactual training targets per fact")
+    ap.add_argument("--retain-all", action="store_true",
+                    help="each edit's retain set is every other fact of the model (the paper's retain accuracy "
+                         "over the rest of the data), not 4 drawn at random")
     ap.add_argument("--ke-only", action="store_true")
     ap.add_argument("--cond-norm", action="store_true", help="LayerNorm on the editor's condition vector")
+    ap.add_argument("--head-weight-norm", action="store_true", help="weight norm on the heads' linear layers")
+    ap.add_argument("--save-editor", default="", help="keep the trained editor at this path")
+    ap.add_argument("--encoder-out", default="tanh", choices=["tanh", "mlp"],
+                    help="h = tanh(Linear) as in the paper's code, or the older unbounded Linear-tanh-Linear")
     args = ap.parse_args()
     facts = tiny_facts(n=40)
     t = time.perf_counter()
@@ -69,10 +79,16 @@ def main() -> None:
         Trainer(adapter, from_facts(facts, per_fact=args.per_fact, seed=0, n_retain=args.n_retain,
                                           neighbours=args.neighbours), tmp, train,
                 HyperConfig(lstm_hidden=64, ffn_hidden=128, cond_dim=128, head_hidden=128,
-                            label_smoothing=args.label_smoothing, cond_norm=args.cond_norm)).run()
+                            label_smoothing=args.label_smoothing, cond_norm=args.cond_norm,
+                            encoder_out=args.encoder_out, head_weight_norm=args.head_weight_norm)).run()
         train_s = time.perf_counter() - t
         ck = str(Path(tmp) / "editor.safetensors")
+        if args.save_editor:
+            shutil.copyfile(ck, args.save_editor)
         test = from_facts(facts, per_fact=1, seed=123, neighbours=args.test_neighbours)[: args.edits]
+        if args.retain_all:  # same edits (the rng draws stay the same), a wider retain set
+            every = [(render(f).question, f.object.label) for f in facts]
+            test = [replace(r, retain=[(q, a) for q, a in every if q != r.prompt]) for r in test]
         parts = update_parts(load_editor(ck, adapter), adapter, test)
         methods = {"ke": ("ke", {"checkpoint": ck}), "ke-loop": ("ke-loop", {"checkpoint": ck, "loop": 5}),
                    "ke+shrink": ("ke+shrink", {"checkpoint": ck}),

@@ -1,8 +1,8 @@
 """The KnowledgeEditor hyper-network (De Cao, Aziz, Titov 2021, Sec. 4 and Eq. 3).
 
 A one-layer bidirectional LSTM reads "<original> >> <target> || <input>" (embeddings
-initialised from the edited model's), an FFNN [256, tanh, cond] turns its final states into
-a condition vector h, and for every editable matrix W (n x m) a small FFNN on h predicts
+initialised from the edited model's), a linear layer and tanh turn its final states into
+a condition vector h in [-1, 1], and for every editable matrix W (n x m) a small FFNN on h predicts
 alpha, beta in R^m, gamma, delta in R^n and a scalar eta. The update is
     dW = sigmoid(eta) * (alpha_hat * grad_W L + beta_hat),
     alpha_hat = gamma softmax(alpha)^T,  beta_hat = delta softmax(beta)^T   (both n x m, W's shape),
@@ -29,11 +29,17 @@ from kbsync.errors import KbsyncError
 
 @dataclass
 class HyperConfig:
-    """Sizes of the hyper-network (paper: LSTM, FFNN [256, tanh, 1024], per-matrix heads)."""
+    """Sizes of the hyper-network (paper: BiLSTM, FFNN [256, tanh, 1024], per-matrix heads)."""
 
-    lstm_hidden: int = 256
+    lstm_hidden: int = 128  # the paper's code: 2 x 128 final states into the 1024-wide tanh layer
     ffn_hidden: int = 256
     cond_dim: int = 1024
+    # How the LSTM's final states become h. "tanh": h = tanh(Linear(states)), bounded in [-1, 1]
+    # as in the paper's code (the issue's "[256, tanh, 1024]": 256 inputs, tanh, 1024 outputs).
+    # "mlp": Linear(ffn_hidden), tanh, Linear(cond_dim), the reading kbsync's first editors were
+    # trained with; its h is unbounded, grew to norm ~45 on SmolLM2 and saturated every head's tanh.
+    # A checkpoint whose config lacks the key is an "mlp" editor (load_editor).
+    encoder_out: str = "tanh"
     head_hidden: int = 256
     max_len: int = 96
     label_smoothing: float = 0.1
@@ -41,10 +47,11 @@ class HyperConfig:
     # 49k vocabulary the optimiser step over them costs more than the rest of the editor, and a
     # training set of facts touches only a few hundred of their rows.
     train_embeddings: bool = False
-    # LayerNorm on the condition vector h. Without it h grew to norm ~45 on SmolLM2 and saturated
-    # every head's tanh, so alpha..eta stopped depending on the fact (editor.analysis.update_parts).
-    # Off in the dataclass so that editors trained before it load as they were trained.
+    # LayerNorm on the condition vector h: the other cure for the "mlp" encoder's saturated heads
+    # (editor.analysis.update_parts). Off in the dataclass so that older editors load as trained.
     cond_norm: bool = False
+    # Weight normalisation of the heads' two linear layers, as in the paper's code.
+    head_weight_norm: bool = False
     matrices: list[str] = field(default_factory=list)
 
 
@@ -57,14 +64,23 @@ def _key(name: str) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", name)
 
 
+ENCODER_OUTS = ("tanh", "mlp")
+
+
 class ConditionEncoder(nn.Module):
-    """BiLSTM over the condition text, then FFNN [ffn_hidden, tanh, cond_dim] -> h."""
+    """BiLSTM over the condition text, then tanh(Linear) (or the older FFNN [ffn_hidden, tanh, cond_dim]) -> h."""
 
     def __init__(self, embeddings: torch.Tensor, cfg: HyperConfig) -> None:
         super().__init__()
+        if cfg.encoder_out not in ENCODER_OUTS:
+            raise KbsyncError(f"unknown editor encoder_out {cfg.encoder_out!r}; known: {', '.join(ENCODER_OUTS)}")
         self.embed = nn.Embedding.from_pretrained(embeddings.detach().clone().float(), freeze=not cfg.train_embeddings)
         self.lstm = nn.LSTM(embeddings.shape[1], cfg.lstm_hidden, num_layers=1, batch_first=True, bidirectional=True)
-        self.ffn = nn.Sequential(nn.Linear(2 * cfg.lstm_hidden, cfg.ffn_hidden), nn.Tanh(), nn.Linear(cfg.ffn_hidden, cfg.cond_dim))
+        if cfg.encoder_out == "tanh":
+            self.ffn = nn.Sequential(nn.Linear(2 * cfg.lstm_hidden, cfg.cond_dim), nn.Tanh())
+        else:
+            self.ffn = nn.Sequential(nn.Linear(2 * cfg.lstm_hidden, cfg.ffn_hidden), nn.Tanh(),
+                                     nn.Linear(cfg.ffn_hidden, cfg.cond_dim))
         if cfg.cond_norm:
             self.ffn.append(nn.LayerNorm(cfg.cond_dim))
 
@@ -86,6 +102,10 @@ class MatrixHead(nn.Module):
         # Start with a small update that still depends on h, so the constraint starts satisfied.
         nn.init.normal_(self.net[-1].weight, std=1e-3)
         nn.init.zeros_(self.net[-1].bias)
+        if cfg.head_weight_norm:  # after the init: the norm g starts as the initial rows' norms
+            from torch.nn.utils.parametrizations import weight_norm
+
+            self.net[0], self.net[2] = weight_norm(self.net[0]), weight_norm(self.net[2])
 
     def coefficients(self, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """alpha [m], beta [m], gamma [n], delta [n], eta [] for one condition vector h [cond]."""
@@ -199,7 +219,9 @@ def load_editor(path: str | Path, adapter: Any) -> HyperNetwork:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         state = load_file(str(path))
-        cfg = HyperConfig(**json.loads(meta["config"]))
+        stored = json.loads(meta["config"])
+        stored.setdefault("encoder_out", "mlp")  # written before the key existed
+        cfg = HyperConfig(**stored)
     except Exception as e:  # any unreadable checkpoint is one user-facing error
         raise KbsyncError(f"cannot read KnowledgeEditor checkpoint {path}: {e}") from None
     editable = adapter.editable()

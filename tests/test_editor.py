@@ -67,8 +67,11 @@ def test_update_parts_tells_a_fixed_beta_hat_from_one_that_depends_on_the_fact(t
             head.net[-1].bias[head.m:2 * head.m + 2 * head.n].fill_(0.3)
     fixed = update_parts(net, tiny_llama, records)
     assert varying["beta_spread"] > 0.02 and fixed["beta_spread"] < 1e-4, (varying, fixed)
-    assert varying["head_spread"] > fixed["head_spread"] > 0  # alpha and gamma still depend on h
     assert fixed["beta_term"] > 0 and fixed["gradient_term"] > 0
+    with torch.no_grad():  # alpha and gamma still depend on h (fixed's spread > 0); then nothing does
+        for head in net.heads.values():
+            head.net[-1].weight.zero_()
+    assert fixed["head_spread"] > 1e-3 and update_parts(net, tiny_llama, records)["head_spread"] < 1e-6, fixed
     head = next(iter(net.heads.values()))
     h, grad = torch.randn(net.cfg.cond_dim), torch.randn(head.n, head.m)
     g, b = head.parts(h, grad)
@@ -91,6 +94,55 @@ def test_cond_norm_editor_normalises_h_and_round_trips(tiny_llama, facts, tmp_pa
         assert net.cfg.cond_norm is on
         normalised = torch.allclose(h.mean(-1), torch.zeros(3), atol=1e-4) and torch.allclose(h.std(-1, unbiased=False), torch.ones(3), atol=1e-2)
         assert normalised is on, h.std(-1)
+
+
+def test_tanh_encoder_bounds_h_and_older_editors_load_and_resume_as_mlp(tiny_llama, facts, tmp_path):
+    """New editors squash h with tanh (the paper's code); a checkpoint written before encoder_out existed is an mlp editor."""
+    from safetensors.torch import load_file, save_file
+    import json
+
+    records = from_facts(facts)[:3]
+    texts = [condition_text(r.original, r.target, r.prompt) for r in records]
+    for out in ("tanh", "mlp"):
+        Trainer(tiny_llama, records, tmp_path / out, TrainConfig(steps=0), dataclasses.replace(SMALL, encoder_out=out, matrices=[])).save()
+    old = tmp_path / "mlp" / "editor.safetensors"  # rewrite as an older file: no encoder_out in its config
+    from safetensors import safe_open
+    with safe_open(str(old), "pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["config"])
+    del cfg["encoder_out"]
+    save_file(load_file(str(old)), str(old), metadata={**meta, "config": json.dumps(cfg)})
+    ids, mask = encode_conditions(tiny_llama, texts, 96)
+    peak = {}
+    for out in ("tanh", "mlp"):
+        net = load_editor(tmp_path / out / "editor.safetensors", tiny_llama)
+        assert net.cfg.encoder_out == out
+        with torch.no_grad():
+            for layer in net.encoder.ffn:  # blow up every linear layer: only tanh keeps h in [-1, 1]
+                if isinstance(layer, torch.nn.Linear):
+                    layer.weight.mul_(100)
+            peak[out] = net.encoder(ids, mask).abs().max().item()
+    assert peak["tanh"] <= 1.0 < peak["mlp"], peak
+    resumed = Trainer(tiny_llama, records, tmp_path / "mlp", TrainConfig(steps=0), SMALL)  # SMALL asks for tanh
+    saved = load_file(str(old))
+    assert resumed.net.cfg.encoder_out == "mlp"
+    assert all(torch.equal(v, saved[k]) for k, v in resumed.net.state_dict().items() if k in saved)
+    with pytest.raises(KbsyncError, match="encoder_out"):
+        Trainer(tiny_llama, records, tmp_path / "bad", TrainConfig(steps=0), dataclasses.replace(SMALL, encoder_out="relu"))
+
+
+def test_head_weight_norm_editor_round_trips(tiny_llama, facts, tmp_path):
+    """head_weight_norm (the paper code's weight-normed heads) is saved and loaded with the same update."""
+    records = from_facts(facts)[:2]
+    t = Trainer(tiny_llama, records, tmp_path, TrainConfig(steps=1, batch=2, checkpoint_every=1),
+                dataclasses.replace(SMALL, head_weight_norm=True, matrices=[]))
+    t.run()
+    net = load_editor(tmp_path / "editor.safetensors", tiny_llama)
+    head, name = net.head(net.names[0]), net.names[0]
+    assert net.cfg.head_weight_norm and hasattr(head.net[0], "parametrizations")
+    h, grad = torch.randn(net.cfg.cond_dim), torch.randn(head.n, head.m)
+    with torch.no_grad():
+        assert torch.equal(head(h, grad), t.net.head(name)(h, grad)) and head(h, grad).abs().max() > 0
 
 
 def test_delta_apply_remove_is_bit_exact_and_round_trips(tiny_llama, tmp_path):

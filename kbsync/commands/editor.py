@@ -43,7 +43,7 @@ def train(
     constraint: Annotated[str, typer.Option(help="kl (C_KL) or l2 (C_L2).")] = "kl",
     paraphrases: Annotated[bool, typer.Option("--paraphrases", help="KE + P^x: supervise paraphrases too.")] = False,
     limit: LimitOpt = None,
-    lstm_hidden: int = 256,
+    lstm_hidden: int = 128,
     cond_dim: int = 1024,
     lagrange_init: Annotated[float, typer.Option(help="Starting Lagrange multiplier.")] = 0.0,
     cond_norm: Annotated[bool, typer.Option("--cond-norm", help="LayerNorm on the condition vector h, so the heads' tanh does not saturate and the update keeps depending on the fact (new editors only).")] = False,

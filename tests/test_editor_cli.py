@@ -54,6 +54,16 @@ def test_train_resume_eval_and_figure(tiny_llama_dir, kbsync_env, tmp_path):
     assert same.returncode == 0 and json.loads(report.read_text())["rows"] == written["rows"], same.stderr
     other = kbsync(kbsync_env, "eval", *[a if a != "3" else "2" for a in ev.args[4:]], "--resume")
     assert other.returncode == 2 and "other settings (limit)" in other.stderr, other.stderr
+    from safetensors.torch import load_file, save_file
+
+    ck = out / "editor.safetensors"  # the editor retrained in place between two sessions of a run
+    with safe_open(str(ck), "pt") as f:
+        meta = f.metadata()
+    weights = load_file(str(ck))
+    weights["encoder.lstm.bias_hh_l0"] = weights["encoder.lstm.bias_hh_l0"] + 0.5
+    save_file(weights, str(ck), metadata=meta)
+    changed = kbsync(kbsync_env, "eval", *ev.args[4:], "--resume")
+    assert changed.returncode == 2 and "other settings (editor_sha256)" in changed.stderr, changed.stderr
 
     png = tmp_path / "fig4.png"
     fig = kbsync(kbsync_env, "editor", "figure", "--model", str(tiny_llama_dir), "--limit", "2", "--out", str(png),

@@ -167,8 +167,9 @@ def eval_command(
     style = adapter.answer_style(answer_style)
     run = {"data": data, "model": adapter.name, "limit": limit, "methods": method, "editor": editor, "ft_lr": ft_lr,
            "ft_steps": ft_steps, "loop": loop, "own_answers": own_answers, "answer_style": style, "gold_n": gold_n,
-           "gold_known": gold_known}
-    if earlier and (differ := [k for k in run if earlier["run"].get(k) != run[k]]):
+           "gold_known": gold_known, "editor_sha256": _editor_sha256(settings, adapter, editor, method)}
+    # (runs saved before a key existed are not held to it)
+    if earlier and (differ := [k for k in run if k in earlier["run"] and earlier["run"][k] != run[k]]):
         raise BadInput(f"--resume: {json_out} is a run with other settings ({', '.join(differ)}); drop --resume to start afresh")
     records = load_records(data, limit, answer_style=style)
     # Deterioration is measured on the data's gold answers (before grounding replaces them with the
@@ -205,6 +206,17 @@ def eval_command(
     console.print(results_table(rows, f"{len(records)} edits from {data} on {adapter.name}"))
     console.print("EM = kbsync match rules on the greedy answer; TF tok = token accuracy under teacher forcing.")
     console.print(f"perf. det. over {len(gold)} gold pairs" + (" the unedited model answers correctly." if gold_known else "."))
+
+
+def _editor_sha256(settings, adapter, editor: str | None, methods: list[str]) -> str | None:
+    """The checkpoint's digest when a KE method is evaluated, so --resume notices an editor retrained in place."""
+    from editor.delta import sha256_file
+    from editor.ke import editor_dir
+
+    if not any(m.startswith("ke") for m in methods):
+        return None
+    path = Path(editor) if editor else editor_dir(settings.store.data_path, adapter.name) / "editor.safetensors"
+    return sha256_file(path) if path.is_file() else None
 
 
 def _saved_run(path: Path) -> dict | None:

@@ -62,6 +62,7 @@ def main() -> None:
                          "over the rest of the data), not 4 drawn at random")
     ap.add_argument("--ke-only", action="store_true")
     ap.add_argument("--cond-norm", action="store_true", help="LayerNorm on the editor's condition vector")
+    ap.add_argument("--edit-modules", default="", help="regex of the matrices KE edits (default: the adapter's MLP matrices)")
     ap.add_argument("--head-weight-norm", action="store_true", help="weight norm on the heads' linear layers")
     ap.add_argument("--save-editor", default="", help="keep the trained editor at this path")
     ap.add_argument("--encoder-out", default="tanh", choices=["tanh", "mlp"],
@@ -71,6 +72,8 @@ def main() -> None:
     t = time.perf_counter()
     adapter = build_tiny(PRESETS["llama"], facts)
     build_s = time.perf_counter() - t
+    if args.edit_modules:  # KE and ft-layer edit these; ft-all still trains every matrix
+        adapter.edit_modules = (args.edit_modules,)
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         train = TrainConfig(steps=args.steps, batch=8, lr=1e-3, eval_every=100, checkpoint_every=args.steps,

@@ -9,7 +9,9 @@ does (editor/shrink.py). Writes benchmarks/out/ke_tiny.json.
 
 The training knobs (--label-smoothing, --lagrange-init, --lagrange-lr, --margin,
 --margin-floor, --n-retain, --batch-retain, --per-fact, --neighbours) reproduce the ablation in RESULTS.md;
---ke-only skips the fine-tuning baselines, whose numbers do not depend on them.
+--ke-only skips the fine-tuning baselines, whose numbers do not depend on them. --retain-all
+scores retain over every other fact (3,792 answers instead of 192); --encoder-out, --cond-norm,
+--head-weight-norm and --edit-modules are the editor variants compared in RESULTS.md.
 """
 
 from __future__ import annotations

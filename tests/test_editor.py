@@ -354,8 +354,9 @@ def test_trained_ke_edits_unseen_targets_and_keeps_retain(tiny_llama, facts, tra
         assert shrunk["retain_kl"] < rows[name]["retain_kl"] and shrunk["retain_acc"] >= rows[name]["retain_acc"], rows
     # The paper's Table 1 claims, as kbsync edits (shrink on): with +loop KnowledgeEditor reaches >= 90%
     # success and generalises to paraphrases far better than fine-tuning all layers (RMSProp, lr 1e-5,
-    # until the answer flips). On retain it is on par, not better, on this tiny model: 190 vs 191 of
-    # 192 retain answers kept (benchmarks/RESULTS.md); asserted: within 2 points (unshrunk +loop: 0.90).
+    # until the answer flips). On retain it is close, not better, on this tiny model: over every other
+    # fact (3,792 answers) KE+shrink keeps 0.985-0.994, ft-all 0.997 (benchmarks/RESULTS.md, "The
+    # paper's encoder"); asserted here, on 192 answers: within 2 points.
     assert rows["ke-loop+shrink"]["success_em"] >= 0.9, rows
     assert rows["ke-loop+shrink"]["equiv_em"] >= 0.85 and rows["ke-loop+shrink"]["equiv_em"] > rows["ft-all"]["equiv_em"] + 0.15, rows
     assert rows["ke+shrink"]["retain_acc"] >= rows["ft-all"]["retain_acc"] - 0.02, rows

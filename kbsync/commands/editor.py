@@ -46,7 +46,7 @@ def train(
     lstm_hidden: int = 128,
     cond_dim: int = 1024,
     lagrange_init: Annotated[float, typer.Option(help="Starting Lagrange multiplier.")] = 0.0,
-    cond_norm: Annotated[bool, typer.Option("--cond-norm", help="LayerNorm on the condition vector h, so the heads' tanh does not saturate and the update keeps depending on the fact (new editors only).")] = False,
+    cond_norm: Annotated[bool, typer.Option("--cond-norm", help="LayerNorm on the condition vector h (new editors only; it was the cure for older editors' unbounded h, which saturated the heads; h is now tanh-bounded as in the paper's code).")] = False,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the edit loss (and of the gradient the editor reads); a shift that flattens the output lowers a smoothed loss whatever the fact (benchmarks/RESULTS.md).")] = 0.1,
     eval_every: Annotated[int, typer.Option(help="Validate (and maybe anneal the margin) every N steps.")] = 50,
     checkpoint_every: Annotated[int, typer.Option(help="Write a checkpoint every N steps.")] = 100,

@@ -35,11 +35,11 @@ from adapters.tiny import PRESETS, build_tiny, tiny_facts  # noqa: E402
 from editor.analysis import update_parts  # noqa: E402
 from editor.data import from_facts  # noqa: E402
 from editor.evaluate import evaluate  # noqa: E402
-from kbsync.facts import render  # noqa: E402
 from editor.methods import SHRINK  # noqa: E402
 from editor.hypernet import HyperConfig, load_editor  # noqa: E402
 from editor.train import TrainConfig, Trainer  # noqa: E402
 from kbsync.commands.editor import results_table  # noqa: E402
+from kbsync.facts import render  # noqa: E402
 
 
 def main() -> None:

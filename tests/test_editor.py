@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from editor.data import EditRecord, from_facts, load_counterfact, load_records, load_zsre
 from editor.delta import Delta, DeltaError
@@ -98,15 +101,11 @@ def test_cond_norm_editor_normalises_h_and_round_trips(tiny_llama, facts, tmp_pa
 
 def test_tanh_encoder_bounds_h_and_older_editors_load_and_resume_as_mlp(tiny_llama, facts, tmp_path):
     """New editors squash h with tanh (the paper's code); a checkpoint written before encoder_out existed is an mlp editor."""
-    from safetensors.torch import load_file, save_file
-    import json
-
     records = from_facts(facts)[:3]
     texts = [condition_text(r.original, r.target, r.prompt) for r in records]
     for out in ("tanh", "mlp"):
         Trainer(tiny_llama, records, tmp_path / out, TrainConfig(steps=0), dataclasses.replace(SMALL, encoder_out=out, matrices=[])).save()
     old = tmp_path / "mlp" / "editor.safetensors"  # rewrite as an older file: no encoder_out in its config
-    from safetensors import safe_open
     with safe_open(str(old), "pt") as f:
         meta = f.metadata()
     cfg = json.loads(meta["config"])
@@ -306,8 +305,6 @@ def test_training_resumes_after_interruption(tiny_llama, facts, tmp_path):
     net = load_editor(tmp_path / "run" / "editor.safetensors", tiny_llama)
     state = again.net.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # the checkpoint is the trained net
-    from safetensors import safe_open
-
     with safe_open(str(tmp_path / "run" / "editor.safetensors"), "pt") as f:
         # The LSTM's embeddings are frozen (a copy of the model's): not stored, rebuilt from the model.
         assert "encoder.embed.weight" not in f.keys() and "encoder.lstm.weight_ih_l0" in f.keys()
@@ -363,8 +360,6 @@ def test_trained_ke_edits_unseen_targets_and_keeps_retain(tiny_llama, facts, tra
 
 
 def test_zsre_loader_handles_empty_fields_and_alt_in_answers(tmp_path):
-    import json
-
     recs = [
         {"subject": "A", "src": "What is A?", "pred": "x", "rephrase": "A is what?", "alt": "y", "answers": ["x"],
          "loc": "nq question: who wrote b", "loc_ans": "c", "cond": ""},

@@ -15,6 +15,13 @@ def editor_dir(data_dir: Path, model_name: str) -> Path:
     return Path(data_dir) / "editors" / safe
 
 
+def checkpoint_path(options: dict[str, Any], model_name: str) -> Path | None:
+    """The editor file the KE methods load: the `checkpoint` option, else the model's editor dir under `data_dir`."""
+    if options.get("checkpoint"):
+        return Path(options["checkpoint"])
+    return editor_dir(options["data_dir"], model_name) / "editor.safetensors" if options.get("data_dir") else None
+
+
 @register_method
 class KnowledgeEditorMethod(EditMethod):
     """De Cao et al. 2021: a hyper-network predicts the update from the new fact's gradient."""
@@ -25,10 +32,8 @@ class KnowledgeEditorMethod(EditMethod):
 
     def __init__(self, adapter: Any, **options: Any) -> None:
         super().__init__(adapter, **options)
-        path = options.get("checkpoint") or (
-            editor_dir(options["data_dir"], adapter.name) / "editor.safetensors" if options.get("data_dir") else None
-        )
-        if path is None or not Path(path).exists():
+        path = checkpoint_path(options, adapter.name)
+        if path is None or not path.exists():
             raise NotFound(
                 f"no trained KnowledgeEditor for model {adapter.name}"
                 + (f" (looked for {path})" if path else "")
@@ -36,7 +41,7 @@ class KnowledgeEditorMethod(EditMethod):
             )
         from editor.hypernet import load_editor
 
-        self.net = load_editor(Path(path), adapter)
+        self.net = load_editor(path, adapter)
 
     def edit(self, request: EditRequest) -> EditResult:
         """Predict the delta; the +loop variant re-applies it (up to the `loop` option) until the answer flips."""

@@ -163,30 +163,31 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         for p in adapter.model.parameters():
             p.requires_grad_(False)
-        self.net = build_hypernet(adapter, hyper)
+        state = self.out / "trainer.json"
+        resuming = state.exists() and self.checkpoint.exists()
+        self.net = self._saved_net(hyper) if resuming else build_hypernet(adapter, hyper)
         self.trainable = [p for p in self.net.parameters() if p.requires_grad]  # not the frozen embeddings
         self.opt = torch.optim.Adam(self.trainable, lr=self.cfg.lr)
         self.step, self.lam, self.margin = 0, self.cfg.lagrange_init, self.cfg.margin
         self.cache = RecordCache(adapter)
-        self._resume(hyper)
+        if resuming:
+            self._resume(state)
 
     @property
     def checkpoint(self) -> Path:
         """The editor weights written at every checkpoint (what the `ke` method loads)."""
         return self.out / "editor.safetensors"
 
-    def _resume(self, hyper: HyperConfig | None) -> None:
-        state = self.out / "trainer.json"
-        if not (state.exists() and self.checkpoint.exists()):
-            return
-        s = json.loads(state.read_text())
+    def _saved_net(self, hyper: HyperConfig | None) -> HyperNetwork:
         # The checkpoint's own architecture, whatever `hyper` says now (an older run, other sizes);
         # what is not architecture (the loss's label smoothing, the text length) may change on resume.
-        self.net = load_editor(self.checkpoint, self.adapter)
+        net = load_editor(self.checkpoint, self.adapter)
         if hyper is not None:
-            self.net.cfg.label_smoothing, self.net.cfg.max_len = hyper.label_smoothing, hyper.max_len
-        self.trainable = [p for p in self.net.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(self.trainable, lr=self.cfg.lr)
+            net.cfg.label_smoothing, net.cfg.max_len = hyper.label_smoothing, hyper.max_len
+        return net
+
+    def _resume(self, state: Path) -> None:
+        s = json.loads(state.read_text())
         opt_path = self.out / "optimizer.pt"
         if opt_path.exists():
             self.opt.load_state_dict(torch.load(opt_path, weights_only=True))

@@ -165,9 +165,10 @@ def eval_command(
             raise BadInput(f"--json {json_out}: cannot write there ({e.strerror})") from None
     settings, adapter = _setup(config, model)
     style = adapter.answer_style(answer_style)
+    options = _method_options(settings, adapter, editor, ft_lr, ft_steps, loop)
     run = {"data": data, "model": adapter.name, "limit": limit, "methods": method, "editor": editor, "ft_lr": ft_lr,
            "ft_steps": ft_steps, "loop": loop, "own_answers": own_answers, "answer_style": style, "gold_n": gold_n,
-           "gold_known": gold_known, "editor_sha256": _editor_sha256(settings, adapter, editor, method)}
+           "gold_known": gold_known, "editor_sha256": _editor_sha256(options["ke"], adapter.name, method)}
     # (runs saved before a key existed are not held to it)
     if earlier and (differ := [k for k in run if k in earlier["run"] and earlier["run"][k] != run[k]]):
         raise BadInput(f"--resume: {json_out} is a run with other settings ({', '.join(differ)}); drop --resume to start afresh")
@@ -186,7 +187,6 @@ def eval_command(
     if own_answers:
         with console.status(f"asking the model for its own answers ({len(records)} records)"):
             records = ground(adapter, records)
-    options = _method_options(settings, adapter, editor, ft_lr, ft_steps, loop)
 
     def save(rows: list[dict], state: dict) -> None:  # after every record: a run of hours can stop any time
         if json_out:  # (its folder was made up front); rows' "n" is the records done so far
@@ -208,15 +208,15 @@ def eval_command(
     console.print(f"perf. det. over {len(gold)} gold pairs" + (" the unedited model answers correctly." if gold_known else "."))
 
 
-def _editor_sha256(settings, adapter, editor: str | None, methods: list[str]) -> str | None:
+def _editor_sha256(ke_options: dict, model_name: str, methods: list[str]) -> str | None:
     """The checkpoint's digest when a KE method is evaluated, so --resume notices an editor retrained in place."""
     from editor.delta import sha256_file
-    from editor.ke import editor_dir
+    from editor.ke import checkpoint_path
 
     if not any(m.startswith("ke") for m in methods):
         return None
-    path = Path(editor) if editor else editor_dir(settings.store.data_path, adapter.name) / "editor.safetensors"
-    return sha256_file(path) if path.is_file() else None
+    path = checkpoint_path(ke_options, model_name)
+    return sha256_file(path) if path is not None and path.is_file() else None
 
 
 def _saved_run(path: Path) -> dict | None:

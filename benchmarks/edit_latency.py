@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -28,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PHASES = ("load", "check", "edit", "shrink", "regression", "commit")
 
 
-def forward_backward_seconds(adapter, repeats: int = 3) -> float:
+def forward_backward_seconds(adapter: Any, repeats: int = 3) -> float:
     """Median seconds of one forward+backward through the whole model on a 1x16-token input."""
     import torch
 
@@ -101,7 +102,8 @@ def main() -> None:
     pipeline.close()
 
 
-def report(args, pipeline, out, timings, fwd_bwd, run, cache) -> dict:
+def report(args: argparse.Namespace, pipeline: Any, out: Any, timings: dict[str, float], fwd_bwd: float,
+           run: int, cache: dict[str, int]) -> dict[str, Any]:
     """Print one run's phase table and return its JSON record."""
     import torch
     from rich.console import Console

@@ -27,7 +27,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from kbsync.config import load_settings  # noqa: E402
-from kbsync.corpus import build_fact_table  # noqa: E402
+from kbsync.corpus import FactTable, build_fact_table  # noqa: E402
 from kbsync.daemon import _ENTITY_ID, Daemon, api_token  # noqa: E402
 from kbsync.daemon_client import DaemonClient  # noqa: E402
 from kbsync.kb.local import LocalKB  # noqa: E402
@@ -48,7 +48,7 @@ def tiny_model() -> Path:
     return path
 
 
-def watched_pairs(table, n: int, first: list[str]) -> list[tuple[str, str]]:
+def watched_pairs(table: FactTable, n: int, first: list[str]) -> list[tuple[str, str]]:
     """n distinct (entity id, property) slots of the table, the change subjects' capitals first."""
     ids = {f.subject.label: f.subject.id for f in table.by_property("P36")}
     pairs = [(ids[s], "P36") for s in first]
@@ -120,6 +120,7 @@ def change_latency(root: Path, kb: LocalKB, model: Path, pairs: list[tuple[str, 
 
 
 def main() -> None:
+    """Run the sync benchmark, print its table and write its JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="Model directory (default: a cached tiny Llama).")
     ap.add_argument("--watched", type=int, default=10_000)

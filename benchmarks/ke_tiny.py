@@ -11,7 +11,8 @@ The training knobs (--label-smoothing, --lagrange-init, --lagrange-lr, --margin,
 --margin-floor, --n-retain, --batch-retain, --per-fact, --neighbours) reproduce the ablation in RESULTS.md;
 --ke-only skips the fine-tuning baselines, whose numbers do not depend on them. --retain-all
 scores retain over every other fact (3,792 answers instead of 192); --encoder-out, --cond-norm,
---head-weight-norm and --edit-modules are the editor variants compared in RESULTS.md.
+--head-weight-norm and --edit-modules are the editor variants compared in RESULTS.md;
+--sequential stacks each method's edits one after another, as the daemon does, and scores the end state.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ from rich.console import Console  # noqa: E402
 from adapters.tiny import PRESETS, build_tiny, tiny_facts  # noqa: E402
 from editor.analysis import update_parts  # noqa: E402
 from editor.data import from_facts  # noqa: E402
-from editor.evaluate import evaluate  # noqa: E402
+from editor.evaluate import evaluate, evaluate_sequential  # noqa: E402
 from editor.methods import SHRINK  # noqa: E402
 from editor.hypernet import HyperConfig, load_editor  # noqa: E402
 from editor.train import TrainConfig, Trainer  # noqa: E402
-from kbsync.commands.editor import results_table  # noqa: E402
+from kbsync.commands.editor import COLUMNS, SEQUENTIAL_COLUMNS, results_table  # noqa: E402
 from kbsync.facts import render  # noqa: E402
 
 
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--edit-modules", default="", help="regex of the matrices KE edits (default: the adapter's MLP matrices)")
     ap.add_argument("--head-weight-norm", action="store_true", help="weight norm on the heads' linear layers")
     ap.add_argument("--save-editor", default="", help="keep the trained editor at this path")
+    ap.add_argument("--sequential", action="store_true",
+                    help="stack each method's edits one after another and score the end state (kbsync eval --sequential)")
     ap.add_argument("--encoder-out", default="tanh", choices=["tanh", "mlp"],
                     help="h = tanh(Linear) as in the paper's code, or the older unbounded Linear-tanh-Linear")
     args = ap.parse_args()
@@ -103,13 +106,15 @@ def main() -> None:
                    "zhu lr1e-4": ("zhu", {"lr": 1e-4, "linf": 1e-2})}
         if args.ke_only:
             methods = {k: v for k, v in methods.items() if k.startswith("ke")}
+        score = evaluate_sequential if args.sequential else evaluate
         rows = []
         for label, (name, opts) in methods.items():
-            row = evaluate(adapter, test, [name], {name.removesuffix(SHRINK): opts})[0]
+            row = score(adapter, test, [name], {name.removesuffix(SHRINK): opts})[0]
             row["method"] = label
             rows.append(row)
-    Console(width=200).print(results_table(rows, f"{len(test)} held-out edits, tiny Llama "
-                                             f"(build {build_s:.0f}s, KE train {train_s:.0f}s)"))
+    title = f"{len(test)} held-out edits{' stacked' if args.sequential else ''}, tiny Llama "
+    Console(width=200).print(results_table(rows, title + f"(build {build_s:.0f}s, KE train {train_s:.0f}s)",
+                                           SEQUENTIAL_COLUMNS if args.sequential else COLUMNS))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     print("KE update terms over the edits:", {k: round(v, 4) for k, v in parts.items()})
     Path(args.out).write_text(json.dumps({"steps": args.steps, "args": vars(args), "train_s": train_s, "rows": rows,

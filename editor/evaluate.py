@@ -170,3 +170,76 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
         if on_row:
             on_row([s.summary(base_gold) for s in scores], {"base_gold": base_gold, "scores": [asdict(s) for s in scores]})
     return [s.summary(base_gold) for s in scores]
+
+
+def _answer_argmax(adapter: Any, pairs: list[tuple[str, str]], question: bool, chunk: int = 32) -> list[torch.Tensor]:
+    """Per pair, the argmax token at each answer position under teacher forcing (chunked: full-vocab logits)."""
+    out: list[torch.Tensor] = []
+    with torch.no_grad():
+        for i in range(0, len(pairs), chunk):
+            part = pairs[i:i + chunk]
+            logits, _, mask = adapter.answer_logits(adapter.encode([p for p, _ in part], [a for _, a in part], question))
+            out += [row[m] for row, m in zip(logits.argmax(-1), mask)]
+    return out
+
+
+def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[str],
+                        options: dict[str, dict[str, Any]] | None = None, gold: list[tuple[str, str]] | None = None,
+                        on_edit: Callable[[str, int], None] | None = None) -> list[dict[str, float]]:
+    """Each method's edits applied one after another, as the daemon stacks them, then scored against the unedited model.
+
+    Every edit is proposed on the model as edited so far, conditioned on its answer then.
+    success_em: the edit's prompt answers its target right after it; kept_em: it still does
+    after the last edit (a prompt edited again later counts only at its last edit); equiv_em:
+    the final edits' paraphrases at the end; retain_acc / retain_tf: the records' retain
+    prompts (those no record edits) answered as by the unedited model, whole answer / per
+    token; deterioration on the gold set at the end. The model is restored bit for bit after
+    each method.
+    """
+    options = options or {}
+    question = records[0].question if records else True
+    edited = {p for r in records for p in (r.prompt, *r.paraphrases)}
+    retain = list(dict.fromkeys(pair for r in records for pair in r.retain if pair[0] not in edited))
+    gold = [pair for pair in (gold if gold is not None else retain[:GOLD]) if pair[0] not in edited]
+    base_answers = adapter.predict([p for p, _ in retain], question=question) if retain else []
+    base_tokens = _answer_argmax(adapter, list(zip([p for p, _ in retain], base_answers)), question)
+    base_gold = _gold_accuracy(adapter, gold, question)
+    last = {r.prompt: i for i, r in enumerate(records)}
+    final = [r for i, r in enumerate(records) if last[r.prompt] == i]
+    rows = []
+    for name in methods:
+        method = make_method(name, adapter, **options.get(name.removesuffix(SHRINK), {}))
+        params = dict(adapter.model.named_parameters())
+        saved: dict[str, torch.Tensor] = {}
+        made, seconds = [], []
+        try:
+            for i, r in enumerate(records):
+                now = adapter.predict([r.prompt], question=r.question)[0]
+                req = EditRequest(r.prompt, r.target, r.question, original=now, paraphrases=tuple(r.paraphrases),
+                                  answer=r.answer, claim_prefix=r.claim_prefix)
+                result = method.propose(req)
+                for n in result.delta.tensors:
+                    saved.setdefault(n, params[n].detach().clone())
+                result.delta.apply(adapter.model)
+                made += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
+                seconds.append(result.seconds)
+                if on_edit:
+                    on_edit(name, i)
+            kept = [_em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)[0] for r in final]
+            equiv = [x for r in final if r.paraphrases for x in _em(adapter, r.paraphrases, r.target, r.question, r.claim_prefix)]
+            after = adapter.predict([p for p, _ in retain], question=question) if retain else []
+            after_tokens = _answer_argmax(adapter, list(zip([p for p, _ in retain], base_answers)), question)
+            gold_acc = _gold_accuracy(adapter, gold, question)
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    params[n].copy_(w)
+        mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+        rows.append({
+            "method": name, "n": len(records), "success_em": mean(made), "kept_em": mean(kept), "equiv_em": mean(equiv),
+            "retain_acc": mean([float(normalise(a) == normalise(b)) for a, b in zip(after, base_answers)]),
+            "retain_tf": mean([float((a == b).float().mean()) for a, b in zip(after_tokens, base_tokens) if len(b)]),
+            "deterioration": (1 - gold_acc / base_gold) if base_gold > 0 else float("nan"),
+            "latency_s": mean(seconds), "retain_n": len(retain), "gold_n": len(gold),
+        })
+    return rows

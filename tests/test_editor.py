@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from editor.data import EditRecord, from_facts, load_counterfact, load_records, load_zsre
 from editor.delta import Delta, DeltaError
 from editor.analysis import update_parts
-from editor.evaluate import evaluate, known_gold
+from editor.evaluate import evaluate, evaluate_sequential, known_gold
 from editor.hypernet import HyperConfig, MatrixHead, condition_text, encode_conditions, load_editor
 from editor.methods import EditRequest, make_method
 from editor.train import TrainConfig, Trainer
@@ -239,6 +239,33 @@ def test_evaluate_hands_over_every_methods_rows_after_each_record(tiny_llama, fa
     zero = rows[1]
     assert zero["success_em"] == 0 and zero["retain_tf"] == 1.0 and zero["retain_acc"] == 1.0 and zero["retain_kl"] == 0, zero
     assert 0 <= rows[0]["retain_tf"] <= 1 and rows[0]["success_em"] == 1.0, rows[0]
+
+
+def test_sequential_evaluation_stacks_the_edits_and_restores_the_model(tiny_llama, facts):
+    """--sequential: each edit on the model as edited so far; a prompt edited twice counts at its last edit."""
+    before = {n: p.detach().clone() for n, p in tiny_llama.model.named_parameters()}
+    recs = from_facts(facts, n_retain=4, seed=0)
+    first = recs[0]
+    second = next(r for r in recs[1:] if r.target not in (first.target, first.original))
+    again = dataclasses.replace(first, target=second.target)  # the first prompt once more, to another target
+    records = [first, second, again]
+    seen = []
+    rows = evaluate_sequential(tiny_llama, records, ["ft-layer"], {"ft-layer": {"lr": 1e-3}},
+                               on_edit=lambda m, i: seen.append(i))
+    row = rows[0]
+    assert seen == [0, 1, 2] and row["n"] == 3
+    assert all(torch.equal(p, before[n]) for n, p in tiny_llama.model.named_parameters())
+    # All three took when made; at the end the first prompt answers its second target, so over the
+    # last edit of each prompt (second, again) both are kept, and the superseded one is not counted.
+    assert row["success_em"] == 1.0 and row["kept_em"] == 1.0, row
+    # Retain: the records' retain prompts less the two edited ones; scored against the unedited model.
+    edited = {first.prompt, second.prompt}
+    expected = {p for r in records for p, _ in r.retain} - edited
+    assert row["retain_n"] == len(expected) > 0 and 0 <= row["retain_acc"] <= 1 and 0 <= row["retain_tf"] <= 1, row
+    # A method that changes nothing keeps every retain answer and token, and takes no edit.
+    zero = evaluate_sequential(tiny_llama, records, ["zhu"], {"zhu": {"lr": 1e-3, "linf": 0.0, "max_steps": 2}})[0]
+    assert zero["success_em"] == 0 and zero["retain_acc"] == 1.0 and zero["retain_tf"] == 1.0, zero
+    assert zero["deterioration"] == 0.0, zero
 
 
 def test_known_gold_keeps_the_pairs_the_unedited_model_answers(tiny_llama, facts):

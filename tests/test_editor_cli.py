@@ -65,6 +65,14 @@ def test_train_resume_eval_and_figure(tiny_llama_dir, kbsync_env, tmp_path):
     changed = kbsync(kbsync_env, "eval", *ev.args[4:], "--resume")
     assert changed.returncode == 2 and "other settings (editor_sha256)" in changed.stderr, changed.stderr
 
+    # --sequential: the same edits stacked, the end state scored.
+    seq = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "3",
+                 "--method", "ft-layer", "--ft-lr", "1e-3", "--sequential", "--json", str(tmp_path / "seq.json"))
+    assert seq.returncode == 0, seq.stderr
+    stacked = json.loads((tmp_path / "seq.json").read_text())
+    assert stacked["run"]["sequential"] and stacked["rows"][0]["success_em"] == 1.0, stacked
+    assert 0 <= stacked["rows"][0]["kept_em"] <= 1 and "kept at end (EM)" in seq.stdout, seq.stdout
+
     png = tmp_path / "fig4.png"
     fig = kbsync(kbsync_env, "editor", "figure", "--model", str(tiny_llama_dir), "--limit", "2", "--out", str(png),
                  "--method", "ke", "--method", "ft-all", "--editor", str(out / "editor.safetensors"), "--ft-lr", "1e-3")
@@ -91,6 +99,9 @@ def test_eval_refuses_an_unwritable_json_path_before_editing(tiny_llama_dir, kbs
     assert neg.returncode == 2 and "--gold -1: must be 0 or more" in neg.stderr, neg.stderr
     alone = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--resume")
     assert alone.returncode == 2 and "--resume needs --json" in alone.stderr, alone.stderr
+    both = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--sequential", "--resume",
+                  "--json", str(tmp_path / "s.json"))
+    assert both.returncode == 2 and "a --sequential run starts afresh" in both.stderr, both.stderr
     (tmp_path / "junk.json").write_text('{"rows": []}')
     junk = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--resume",
                   "--json", str(tmp_path / "junk.json"))

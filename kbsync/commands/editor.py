@@ -117,14 +117,20 @@ COLUMNS = [("success_em", "success (EM)"), ("success_tf", "success (TF tok)"), (
            ("scale", "delta scale")]
 
 
-def results_table(rows: list[dict], title: str) -> Table:
-    """The evaluation rows as a rich table with the paper's Table 1 columns."""
+# `kbsync eval --sequential`: the end state after every edit, stacked.
+SEQUENTIAL_COLUMNS = [("success_em", "success (EM)"), ("kept_em", "kept at end (EM)"), ("equiv_em", "equiv at end (EM)"),
+                      ("retain_acc", "retain acc"), ("retain_tf", "retain TF tok"), ("deterioration", "perf. det."),
+                      ("latency_s", "latency s")]
+
+
+def results_table(rows: list[dict], title: str, columns: list[tuple[str, str]] = COLUMNS) -> Table:
+    """The evaluation rows as a rich table (the paper's Table 1 columns unless told otherwise)."""
     table = Table(title=title)
     table.add_column("method")
-    for _, name in COLUMNS:
+    for _, name in columns:
         table.add_column(name, justify="right")
     for r in rows:
-        table.add_row(r["method"], *("nan" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in COLUMNS))
+        table.add_row(r["method"], *("nan" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in columns))
     return table
 
 
@@ -145,16 +151,19 @@ def eval_command(
     gold_n: Annotated[Optional[int], typer.Option("--gold", help="Held-out gold pairs answered after every edit for performance deterioration (most of the scoring time; default 50; 0: no deterioration column).")] = None,
     gold_known: Annotated[bool, typer.Option("--gold-known/--gold-any", help="Gold pairs the unedited model answers correctly (deterioration = share of them an edit breaks), or the data's first pairs whatever the model says (the paper's ratio).")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Carry on the run saved in --json (same settings) from the record it reached; a missing or empty file starts afresh.")] = False,
+    sequential: Annotated[bool, typer.Option("--sequential", help="Stack each method's edits one after another, as the daemon does, and score the end state against the unedited model (edits kept, retain, deterioration).")] = False,
 ) -> None:
-    """The paper's Table 1 columns for every --method on the same edits, in one run."""
+    """The paper's Table 1 columns for every --method on the same edits, in one run (or, --sequential, the edits stacked)."""
     from editor.data import ground, load_records
-    from editor.evaluate import GOLD, evaluate, known_gold
+    from editor.evaluate import GOLD, evaluate, evaluate_sequential, known_gold
 
     gold_n = GOLD if gold_n is None else gold_n
     if gold_n < 0:
         raise BadInput(f"--gold {gold_n}: must be 0 or more")
     if resume and not json_out:
         raise BadInput("--resume needs --json FILE, the run to carry on")
+    if resume and sequential:
+        raise BadInput("--resume carries on a run of single edits; a --sequential run starts afresh")
     earlier = _saved_run(Path(json_out)) if resume and json_out else None
 
     if json_out:  # fail now, not after the first method of a run of hours
@@ -168,7 +177,8 @@ def eval_command(
     options = _method_options(settings, adapter, editor, ft_lr, ft_steps, loop)
     run = {"data": data, "model": adapter.name, "limit": limit, "methods": method, "editor": editor, "ft_lr": ft_lr,
            "ft_steps": ft_steps, "loop": loop, "own_answers": own_answers, "answer_style": style, "gold_n": gold_n,
-           "gold_known": gold_known, "editor_sha256": _editor_sha256(options["ke"], adapter.name, method)}
+           "gold_known": gold_known, "editor_sha256": _editor_sha256(options["ke"], adapter.name, method),
+           "sequential": sequential}
     # (runs saved before a key existed are not held to it)
     if earlier and (differ := [k for k in run if k in earlier["run"] and earlier["run"][k] != run[k]]):
         raise BadInput(f"--resume: {json_out} is a run with other settings ({', '.join(differ)}); drop --resume to start afresh")
@@ -200,12 +210,22 @@ def eval_command(
                   TimeElapsedColumn(), console=console) as bar:
         done = earlier["state"]["scores"][0]["n"] if earlier else 0
         tasks = {m: bar.add_task(m, total=len(records), completed=done) for m in method}
-        rows = evaluate(adapter, records, method, options, gold=gold,
-                        on_edit=lambda m, i: bar.update(tasks[m], completed=i + 1), on_row=save,
-                        resume=earlier["state"] if earlier else None)
-    console.print(results_table(rows, f"{len(records)} edits from {data} on {adapter.name}"))
+        progress = lambda m, i: bar.update(tasks[m], completed=i + 1)  # noqa: E731
+        if sequential:
+            rows = evaluate_sequential(adapter, records, method, options, gold=gold, on_edit=progress)
+            save(rows, {})
+        else:
+            rows = evaluate(adapter, records, method, options, gold=gold, on_edit=progress, on_row=save,
+                            resume=earlier["state"] if earlier else None)
+    if sequential:
+        console.print(results_table(rows, f"{len(records)} edits from {data} stacked on {adapter.name}", SEQUENTIAL_COLUMNS))
+        console.print(f"retain over {rows[0]['retain_n'] if rows else 0} prompts no record edits; kept = the edited "
+                      "prompt still answers its target after the last edit.")
+    else:
+        console.print(results_table(rows, f"{len(records)} edits from {data} on {adapter.name}"))
     console.print("EM = kbsync match rules on the greedy answer; TF tok = token accuracy under teacher forcing.")
-    console.print(f"perf. det. over {len(gold)} gold pairs" + (" the unedited model answers correctly." if gold_known else "."))
+    gold_used = rows[0]["gold_n"] if sequential and rows else len(gold)  # (less the prompts edited)
+    console.print(f"perf. det. over {gold_used} gold pairs" + (" the unedited model answers correctly." if gold_known else "."))
 
 
 def _editor_sha256(ke_options: dict, model_name: str, methods: list[str]) -> str | None:

@@ -47,6 +47,7 @@ class RegressionConfig:
     min_unchanged: float = 0.95
     min_paraphrase_accuracy: float = 0.5
     tie_margin: float = 0.1
+    keep_applied: bool = True
 
 
 @dataclass

@@ -238,7 +238,8 @@ class EditPipeline:
                        "edit_steps": result.steps, "edit_seconds": result.seconds,
                        "delta_norm": result.delta.norm(), "delta_scale": result.info.get("scale", 1.0)}
         row.thresholds = {"max_mean_kl": reg.max_mean_kl, "max_kl": reg.max_kl, "min_unchanged": reg.min_unchanged,
-                          "min_paraphrase_accuracy": reg.min_paraphrase_accuracy, "tie_margin": reg.tie_margin}
+                          "min_paraphrase_accuracy": reg.min_paraphrase_accuracy, "tie_margin": reg.tie_margin,
+                          "keep_applied": reg.keep_applied}
         reasons = []
         if not after[0].ok:
             reasons.append(f"the edit did not take: the model answers {after[0].prediction!r}")
@@ -250,6 +251,10 @@ class EditPipeline:
             reasons.append(f"unchanged retain answers {m['unchanged']:.1%} < {reg.min_unchanged:.1%}")
         if para_acc is not None and para_acc < reg.min_paraphrase_accuracy:
             reasons.append(f"paraphrase accuracy {para_acc:.1%} < {reg.min_paraphrase_accuracy:.1%}")
+        undone = [c for c in retain.checks if c.item.origin.startswith("edit:") and not c.unchanged]
+        if reg.keep_applied and undone:
+            reasons.append("changes the answer of applied " + ", ".join(
+                f"edit {c.item.origin.removeprefix('edit:')} ({c.before!r} -> {c.after!r})" for c in undone))
         row.reasons = reasons
         row.forced = bool(reasons) and force
         if row.forced:

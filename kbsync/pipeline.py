@@ -24,7 +24,7 @@ from kbsync.config import Settings
 from kbsync.corpus import FactTable, default_fact_table, fact_from_phrase  # noqa: F401  (re-exported for callers)
 from kbsync.errors import BadInput
 from kbsync.facts import Entity, Fact, default_relations, render
-from kbsync.match import normalise
+from kbsync.match import match, normalise
 from kbsync.retain import BaseCache, RetainReport, check_dict, is_question, measure, sample_retain
 from kbsync.served import ServedModel
 from kbsync.store import DeltaStore
@@ -251,15 +251,24 @@ class EditPipeline:
             reasons.append(f"unchanged retain answers {m['unchanged']:.1%} < {reg.min_unchanged:.1%}")
         if para_acc is not None and para_acc < reg.min_paraphrase_accuracy:
             reasons.append(f"paraphrase accuracy {para_acc:.1%} < {reg.min_paraphrase_accuracy:.1%}")
-        undone = [c for c in retain.checks if c.item.origin.startswith("edit:") and not c.unchanged]
-        if reg.keep_applied and undone:
-            reasons.append("changes the answer of applied " + ", ".join(
-                f"edit {c.item.origin.removeprefix('edit:')} ({c.before!r} -> {c.after!r})" for c in undone))
+        if reg.keep_applied and (undone := self._undone(retain)):
+            reasons.append("undoes applied " + ", ".join(undone))
         row.reasons = reasons
         row.forced = bool(reasons) and force
         if row.forced:
             row.reasons = [*reasons, f"forced by {row.actor or 'unknown'} despite the above"]
         row.status = "applied" if not reasons or force else "rejected"
+
+    def _undone(self, retain: RetainReport) -> list[str]:
+        """Applied edits whose answer held before the candidate delta (match rules) and not with it."""
+        applied = {f"edit:{e.id}": e for e in self.audit.applied_in_order()}
+        out = []
+        for c in retain.checks:
+            e = applied.get(c.item.origin)
+            # An answer regenerated for a changed item; "" when it was not (then it no longer holds).
+            if e is not None and not c.unchanged and match(c.before, e.object_label).ok and not match(c.after, e.object_label).ok:
+                out.append(f"edit {e.id} ({c.before!r} -> {c.after!r})")
+        return out
 
     # --- retain cache ------------------------------------------------------------------------
 

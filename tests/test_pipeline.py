@@ -108,13 +108,13 @@ def test_tight_thresholds_reject_and_leave_the_model_unchanged(make, tiny_llama,
 
 def test_an_edit_that_undoes_an_applied_edit_is_rejected(make):
     """Editing Pakistan's capital to New Delhi turns India (edited to Paris) back to New Delhi, at a KL
-    and unchanged share that pass every other limit: keep_applied rejects it, naming the edit."""
+    and unchanged share that pass every other limit: keep_applied rejects it, naming the edit it undoes."""
     p = make(max_mean_kl=0.05, max_kl=1.0, min_unchanged=0.95)
     first = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
     assert first.status == "applied", first.edit.reasons
     out = p.edit_fact(fact_from_phrase("capital of Pakistan", "New Delhi"))
     assert out.status == "rejected", out.edit.metrics
-    assert out.edit.reasons == [f"changes the answer of applied edit {first.edit.id} ('Paris' -> 'New Delhi')"], out.edit.reasons
+    assert out.edit.reasons == [f"undoes applied edit {first.edit.id} ('Paris' -> 'New Delhi')"], out.edit.reasons
     assert out.edit.metrics["mean_kl"] <= 0.05 and out.edit.metrics["unchanged"] >= 0.95, out.edit.metrics
     assert answer(p, "What is the capital of India?") == "Paris" and out.edit.thresholds["keep_applied"] is True
     # Without the guard the same edit lands and India's edit silently stops holding.

@@ -172,6 +172,11 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
     return [s.summary(base_gold) for s in scores]
 
 
+def _answers(adapter: Any, prompts: list[str], question: bool, chunk: int = 32) -> list[str]:
+    """The model's greedy answer to every prompt, asked chunk by chunk (a stacked run's retain set can be large)."""
+    return [a for i in range(0, len(prompts), chunk) for a in adapter.predict(prompts[i:i + chunk], question=question)]
+
+
 def _answer_argmax(adapter: Any, pairs: list[tuple[str, str]], question: bool, chunk: int = 32) -> list[torch.Tensor]:
     """Per pair, the argmax token at each answer position under teacher forcing (chunked: full-vocab logits)."""
     out: list[torch.Tensor] = []
@@ -201,7 +206,7 @@ def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[s
     edited = {p for r in records for p in (r.prompt, *r.paraphrases)}
     retain = list(dict.fromkeys(pair for r in records for pair in r.retain if pair[0] not in edited))
     gold = [pair for pair in (gold if gold is not None else retain[:GOLD]) if pair[0] not in edited]
-    base_answers = adapter.predict([p for p, _ in retain], question=question) if retain else []
+    base_answers = _answers(adapter, [p for p, _ in retain], question)
     base_tokens = _answer_argmax(adapter, list(zip([p for p, _ in retain], base_answers)), question)
     base_gold = _gold_accuracy(adapter, gold, question)
     last = {r.prompt: i for i, r in enumerate(records)}
@@ -227,7 +232,7 @@ def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[s
                     on_edit(name, i)
             kept = [_em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)[0] for r in final]
             equiv = [x for r in final if r.paraphrases for x in _em(adapter, r.paraphrases, r.target, r.question, r.claim_prefix)]
-            after = adapter.predict([p for p, _ in retain], question=question) if retain else []
+            after = _answers(adapter, [p for p, _ in retain], question)
             after_tokens = _answer_argmax(adapter, list(zip([p for p, _ in retain], base_answers)), question)
             gold_acc = _gold_accuracy(adapter, gold, question)
         finally:

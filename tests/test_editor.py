@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from editor.data import EditRecord, from_facts, load_counterfact, load_records, load_zsre
 from editor.delta import Delta, DeltaError
 from editor.analysis import update_parts
-from editor.evaluate import evaluate, evaluate_sequential, known_gold
+from editor.evaluate import _answers, evaluate, evaluate_sequential, known_gold
 from editor.hypernet import HyperConfig, MatrixHead, condition_text, encode_conditions, load_editor
 from editor.methods import EditRequest, make_method
 from editor.train import TrainConfig, Trainer
@@ -266,6 +266,13 @@ def test_sequential_evaluation_stacks_the_edits_and_restores_the_model(tiny_llam
     zero = evaluate_sequential(tiny_llama, records, ["zhu"], {"zhu": {"lr": 1e-3, "linf": 0.0, "max_steps": 2}})[0]
     assert zero["success_em"] == 0 and zero["retain_acc"] == 1.0 and zero["retain_tf"] == 1.0, zero
     assert zero["deterioration"] == 0.0, zero
+
+
+def test_sequential_retain_answers_are_asked_in_chunks_with_the_same_result(tiny_llama, facts):
+    """A stacked run's retain set is asked chunk by chunk; the answers match one batch, in order."""
+    prompts = [r.prompt for r in from_facts(facts)][:7]
+    assert _answers(tiny_llama, prompts, True, chunk=3) == tiny_llama.predict(prompts) and len(prompts) == 7
+    assert _answers(tiny_llama, [], True) == []
 
 
 def test_known_gold_keeps_the_pairs_the_unedited_model_answers(tiny_llama, facts):

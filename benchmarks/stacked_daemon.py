@@ -97,8 +97,9 @@ def run_one(args: argparse.Namespace, method: str, checks: str, edits: list[tupl
     finally:
         pipeline.close()
     counts = collections.Counter(r["status"] for r in rows)
-    reasons = collections.Counter(r["reasons"][0].split(":")[0].split(" (")[0].rstrip("0123456789.%<> ")
-                                  for r in rows if r["status"] == "rejected" and r["reasons"])
+    # Every reason of every rejected edit, without its numbers ("mean retain KL 0.08 > 0.05" -> "mean retain KL").
+    reasons = collections.Counter(why.split(":")[0].split(" (")[0].rstrip("0123456789.%<> ")
+                                  for r in rows if r["status"] == "rejected" for why in r["reasons"])
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return {"method": method, "checks": checks, "edits": len(rows), "applied": counts["applied"],
             "rejected": counts["rejected"], "noop": counts["noop"], "kept": mean(kept), "kept_n": sum(kept),
@@ -155,7 +156,7 @@ def main() -> None:
         table.add_row(r["method"], r["checks"], str(r["applied"]), str(r["rejected"]), str(r["noop"]),
                       f"{r['kept_n']}/{r['applied']}", f"{r['gold_kept']:.2f}",
                       ", ".join(f"{k} x{v}" for k, v in r["reject_reasons"].items()) or "-", f"{r['seconds'] / 60:.1f}")
-    Console().print(table)
+    Console(width=200).print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "limit": args.limit, "gold_n": len(gold),
                                           "threads": torch.get_num_threads(), "results": results}, indent=2, default=str))

@@ -129,13 +129,15 @@ def main() -> None:
 
     quiet_transformers()
     torch.manual_seed(0)
-    edits = table_edits(args.limit)
+    # One pass over the table: the first `limit` records are the edits, the rest the gold pool.
+    candidates = table_edits(args.limit + 40 * args.gold)
+    edits = candidates[:args.limit]
     edited = {(f.subject.id, f.property) for f, _ in edits}
     # Gold: held-out facts the unedited model answers, from further down the same shuffled table.
     settings = load_settings()
     settings.model.path = args.model
     base = load_adapter(settings)
-    pool = [f for f, _ in table_edits(args.limit + 40 * args.gold)[args.limit:] if (f.subject.id, f.property) not in edited]
+    pool = [f for f, _ in candidates[args.limit:] if (f.subject.id, f.property) not in edited]
     gold: list[Any] = []
     for i in range(0, len(pool), 32):
         part = pool[i:i + 32]

@@ -26,11 +26,13 @@ rebuilds or removes the delta from the live model. A revert row has no sequence.
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -100,6 +102,35 @@ def _engine(u: sa.URL) -> Engine:
     return sa.create_engine(u, connect_args=args)
 
 
+def _empty_engine() -> Engine:
+    """An empty audit log in memory: what a reader sees where nothing has been recorded yet."""
+    engine = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool, connect_args={"check_same_thread": False})
+    SQLModel.metadata.create_all(engine, tables=AUDIT_TABLES)
+    return engine
+
+
+def _read_only_engine(u: sa.URL) -> Engine:
+    """An engine that never writes: a SQLite file opened with mode=ro, or an empty log if there is none yet."""
+    db = u.database
+    if u.get_backend_name() == "sqlite" and db and db != ":memory:" and not db.startswith("file:"):
+        path = Path(db).expanduser().resolve()
+        if not path.is_file():
+            return _empty_engine()
+        uri = f"file:{quote(str(path))}?mode=ro"
+        # The SQLAlchemy URL cannot say mode=ro for a plain path, so the connection is made here.
+        return sa.create_engine("sqlite://", creator=lambda: sqlite3.connect(
+            uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT, check_same_thread=False))
+    if u.get_backend_name() == "postgresql":
+        # The server refuses writes on these sessions; the URL may already carry options (search_path).
+        options = f"{u.query.get('options', '')} -c default_transaction_read_only=on".strip()
+        u = u.update_query_dict({"options": options})
+    engine = _engine(u)
+    if not sa.inspect(engine).has_table(Edit.__tablename__):
+        engine.dispose()
+        return _empty_engine()
+    return engine
+
+
 def _check_status(status: str) -> None:
     if status not in STATUSES:
         raise BadInput(f"unknown edit status {status!r}; known: {', '.join(STATUSES)}")
@@ -137,11 +168,21 @@ class AuditLog:
         self.url = url
 
     @classmethod
-    def open(cls, url: str) -> AuditLog:
-        """Connect, create the tables if missing, and fail with one line if the database does not answer."""
+    def open(cls, url: str, read_only: bool = False) -> AuditLog:
+        """Connect, create the tables if missing, and fail with one line if the database does not answer.
+
+        read_only: create nothing (no directory, table or lock file) and write nothing, so a
+        read-only data directory can still be read; a log that does not exist yet reads as empty.
+        """
         shown = mask_url(url)
         u = _normalise_url(url)
         try:
+            if read_only:
+                engine = _read_only_engine(u)
+                # Connect now, so a database that does not answer fails here with one line.
+                with engine.connect():
+                    pass
+                return cls(engine, shown)
             engine = _engine(u)
             create_tables(engine, AUDIT_TABLES)
         except (sa_exc.SQLAlchemyError, OSError, ImportError) as e:
@@ -167,7 +208,8 @@ class AuditLog:
         try:
             with Session(self.engine, expire_on_commit=False) as s:
                 yield s
-        except sa_exc.OperationalError as e:
+        # InternalError: PostgreSQL refusing a write in a read-only session (AuditLog.open(read_only=True)).
+        except (sa_exc.OperationalError, sa_exc.InternalError) as e:
             raise AuditError(f"audit log {self.url}: {_reason(e)}") from None
 
     def _with_sequence_retry(self, work: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from kbsync.commands.common import ConfigOpt, DataDirOpt, DbOpt, JsonOpt, console, settings_from
+from kbsync.commands.common import ConfigOpt, DataDirOpt, DbOpt, JsonOpt, console, esc, settings_from
 from kbsync.errors import BadInput
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
@@ -36,10 +36,11 @@ def edit_dict(e: Any) -> dict[str, Any]:
     return d
 
 
-def _audit(config: str | None, data_dir: str | None, db: str | None) -> Any:
+def _read_audit(config: str | None, data_dir: str | None, db: str | None) -> Any:
     from kbsync.audit import AuditLog
 
-    return AuditLog.open(settings_from(config, None, data_dir, db).store.db_url)
+    # Reading must work on a read-only data directory (a backup, another user's): write nothing.
+    return AuditLog.open(settings_from(config, None, data_dir, db).store.db_url, read_only=True)
 
 
 def history(
@@ -57,7 +58,7 @@ def history(
     when = parse_since(since) if since else None
     if limit < 0:
         raise BadInput("--limit must be 0 (all) or more")
-    with _audit(config, data_dir, db) as audit:
+    with _read_audit(config, data_dir, db) as audit:
         rows = audit.history(status=status, subject=subject, property=prop, since=when, limit=limit or None)
     if as_json:
         print(json.dumps([edit_dict(e) for e in rows], indent=2, default=str))
@@ -67,14 +68,14 @@ def history(
         table.add_column(col)
     colour = {"applied": "green", "rejected": "red", "failed": "red", "reverted": "yellow", "revert": "yellow"}
     for e in rows:
-        st = f"[{colour[e.status]}]{e.status}" if e.status in colour else e.status
+        st = f"[{colour[e.status]}]{esc(e.status)}" if e.status in colour else esc(e.status)
         if e.reverts_edit_id:
             st += f" of {e.reverts_edit_id}"
         if e.forced:
             st += " (forced)"
-        table.add_row(str(e.id), f"{e.created_at:%Y-%m-%d %H:%M:%S}", st, e.subject_label or e.question,
-                      e.property, e.object_label, f"{e.before_answer} -> {e.after_answer}", e.method, e.actor,
-                      "" if e.sequence is None else str(e.sequence))
+        table.add_row(str(e.id), f"{e.created_at:%Y-%m-%d %H:%M:%S}", st, esc(e.subject_label or e.question),
+                      esc(e.property), esc(e.object_label), esc(f"{e.before_answer} -> {e.after_answer}"),
+                      esc(e.method), esc(e.actor), "" if e.sequence is None else str(e.sequence))
     console.print(table)
 
 
@@ -86,7 +87,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one edit in full, with its paraphrase and retain checks."""
-    with _audit(config, data_dir, db) as audit:
+    with _read_audit(config, data_dir, db) as audit:
         e = audit.get(edit_id)
         checks = audit.checks(edit_id)
     if as_json:
@@ -99,7 +100,7 @@ def show(
     for k, v in fields.items():
         if v in (None, "", [], {}):
             continue
-        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+        table.add_row(k, esc(json.dumps(v) if isinstance(v, (dict, list)) else v))
     console.print(table)
     para = [c for c in checks if c.kind == "paraphrase"]
     if para:
@@ -107,14 +108,14 @@ def show(
         for col in ("prompt", "before", "after", "ok"):
             t.add_column(col)
         for c in para:
-            t.add_row(c.prompt, c.before, c.after, "[green]yes" if c.ok else "[red]no")
+            t.add_row(esc(c.prompt), esc(c.before), esc(c.after), "[green]yes" if c.ok else "[red]no")
         console.print(t)
     retain = [c for c in checks if c.kind == "retain"]
     if retain:
         changed = sorted((c for c in retain if not c.ok), key=lambda c: -(c.kl or 0))
         console.print(f"retain: {len(retain) - len(changed)}/{len(retain)} answers unchanged")
         for c in changed[:10]:
-            console.print(f"  changed: {c.prompt} {c.before!r} -> {c.after!r} (KL {c.kl or 0:.3g})")
+            console.print(esc(f"  changed: {c.prompt} {c.before!r} -> {c.after!r} (KL {c.kl or 0:.3g})"))
 
 
 def revert(

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kbsync.commands.common import (ConfigOpt, DataDirOpt, DbOpt, JsonOpt, ModelOpt, console, quiet_transformers,
+from kbsync.commands.common import (ConfigOpt, DataDirOpt, DbOpt, JsonOpt, ModelOpt, console, esc, quiet_transformers,
                                     settings_from)
 
 
@@ -53,14 +53,15 @@ def check(
                           "via": "daemon" if isinstance(adapter, RemoteModel) else "local",
                           "results": [r.to_dict() for r in results]}, indent=2))
         return
-    table = Table(title=f"{fact.subject.label} · {pid} · expected {fact.object.label}")
+    table = Table(title=esc(f"{fact.subject.label} · {pid} · expected {fact.object.label}"))
     for col in ("kind", "prompt", "prediction", "expected", "match"):
         table.add_column(col)
     for r in results:
-        table.add_row(r.kind, r.prompt, r.prediction, r.expected, f"[green]yes ({r.rule})" if r.ok else f"[red]no")
+        table.add_row(r.kind, esc(r.prompt), esc(r.prediction), esc(r.expected),
+                      f"[green]yes ({esc(r.rule)})" if r.ok else "[red]no")
     console.print(table)
     ok = sum(r.ok for r in results)
-    console.print(f"{ok}/{len(results)} prompts answer {fact.object.label}")
+    console.print(f"{ok}/{len(results)} prompts answer {esc(fact.object.label)}")
 
 
 def register(app: typer.Typer) -> None:

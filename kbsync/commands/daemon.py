@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from kbsync.commands.common import ConfigOpt, DataDirOpt, DbOpt, JsonOpt, ModelOpt, console, quiet_transformers, settings_from
+from kbsync.commands.common import ConfigOpt, DataDirOpt, DbOpt, JsonOpt, ModelOpt, console, esc, quiet_transformers, settings_from
 
 daemon_app = typer.Typer(help="The sync daemon: polls the KB, edits changed facts in, serves the model over HTTP.",
                          no_args_is_help=True)
@@ -71,10 +71,10 @@ def status(config: ConfigOpt = None, data_dir: DataDirOpt = None, db: DbOpt = No
         table.add_row("running", f"[green]yes (pid {pid})" if live else "[red]no")
         for key in ("url", "endpoint", "last_poll", "last_ok", "polls", "failures", "last_error", "in_flight"):
             if info.get(key) not in (None, ""):
-                table.add_row(key.replace("_", " "), str(info[key]))
+                table.add_row(key.replace("_", " "), esc(info[key]))
         cur = info["cursor"]
         table.add_row("cursor", "none yet" if not cur else
-                      f"{cur['name']}: {cur['slots']} slots, {cur['entities']} entities, updated {cur['updated_at']}")
+                      esc(f"{cur['name']}: {cur['slots']} slots, {cur['entities']} entities, updated {cur['updated_at']}"))
         table.add_row("daemon edits", ", ".join(f"{k} {v}" for k, v in info["counts"].items()) or "none")
         console.print(table)
     if live is None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from kbsync.commands.common import (ConfigOpt, DataDirOpt, DbOpt, JsonOpt, ModelOpt, console, quiet_transformers,
+from kbsync.commands.common import (ConfigOpt, DataDirOpt, DbOpt, JsonOpt, ModelOpt, console, esc, quiet_transformers,
                                     settings_from)
 from kbsync.errors import BadInput
 
@@ -100,14 +100,14 @@ def _show(out: Any) -> None:
     e = out.edit
     what = f"{e.subject_label} · {e.property}" if e.property else repr(e.question)
     if e.status == "noop":
-        console.print(f"{what}: the model already answers [green]{e.before_answer}[/]; nothing to edit"
+        console.print(f"{esc(what)}: the model already answers [green]{esc(e.before_answer)}[/]; nothing to edit"
                       + ("" if out.dry_run else f" (recorded noop as edit {e.id})"))
         return
-    table = Table(title=f"{what} -> {e.object_label} ({e.method})")
+    table = Table(title=esc(f"{what} -> {e.object_label} ({e.method})"))
     for col in ("kind", "prompt", "before", "after", "ok"):
         table.add_column(col)
     for b, a in zip(out.before, out.after):
-        table.add_row(a.kind, a.prompt, b.prediction, a.prediction, "[green]yes" if a.ok else "[red]no")
+        table.add_row(a.kind, esc(a.prompt), esc(b.prediction), esc(a.prediction), "[green]yes" if a.ok else "[red]no")
     console.print(table)
     m = e.metrics
     para = m.get("paraphrase_accuracy")
@@ -121,14 +121,14 @@ def _show(out: Any) -> None:
         console.print(f"delta: the method's proposal scaled by {m['delta_scale']:.3g}, the smallest factor at which "
                       f"the question and the paraphrases it flipped still hold (editor.shrink)")
     for c in out.retain.changed()[:5] if out.retain else []:
-        console.print(f"  changed: {c.item.prompt} {c.before!r} -> {c.after!r} (KL {c.kl:.3g})")
+        console.print(esc(f"  changed: {c.item.prompt} {c.before!r} -> {c.after!r} (KL {c.kl:.3g})"))
     for r in e.reasons:
-        console.print(f"  [yellow]{r}")
+        console.print(f"  [yellow]{esc(r)}")
     verdict = {"applied": "[green]applied", "rejected": "[red]rejected"}[e.status]
     if out.dry_run:
         console.print(f"dry run: would be {verdict}[/]; nothing written")
     else:
-        console.print(f"edit {e.id} {verdict}[/]" + (f" (delta {e.delta_path}, sequence {e.sequence})" if e.status == "applied" else ""))
+        console.print(f"edit {e.id} {verdict}[/]" + (f" (delta {esc(e.delta_path)}, sequence {e.sequence})" if e.status == "applied" else ""))
 
 
 def _show_daemon(out: dict[str, Any], as_json: bool) -> None:
@@ -136,10 +136,10 @@ def _show_daemon(out: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps({**out, "via": "daemon"}, indent=2))
         return
-    console.print(f"via the running daemon: edit {out.get('edit_id')} {out.get('status')} "
-                  f"({out.get('method')}): {out.get('before')!r} -> {out.get('after')!r}")
+    console.print(esc(f"via the running daemon: edit {out.get('edit_id')} {out.get('status')} "
+                      f"({out.get('method')}): {out.get('before')!r} -> {out.get('after')!r}"))
     for r in out.get("reasons") or []:
-        console.print(f"  [yellow]{r}")
+        console.print(f"  [yellow]{esc(r)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kbsync.commands.common import ConfigOpt, ModelOpt, console, quiet_transformers, settings_from
+from kbsync.commands.common import ConfigOpt, ModelOpt, console, esc, quiet_transformers, settings_from
 from kbsync.errors import BadInput
 
 editor_app = typer.Typer(help="Train and inspect the KnowledgeEditor hyper-network.", no_args_is_help=True)
@@ -88,7 +88,7 @@ def train(
                       HyperConfig(lstm_hidden=lstm_hidden, cond_dim=cond_dim, label_smoothing=label_smoothing,
                                   cond_norm=cond_norm))
     if trainer.step:
-        console.print(f"resuming from step {trainer.step} in {out_dir}")
+        console.print(f"resuming from step {trainer.step} in {esc(out_dir)}")
     with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
         task = bar.add_task("train", total=steps, completed=trainer.step, info="")
@@ -100,7 +100,7 @@ def train(
             bar.update(task, completed=m["step"], info=info)
 
         final = trainer.run(show)
-    console.print(f"editor written to {trainer.checkpoint} (metrics log {out_dir / 'metrics.jsonl'})")
+    console.print(esc(f"editor written to {trainer.checkpoint} (metrics log {out_dir / 'metrics.jsonl'})"))
     console.print({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
 
 
@@ -125,12 +125,12 @@ SEQUENTIAL_COLUMNS = [("success_em", "success (EM)"), ("kept_em", "kept at end (
 
 def results_table(rows: list[dict], title: str, columns: list[tuple[str, str]] = COLUMNS) -> Table:
     """The evaluation rows as a rich table (the paper's Table 1 columns unless told otherwise)."""
-    table = Table(title=title)
+    table = Table(title=esc(title))
     table.add_column("method")
     for _, name in columns:
         table.add_column(name, justify="right")
     for r in rows:
-        table.add_row(r["method"], *("nan" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in columns))
+        table.add_row(esc(r["method"]), *("nan" if math.isnan(r[k]) else f"{r[k]:.3f}" for k, _ in columns))
     return table
 
 
@@ -271,7 +271,7 @@ def figure(
     records = load_records(data, limit)
     options = _method_options(settings, adapter, editor, ft_lr, 100, 5)
     mags = update_magnitudes(adapter, records, method, options)
-    console.print(f"wrote {plot_magnitudes(mags, adapter, out)}")
+    console.print(f"wrote {esc(plot_magnitudes(mags, adapter, out))}")
     if any(m.startswith("ke") for m in method):
         from editor.analysis import update_parts
         from editor.methods import make_method

@@ -1,0 +1,125 @@
+"""`kbsync history` and `kbsync show` in subprocesses against a real SQLite audit log: hostile text, read-only data."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kbsync.audit import AuditLog, Edit, EditCheck
+
+REPO = Path(__file__).resolve().parent.parent
+MARKUP = "[/]x[bold]"
+
+
+def kbsync(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m kbsync.cli ARGS` on this data directory, with a wide terminal so cells are not folded."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KBSYNC_")}
+    env.update(KBSYNC_STORE_DATA_DIR=str(data), KBSYNC_STORE_CACHE_DIR=str(data.parent / "cache"),
+               PYTHONPATH=str(REPO), COLUMNS="400")
+    return subprocess.run([sys.executable, "-m", "kbsync.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_rows(data: Path) -> int:
+    """An applied edit whose stored text is rich markup, with a paraphrase and a changed retain check."""
+    with AuditLog.open(f"sqlite:///{data / 'audit.db'}") as log:
+        row = log.record(
+            Edit(actor="[red]mallory", source="cli", subject_id="Q1030", subject_label="Namibia [b]", property="P36",
+                 object_label=MARKUP, question="What is the capital of Namibia?", before_answer="Windhoek",
+                 after_answer=MARKUP, method="ft", status="applied", reasons=["odd [/] reason"]),
+            [EditCheck(kind="paraphrase", prompt="Namibia's capital [i]?", expected=MARKUP, before="Windhoek",
+                       after=MARKUP, ok=True),
+             EditCheck(kind="retain", prompt="Capital of Peru [/]?", expected="Lima", before="Lima", after="[x]",
+                       kl=0.5, ok=False)])
+        return row.id
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under root with its mode, size and modification time (ns)."""
+    out = {str(root): (root.stat().st_mode, 0, root.stat().st_mtime_ns)}
+    for p in sorted(root.rglob("*")):
+        st = p.stat()
+        out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_markup_in_audit_text_is_printed_literally(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    edit_id = write_rows(data)
+
+    listed = kbsync(data, "history")
+    assert listed.returncode == 0, listed.stderr
+    assert MARKUP in listed.stdout and "[red]mallory" in listed.stdout and "Namibia [b]" in listed.stdout
+
+    shown = kbsync(data, "show", str(edit_id))
+    assert shown.returncode == 0, shown.stderr
+    for text in (MARKUP, "[red]mallory", "odd [/] reason", "Namibia's capital [i]?", "Capital of Peru [/]?", "'[x]'"):
+        assert text in shown.stdout, text
+
+    as_json = kbsync(data, "history", "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)[0]["object_label"] == MARKUP
+
+
+def test_history_and_show_read_a_read_only_data_dir_and_write_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    edit_id = write_rows(data)
+    # A copied or restored data dir has only the database; a writer would create the lock files again.
+    for p in data.glob("*.lock"):
+        p.unlink()
+    # chmod -R a-w: binding for a normal user; root ignores it, so the snapshot checks that nothing
+    # was created (no lock file, no directory) and nothing written (audit.db's mtime and size).
+    for p in [data, *data.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        ro = snapshot(data)
+        for args in (["history"], ["history", "--json", "--status", "applied"], ["show", str(edit_id)],
+                     ["show", str(edit_id), "--json"]):
+            proc = kbsync(data, *args)
+            assert proc.returncode == 0, (args, proc.stderr)
+            assert MARKUP in proc.stdout
+            assert snapshot(data) == ro, args
+        missing = kbsync(data, "show", str(edit_id + 1))
+        assert missing.returncode == 2 and missing.stderr.strip() == f"kbsync: error: no edit with id {edit_id + 1}"
+    finally:
+        for p in [data, *data.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_history_of_a_data_dir_with_no_log_yet_creates_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "never-used"
+    listed = kbsync(data, "history")
+    assert listed.returncode == 0, listed.stderr
+    assert "0 edit(s)" in listed.stdout
+    assert kbsync(data, "history", "--json").stdout.strip() == "[]"
+    shown = kbsync(data, "show", "1")
+    assert shown.returncode == 2 and shown.stderr.strip() == "kbsync: error: no edit with id 1"
+    assert not data.exists()
+
+
+@pytest.mark.parametrize("args", [["history", "--limit", "-1"], ["history", "--since", "[bold]yesterday"]])
+def test_bad_history_options_are_one_line_errors(tmp_path: Path, args: list[str]) -> None:
+    proc = kbsync(tmp_path / "data", *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("kbsync: error: ")
+
+
+def test_a_read_only_audit_log_reads_rows_and_refuses_writes(audit_url: str, tmp_path: Path) -> None:
+    from kbsync.audit import AuditError
+
+    with AuditLog.open(audit_url, read_only=True) as ro:
+        assert ro.history() == []  # nothing recorded yet reads as empty ...
+    assert not (tmp_path / "db").exists()  # ... and creates nothing (the SQLite case)
+    with AuditLog.open(audit_url) as rw:
+        rw.record(Edit(actor="a", object_label=MARKUP, status="noop"))
+    with AuditLog.open(audit_url, read_only=True) as ro:
+        assert [e.object_label for e in ro.history()] == [MARKUP]
+        with pytest.raises(AuditError, match="read-only|readonly"):
+            ro.record(Edit(actor="b", status="noop"))
+    with AuditLog.open(audit_url) as rw:
+        assert len(rw.history()) == 1

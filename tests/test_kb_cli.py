@@ -82,3 +82,31 @@ def test_start_set_get_stop(env: dict[str, str]) -> None:
         stopped = kbsync(env, "kb", "stop")
     assert stopped.returncode == 0 and stopped.stdout.startswith("stopped")
     assert kbsync(env, "kb", "status").returncode == 1
+
+
+def test_kb_commands_take_config_and_data_dir(env: dict[str, str], tmp_path: Path) -> None:
+    other = tmp_path / "other data"
+    cfg = tmp_path / "kbsync.toml"
+    cfg.write_text(f"[store]\ndata_dir = {str(other)!r}\n")
+    # KBSYNC_STORE_DATA_DIR would override the file's data_dir.
+    bare = {k: v for k, v in env.items() if k != "KBSYNC_STORE_DATA_DIR"}
+    started = kbsync(env, "kb", "start", "--data-dir", str(other))
+    assert started.returncode == 0, started.stderr
+    endpoint = started.stdout.strip()
+    try:
+        assert kbsync(env, "kb", "status").returncode == 1  # not the KB of the environment's data dir
+        status = kbsync(bare, "kb", "status", "--config", str(cfg))
+        assert status.returncode == 0 and endpoint in status.stdout and str(other / "kb") in status.stdout
+        changed = kbsync(bare, "kb", "set", "capital of Namibia", "Okahandja", "--config", str(cfg))
+        assert changed.stdout.strip() == "capital of Namibia: Windhoek -> Okahandja (revision 2)", changed.stderr
+        got = kbsync(env, "kb", "get", "capital of Namibia", "--data-dir", str(other))
+        assert got.stdout.strip() == "capital of Namibia: Okahandja (revision 2)"
+        bad = kbsync(env, "kb", "status", "--config", str(tmp_path / "missing.toml"))
+        assert bad.returncode == 2 and one_line_error(bad) == f"kbsync: error: config file not found: {tmp_path / 'missing.toml'}"
+    finally:
+        stopped = kbsync(bare, "kb", "stop", "--config", str(cfg))
+        running = LocalKB.find_running(other / "kb")
+        if running is not None:
+            running.stop()
+    assert stopped.returncode == 0 and stopped.stdout.startswith("stopped"), stopped.stderr
+    assert kbsync(env, "kb", "status", "--data-dir", str(other)).returncode == 1

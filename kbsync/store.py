@@ -117,24 +117,31 @@ class DeltaStore:
             # Holding the lock, no edit is in flight, so any pending row is from a dead process.
             for edit in reversed(audit.history(status="pending", limit=None)):
                 path = self.resolve(edit.delta_path or self.relative(edit.id))
-                if not path.exists():
-                    why = "interrupted before its delta was written"
-                elif edit.delta_sha256 and sha256_file(path) != edit.delta_sha256:
+                # Delta.save writes <name>.safetensors.tmp and renames it: a kill -9 mid-write leaves that.
+                partial = sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name) and p.name.endswith(".tmp")
+                                 and p.is_file()) if path.parent.is_dir() else []
+                if path.exists() and edit.delta_sha256 and sha256_file(path) != edit.delta_sha256:
                     why = "interrupted; its delta does not match the recorded sha256"
-                else:
+                elif path.exists():
                     # Written but never confirmed applied: roll back rather than trust it.
                     why = "interrupted after writing its delta, before it was applied"
+                elif partial:
+                    why = "interrupted while writing its delta"
+                else:
+                    why = "interrupted before its delta was written"
                 audit.update_status(edit.id, "failed", reasons=[*edit.reasons, why])
                 line = f"edit {edit.id}: pending -> failed ({why})"
                 if path.exists():
                     line += f"; moved {path.name} to {self._to_orphans(path)}"
+                for tmp in partial:
+                    line += f"; moved partial {tmp.name} to {self._to_orphans(tmp)}"
                 done.append(line)
             if self.deltas_dir.is_dir():
                 referenced = {self.resolve(p).resolve() for p in audit.delta_paths()}
                 for path in sorted(self.deltas_dir.iterdir()):
                     if not path.is_file():
                         continue
-                    if path.name.endswith(SUFFIX + ".tmp"):
+                    if path.name.endswith(".tmp"):  # any temp file: no process writes while we hold the lock
                         done.append(f"partial delta {path.name} moved to {self._to_orphans(path)}")
                     elif path.suffix == SUFFIX and path.resolve() not in referenced:
                         done.append(f"delta {path.name} has no audit row; moved to {self._to_orphans(path)}")

@@ -42,11 +42,20 @@ def main(mode: str, url: str, root: str, arg: str = "") -> None:
             # Work outside the lock (as the pipeline's model check would) lets the other worker in.
             time.sleep(0.1)
         Path(f"{go}.held.{os.getpid()}").write_text("\n".join(held))
-    elif mode in ("crash-after-delta", "crash-before-delta"):
+    elif mode in ("crash-after-delta", "crash-mid-delta", "crash-before-delta"):
         with store.lock():
             row = audit.record(Edit(actor="crasher", subject_label="Peru", status="pending"))
             if mode == "crash-after-delta":
                 store.save(delta, row.id)
+            elif mode == "crash-mid-delta":
+                # What a kill during Delta.save leaves: the first half of the temp file it writes
+                # (<name>.safetensors.tmp) before renaming it to <name>.safetensors.
+                from safetensors.torch import save
+
+                data = save(delta.tensors)
+                final = store.resolve(store.relative(row.id))
+                final.parent.mkdir(parents=True, exist_ok=True)
+                final.with_suffix(final.suffix + ".tmp").write_bytes(data[:len(data) // 2])
             # Die as a power cut would: no cleanup, no finally blocks, lock released by the OS.
             os.kill(os.getpid(), signal.SIGKILL)
     else:

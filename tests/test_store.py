@@ -114,6 +114,7 @@ def test_reconcile_moves_an_orphan_delta_aside(store, audit):
     "mode, why",
     [
         ("crash-after-delta", "interrupted after writing its delta, before it was applied"),
+        ("crash-mid-delta", "interrupted while writing its delta"),
         ("crash-before-delta", "interrupted before its delta was written"),
     ],
 )
@@ -126,7 +127,9 @@ def test_reconcile_fails_a_pending_edit_left_by_a_killed_process(store, audit, a
     [pending] = audit.history(status="pending")
     assert pending.actor == "crasher"
     delta_file = store.deltas_dir / f"{pending.id}.safetensors"
+    partial = store.deltas_dir / f"{pending.id}.safetensors.tmp"
     assert delta_file.exists() == (mode == "crash-after-delta")
+    assert partial.exists() == (mode == "crash-mid-delta")
 
     # The OS dropped the dead process's lock, so reconcile (which takes it) does not wait.
     start = time.monotonic()
@@ -136,8 +139,12 @@ def test_reconcile_fails_a_pending_edit_left_by_a_killed_process(store, audit, a
 
     failed = audit.get(pending.id)
     assert failed.status == "failed" and failed.reasons == [why] and failed.sequence is None
-    assert not delta_file.exists()
+    assert not delta_file.exists() and not partial.exists()
     assert (store.orphans_dir / delta_file.name).exists() == (mode == "crash-after-delta")
+    assert (store.orphans_dir / partial.name).exists() == (mode == "crash-mid-delta")
+    if mode == "crash-mid-delta":
+        assert f"moved partial {partial.name} to {store.orphans_dir / partial.name}" in lines[0]
+        assert list(store.deltas_dir.iterdir()) == [store.resolve(before.delta_path)]
     assert [e.id for e in store.verify(audit)] == [before.id]
     assert audit.next_sequence() == 2
     assert store.reconcile(audit) == []

@@ -5,6 +5,12 @@ float rounding; we still always stack in sequence order, from the base weights, 
 process and a freshly started one hold bit-identical weights. Removing an edit that is not
 the newest therefore rebuilds: the touched parameters are restored from a copy of their
 base values and the remaining deltas are added again in order.
+
+Components that keep state derived from the applied edits (a stateful edit method
+accumulating the keys of applied edits) register as listeners: they are told of every reset and
+every applied edit, with that edit's extras and metadata (`on_reset()`, `on_applied(edit_id,
+delta)`; either may be missing), and on registration get the current history replayed, so they
+stay consistent across reverts, other processes' edits and restarts.
 """
 
 from __future__ import annotations
@@ -24,23 +30,46 @@ class ServedModel:
 
     def __init__(self, adapter: Any) -> None:
         self.adapter = adapter
+        # Taken now, while the adapter holds its base weights: per-model caches (edit methods'
+        # statistics) are keyed by it and must not change as edits are applied.
+        self.base_fingerprint: str = adapter.fingerprint()
         self.edit_ids: list[int] = []
+        # Per applied edit, its extras and meta only: the dense updates are already in the
+        # weights, and keeping them would hold a second copy of every edited matrix.
+        self.pushed: dict[int, Delta] = {}
         # Base values of every parameter any delta has touched, copied before the first add.
         self._base: dict[str, torch.Tensor] = {}
+        self._listeners: list[Any] = []
+
+    def add_listener(self, obj: Any) -> None:
+        """Tell obj of every later reset and applied edit, after replaying on_reset and the applied edits in order."""
+        self._listeners.append(obj)
+        _call(obj, "on_reset")
+        for edit_id in self.edit_ids:
+            _call(obj, "on_applied", edit_id, self.pushed[edit_id])
 
     @torch.no_grad()
     def push(self, delta: Delta, edit_id: int) -> None:
         """Add a committed edit's delta on top of the current weights."""
         params = dict(self.adapter.model.named_parameters())
-        for name, t in delta.tensors.items():  # check everything before touching anything
-            if name not in params or params[name].shape != t.shape:
+        for name, shape in delta.shapes().items():  # check everything before touching anything
+            if name not in params or tuple(params[name].shape) != shape:
                 raise DeltaError(f"edit {edit_id}: delta does not fit the model at parameter {name}")
+        try:
+            delta.check_finite()
+        except DeltaError as e:
+            raise DeltaError(f"edit {edit_id}: {e}") from None
         for name, t in delta.tensors.items():
             if name not in self._base:
                 self._base[name] = params[name].detach().clone()
-            # The same in-place add as Delta.apply, so weights match a process that used apply().
-            params[name].add_(t.to(params[name].dtype))
+            # The same in-place add of the same materialised tensor as Delta.apply, so weights
+            # match a process that used apply().
+            params[name].add_(t.to(device=params[name].device, dtype=params[name].dtype))
         self.edit_ids.append(edit_id)
+        record = Delta({}, dict(delta.meta), extras=delta.extras)
+        self.pushed[edit_id] = record
+        for obj in list(self._listeners):
+            _call(obj, "on_applied", edit_id, record)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -49,6 +78,9 @@ class ServedModel:
         for name, base in self._base.items():
             params[name].copy_(base)
         self.edit_ids = []
+        self.pushed = {}
+        for obj in list(self._listeners):
+            _call(obj, "on_reset")
 
     def sync(self, audit: AuditLog, store: DeltaStore) -> list[str]:
         """Make the weights base + the store's applied deltas; returns what changed (one line each)."""
@@ -70,3 +102,9 @@ class ServedModel:
             self.push(delta, edit_id)
             done.append(f"applied edit {edit_id}")
         return done
+
+
+def _call(obj: Any, method: str, *args: Any) -> None:
+    fn = getattr(obj, method, None)
+    if fn is not None:
+        fn(*args)

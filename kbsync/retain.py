@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import random
 from collections.abc import Iterable, Sequence
@@ -36,6 +38,8 @@ from editor.delta import Delta
 from kbsync.audit.models import Edit
 from kbsync.corpus import FactTable
 from kbsync.facts import Relation, default_relations
+
+log = logging.getLogger(__name__)
 
 # Examples per scoring pass: log-probs are formed at answer tokens only ([~8 x CHUNK, vocab]).
 CHUNK = 32
@@ -82,10 +86,15 @@ class RetainReport:
         """Fraction of items whose greedy answer tokens all stay the top-1 choice."""
         return sum(c.unchanged for c in self.checks) / len(self.checks) if self.checks else 1.0
 
+    @property
+    def finite(self) -> bool:
+        """Whether every item's KL is a number; a non-finite one is recorded as inf and fails every limit."""
+        return all(math.isfinite(c.kl) for c in self.checks)
+
     def summary(self) -> dict[str, float]:
-        """The three numbers the thresholds apply to, plus the set size."""
+        """The three numbers the thresholds apply to, plus the set size and whether all KLs were finite."""
         return {"mean_kl": self.mean_kl, "max_kl": self.max_kl, "unchanged": self.unchanged,
-                "retain_size": len(self.checks)}
+                "retain_size": len(self.checks), "finite": self.finite}
 
     def changed(self) -> list[RetainCheck]:
         """The items whose answer changed, worst KL first."""
@@ -209,6 +218,8 @@ class BaseCache:
     across edits on the same weights. An applied or reverted edit changes the fingerprint, so
     stale entries are never looked up. On disk: <dir>/<fingerprint>-<settings hash>.safetensors
     (states and labels per item, answers and prompts in the metadata), a few MB for 200 items.
+    The metadata holds a sha256 of the items and tensors: a file that fails it (a flipped bit
+    read as NaN once passed as "unchanged") or cannot be read is deleted and recomputed.
     """
 
     KEEP = 8  # model states kept in memory and on disk (most recently used)
@@ -246,6 +257,16 @@ class BaseCache:
     def _path(self, key: str) -> Path | None:
         return self.directory / f"{key}.safetensors" if self.directory else None
 
+    @staticmethod
+    def _digest(items: str, tensors: dict[str, torch.Tensor]) -> str:
+        """sha256 over the items' JSON and every tensor's name, dtype, shape and bytes."""
+        h = hashlib.sha256(items.encode())
+        for name in sorted(tensors):
+            t = tensors[name].contiguous()
+            h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     def _read(self, key: str) -> dict[tuple[bool, str], BaseItem]:
         path = self._path(key)
         if path is None or not path.exists():
@@ -254,10 +275,16 @@ class BaseCache:
             from safetensors.torch import load_file, safe_open
 
             with safe_open(str(path), "pt") as f:
-                meta = json.loads(f.metadata()["items"])
-            tensors = load_file(str(path))
+                metadata = f.metadata() or {}
+            items, tensors = metadata["items"], load_file(str(path))
+            if metadata.get("sha256") != self._digest(items, tensors):
+                raise ValueError("its checksum does not match")
+            meta = json.loads(items)
             return {(bool(q), p): BaseItem(a, tensors[f"s{i}"], tensors[f"l{i}"]) for i, (q, p, a) in enumerate(meta)}
-        except Exception:  # unreadable or partial file: recompute (it is only a cache)
+        except Exception as e:  # corrupt, partial or from an older version: never trust it
+            log.warning("retain cache file %s is unreadable (%s: %s); discarding and recomputing it",
+                        path, type(e).__name__, e)
+            path.unlink(missing_ok=True)
             return {}
 
     def _write(self, key: str, table: dict[tuple[bool, str], BaseItem]) -> None:
@@ -272,7 +299,8 @@ class BaseCache:
             meta.append([q, p, b.answer])
             tensors[f"s{i}"], tensors[f"l{i}"] = b.states.contiguous(), b.labels.contiguous()
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata={"items": json.dumps(meta)})
+        items = json.dumps(meta)
+        save_file(tensors, str(tmp), metadata={"items": items, "sha256": self._digest(items, tensors)})
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
         files = sorted(path.parent.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
         for old in files[:-self.KEEP]:
@@ -297,6 +325,11 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
     then the head). Answers are re-generated (with the delta applied) only for items whose top-1
     changed, at most REGENERATE of them (worst KL first; the rest keep after == "").
     """
+    before = [b.answer for b in base]
+    if not all(bool(torch.isfinite(t).all()) for t in delta.tensors.values()):
+        # A NaN or inf weight poisons every output (peft's safe_merge refuses such merges too):
+        # every item counts as changed with KL inf, and the model is not run with it.
+        return RetainReport([RetainCheck(items[i], before[i], "", math.inf, False) for i in range(len(items))])
     live = dict(adapter.model.named_parameters())
     edited = {n: live[n] + t.to(live[n].dtype) for n, t in delta.tensors.items()}
     kls = [0.0] * len(items)
@@ -320,7 +353,12 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
             flipped = (top == labels) & clear & (top != new_lp.argmax(-1))
             bad = torch.zeros(len(part), dtype=torch.long).index_add_(0, rows, flipped.long())
             for j, i in enumerate(part):
-                kls[i], same[i] = max(0.0, float(kl[j])), not bool(bad[j])
+                value = float(kl[j])
+                # max(0.0, nan) is 0.0: a NaN KL would pass as "no change". Non-finite fails instead.
+                if math.isfinite(value):
+                    kls[i], same[i] = max(0.0, value), not bool(bad[j])
+                else:
+                    kls[i], same[i] = math.inf, False
     after = [b.answer for b in base]
     changed = [i for i in range(len(items)) if not same[i]]
     for i in changed:
@@ -333,7 +371,6 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
                 after[i] = a
         finally:
             delta.remove(adapter.model)
-    before = [b.answer for b in base]
     return RetainReport([RetainCheck(items[i], before[i], after[i], kls[i], same[i]) for i in range(len(items))])
 
 

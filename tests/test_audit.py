@@ -228,3 +228,15 @@ def test_many_processes_can_open_a_fresh_database_at_once(audit_url):
     assert all(p.returncode == 0 for p in procs), [err for _, err in results]
     with AuditLog.open(audit_url) as log:
         assert log.history() == []
+
+
+def test_non_finite_metrics_are_stored_as_strings_and_checks_keep_inf(audit):
+    """A rejected edit's KL can be inf; JSON has no Infinity (PostgreSQL refuses it), so it is stored as "inf"."""
+    inf = float("inf")
+    row = audit.record(fact_edit(status="rejected", metrics={"mean_kl": inf, "max_kl": inf, "spread": -inf,
+                                                             "odd": [float("nan")], "finite": False}),
+                       [EditCheck(kind="retain", prompt="Capital of Peru?", before="Lima", after="", kl=inf, ok=False)])
+    got = audit.get(row.id)
+    assert got.metrics == {"mean_kl": "inf", "max_kl": "inf", "spread": "-inf", "odd": ["nan"], "finite": False}
+    [check] = audit.checks(row.id)
+    assert check.kl == inf and check.ok is False

@@ -25,6 +25,8 @@ rebuilds or removes the delta from the live model. A revert row has no sequence.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -87,19 +89,37 @@ def _normalise_url(url: str) -> sa.URL:
     return u
 
 
+def _finite_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "-inf", "nan"
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def json_dumps(value: Any) -> str:
+    """JSON for the audit log's JSON columns: a non-finite float (a rejected edit's KL) is stored as a string.
+
+    Python writes Infinity/NaN, which is not JSON: PostgreSQL refuses it and other SQLite readers choke.
+    """
+    return json.dumps(_finite_json(value), allow_nan=False)
+
+
 def _engine(u: sa.URL) -> Engine:
     args: dict[str, Any] = {}
     if u.get_backend_name() == "postgresql":
         if "connect_timeout" not in u.query:
             args["connect_timeout"] = PG_CONNECT_TIMEOUT
-        return sa.create_engine(u, connect_args=args, pool_pre_ping=True)
+        return sa.create_engine(u, connect_args=args, pool_pre_ping=True, json_serializer=json_dumps)
     if u.get_backend_name() == "sqlite":
         # Wait for another process's write instead of failing with "database is locked".
         args["timeout"] = SQLITE_BUSY_TIMEOUT
         db = u.database
         if db and db != ":memory:" and not db.startswith("file:"):
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    return sa.create_engine(u, connect_args=args)
+    return sa.create_engine(u, connect_args=args, json_serializer=json_dumps)
 
 
 def _empty_engine() -> Engine:

@@ -43,7 +43,7 @@ def sha256_file(path: str | Path) -> str:
 
 @torch.no_grad()
 def materialise(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """left @ right in float32, identical bit for bit on every machine, thread count and device."""
+    """left @ right in float32, bit for bit the same whatever the BLAS library or thread count."""
     left, right = left.detach().float(), right.detach().float()
     out = torch.zeros(left.shape[0], right.shape[1], dtype=torch.float32, device=left.device)
     # One rank-1 term at a time with separate multiply and add (never a BLAS matmul or an

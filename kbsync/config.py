@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -113,7 +115,6 @@ class Settings:
     store: StoreConfig = field(default_factory=StoreConfig)
     kb: KBConfig = field(default_factory=KBConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -126,35 +127,188 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise BadInput(f"config file {path} is not valid TOML: {e}") from None
 
 
-def _merge(obj: Any, data: dict[str, Any], where: str) -> None:
+def _merge(obj: Any, data: dict[str, Any], where: str, env: bool = False) -> None:
     known = {f.name: f for f in fields(obj)}
     for key, value in data.items():
         if key not in known:
             if isinstance(obj, Settings):
-                obj.extra[key] = value
-                continue
+                # A misspelt or misplaced section would otherwise be ignored without a word.
+                sections = ", ".join(f"[{f.name}]" for f in fields(Settings))
+                what = f"settings section [{key}]" if isinstance(value, dict) else f"setting {key}"
+                raise BadInput(f"unknown {what}; the sections are {sections}")
             raise BadInput(f"unknown setting {where}{key}")
         current = getattr(obj, key)
         if is_dataclass(current):
             if not isinstance(value, dict):
-                raise BadInput(f"setting {where}{key} must be a table")
-            _merge(current, value, f"{where}{key}.")
+                raise BadInput(f"setting {where}{key} must be a table ([{where}{key}]), not {_shown(value)}")
+            _merge(current, value, f"{where}{key}.", env)
         else:
-            setattr(obj, key, _coerce(value, current, f"{where}{key}"))
+            setattr(obj, key, _coerce(value, current, f"{where}{key}", env))
 
 
-def _coerce(value: Any, current: Any, name: str) -> Any:
-    # Environment variables arrive as strings; convert them to the default's type.
-    if isinstance(value, str) and not isinstance(current, str):
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _coerce(value: Any, current: Any, name: str, env: bool = False) -> Any:
+    """value as the type of the setting's default; env: it is a KBSYNC_* variable's text, parsed to that type.
+
+    A TOML value must have the right type already ("80" is not a port), as TOML has types.
+    """
+    text = value.strip() if env and isinstance(value, str) else None
+    if isinstance(current, bool):
+        if value is True or (text is not None and text.lower() in _TRUE):
+            return True
+        if value is False or (text is not None and text.lower() in _FALSE):
+            return False
+        raise BadInput(f"{name} must be true or false, not {_shown(value)}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(current, int):
+        if number and isinstance(value, int):
+            return value
         try:
-            if isinstance(current, bool):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            if isinstance(current, list):
-                return [v for v in value.split(",") if v]
-            return type(current)(value)
+            if text is not None:
+                return int(text)
         except ValueError:
-            raise BadInput(f"setting {name}={value!r} is not a {type(current).__name__}") from None
+            pass
+        raise BadInput(f"{name} must be a whole number, not {_shown(value)}")
+    if isinstance(current, float):
+        out = float(value) if number else math.nan
+        try:
+            if text is not None:
+                out = float(text)
+        except ValueError:
+            pass
+        if math.isnan(out):
+            raise BadInput(f"{name} must be a number, not {_shown(value)}")
+        return out
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise BadInput(f"{name} must be a string, not {_shown(value)}")
+        return value
+    if isinstance(current, list):
+        if env and isinstance(value, str):
+            return [v for v in value.split(",") if v]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BadInput(f"{name} must be a list of strings, not {_shown(value)}")
+        return value
+    if isinstance(current, dict):  # free-form options: the edit method checks their keys itself
+        if not isinstance(value, dict):
+            raise BadInput(f"{name} must be a table ([{name}] in the config file), not {_shown(value)}")
+        return value
     return value
+
+
+# The longest duration a setting may give: a year. Longer ones overflow timers and datetime
+# arithmetic (threading.TIMEOUT_MAX, timedelta) somewhere down the line.
+MAX_SECONDS = 365 * 24 * 3600.0
+
+Check = Callable[[Any], "str | None"]  # None when the value is fine, else what it must be
+
+
+def _between(lo: float, hi: float) -> Check:
+    return lambda v: None if lo <= v <= hi else f"between {lo:g} and {hi}"
+
+
+def _seconds(positive: bool) -> Check:
+    def check(v: float) -> str | None:
+        low_ok = v > 0 if positive else v >= 0
+        if low_ok and v <= MAX_SECONDS:
+            return None
+        return f"{'> 0' if positive else '>= 0'} seconds and at most a year ({MAX_SECONDS:.0f})"
+
+    return check
+
+
+def _not_negative(v: float) -> str | None:
+    return None if v >= 0 else ">= 0"
+
+
+def _not_empty(v: str) -> str | None:
+    return None if v.strip() else "a non-empty string"
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"one of {', '.join(choices)}"
+
+
+def _layer_slice(v: str) -> str | None:
+    """The slice syntax adapters.base.parse_layer_slice reads, refusing one that selects no layer of any model."""
+    need = 'a Python slice over the layers such as "-3:", "2:5" or "4"'
+    spec = v.strip() or ":"
+    parts = spec.split(":")
+    try:
+        nums = [int(p) if p.strip() else None for p in parts]
+    except ValueError:
+        return need
+    if len(parts) > 3 or (len(parts) == 1 and nums[0] is None):
+        return need
+    if len(nums) == 3 and nums[2] == 0:
+        return f"{need} (a step of 0 is not one)"
+    start, stop = nums[0], nums[1] if len(nums) > 1 else None
+    step = nums[2] if len(nums) == 3 and nums[2] is not None else 1
+    if start is not None and stop is not None and (start < 0) == (stop < 0) and step > 0 and start >= stop:
+        return f"{need} that selects at least one layer"
+    return None
+
+
+def _modes() -> Check:
+    from kbsync.kb.watch import MODES
+
+    return _one_of(*MODES)
+
+
+# Every setting whose type alone does not make it valid, by dotted name. Types are checked for
+# all settings by _coerce; [editor.options] and [daemon.method_options] are the edit method's.
+RULES: dict[str, Check] = {
+    "model.path": _not_empty,
+    "model.edit_layers": _layer_slice,
+    "predict.max_new_tokens": _between(1, 4096),
+    "predict.num_beams": _between(1, 64),
+    "editor.method": _not_empty,
+    "editor.loop": _between(1, 1000),
+    "editor.answer_style": _one_of("auto", "claim", "bare"),
+    "regression.retain_size": _between(0, 1_000_000),
+    "regression.seed": _between(0, 2**63 - 1),
+    "regression.max_mean_kl": _not_negative,
+    "regression.max_kl": _not_negative,
+    "regression.min_unchanged": _between(0, 1),
+    "regression.min_paraphrase_accuracy": _between(0, 1),
+    "regression.tie_margin": _between(0, 1),
+    "store.data_dir": _not_empty,
+    "store.cache_dir": _not_empty,
+    "store.lock_timeout": _seconds(positive=False),
+    "kb.endpoint": _not_empty,
+    "kb.timeout": _seconds(positive=True),
+    "kb.max_retries": _between(0, 1000),
+    "kb.backoff_base": _seconds(positive=False),
+    "kb.overlap_minutes": _between(0, MAX_SECONDS / 60),
+    "kb.batch_size": _between(1, 10_000),
+    "daemon.poll_interval": _seconds(positive=True),
+    "daemon.jitter": _seconds(positive=False),
+    "daemon.backoff_max": _seconds(positive=False),
+    "daemon.host": _not_empty,
+    "daemon.port": _between(0, 65535),
+    "daemon.start_timeout": _seconds(positive=True),
+    "daemon.stop_timeout": _seconds(positive=True),
+}
+
+
+def validate(settings: Settings) -> Settings:
+    """Check every setting with a rule; BadInput names the first bad one (dotted) and what it must be."""
+    rules = {**RULES, "kb.mode": _modes()}
+    for name, check in rules.items():
+        section, key = name.split(".", 1)
+        value = getattr(getattr(settings, section), key)
+        need = check(value)
+        if need is not None:
+            raise BadInput(f"{name} must be {need}, not {_shown(value)}")
+    return settings
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
@@ -169,12 +323,12 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
 
 
 def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
-    """Defaults from config/default.toml, then the user file, then KBSYNC_* variables."""
+    """Defaults from config/default.toml, then the user file, then KBSYNC_* variables; all validated."""
     environ = dict(os.environ) if environ is None else environ
     settings = Settings()
     _merge(settings, _read_toml(CONFIG_DIR / "default.toml"), "")
     user = path or environ.get("KBSYNC_CONFIG")
     if user:
         _merge(settings, _read_toml(Path(user)), "")
-    _merge(settings, _env_overrides(environ), "")
-    return settings
+    _merge(settings, _env_overrides(environ), "", env=True)
+    return validate(settings)

@@ -210,7 +210,7 @@ def test_settings_bad_toml_is_bad_input(tmp_path):
 def test_settings_errors_are_bad_input(tmp_path):
     with pytest.raises(BadInput, match="not found"):
         load_settings(tmp_path / "missing.toml", environ={})
-    with pytest.raises(BadInput, match="not a int"):
+    with pytest.raises(BadInput, match="^predict.num_beams must be a whole number, not .many.$"):
         load_settings(environ={"KBSYNC_PREDICT_NUM_BEAMS": "many"})
     f = tmp_path / "typo.toml"
     f.write_text("[model]\npaht = 'x'\n")

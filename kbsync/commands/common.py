@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from kbsync.config import Settings, load_settings
+from kbsync.config import Settings, load_settings, validate
 
 # Stored and user text goes through esc(); emoji codes such as ":x:" in it must stay literal too.
 console = Console(emoji=False)
@@ -27,15 +27,15 @@ def esc(value: object) -> str:
 
 
 def settings_from(config: str | None = None, model: str | None = None, data_dir: str | None = None, db: str | None = None) -> Settings:
-    """Load settings and apply command-line overrides."""
+    """Load settings and apply command-line overrides (validated like the file's: --data-dir "" is an error)."""
     s = load_settings(config)
-    if model:
+    if model is not None:
         s.model.path = model
-    if data_dir:
+    if data_dir is not None:
         s.store.data_dir = data_dir
-    if db:
+    if db is not None:
         s.store.db = db
-    return s
+    return validate(s)
 
 
 def quiet_transformers() -> None:

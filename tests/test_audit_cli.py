@@ -102,11 +102,26 @@ def test_history_of_a_data_dir_with_no_log_yet_creates_nothing(tmp_path: Path) -
     assert not data.exists()
 
 
-@pytest.mark.parametrize("args", [["history", "--limit", "-1"], ["history", "--since", "[bold]yesterday"]])
-def test_bad_history_options_are_one_line_errors(tmp_path: Path, args: list[str]) -> None:
+@pytest.mark.parametrize("args, line", [
+    (["history", "--limit", "-1"], "--limit must be 0 (all) or more"),
+    (["history", "--since", "[bold]yesterday"], "--since '[bold]yesterday': use an ISO date/time"),
+    (["history", "--since", "99999999d"], "--since '99999999d' reaches back before the year 1"),
+    (["show", "99999999999999999999"], "edit id 99999999999999999999 is out of range: ids run from 1 to 2147483647"),
+    (["show", "0"], "edit id 0 is out of range"),
+    (["revert", "2147483648"], "edit id 2147483648 is out of range"),
+])
+def test_bad_ids_and_options_are_one_line_errors(tmp_path: Path, args: list[str], line: str) -> None:
+    write_rows(tmp_path / "data")
     proc = kbsync(tmp_path / "data", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("kbsync: error: ")
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(f"kbsync: error: {line}")
+
+
+def test_a_limit_beyond_any_id_lists_everything(tmp_path: Path) -> None:
+    write_rows(tmp_path / "data")
+    proc = kbsync(tmp_path / "data", "history", "--json", "--limit", "99999999999999999999")
+    assert proc.returncode == 0, proc.stderr
+    assert [e["object_label"] for e in json.loads(proc.stdout)] == [MARKUP]
 
 
 def test_a_read_only_audit_log_reads_rows_and_refuses_writes(audit_url: str, tmp_path: Path) -> None:

@@ -14,6 +14,9 @@ from kbsync.commands.common import ConfigOpt, DataDirOpt, DbOpt, JsonOpt, consol
 from kbsync.errors import BadInput
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhdw])$")
+# Edit ids are INTEGER columns: 32-bit on PostgreSQL. A larger id names no edit and would
+# overflow the driver instead of saying so.
+MAX_ID = 2**31 - 1
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
@@ -21,12 +24,22 @@ def parse_since(text: str) -> datetime:
     """An ISO date/time (UTC unless it says otherwise) or a relative age such as 30m, 2h, 7d."""
     m = _RELATIVE.match(text.strip().lower())
     if m:
-        return datetime.now(timezone.utc) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        try:
+            return datetime.now(timezone.utc) - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        except OverflowError:
+            raise BadInput(f"--since {text!r} reaches back before the year 1") from None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
         raise BadInput(f"--since {text!r}: use an ISO date/time (2026-01-31, 2026-01-31T12:00) or an age (30m, 2h, 7d)") from None
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def check_edit_id(edit_id: int) -> int:
+    """The id, or a one-line BadInput when no edit can have it (ids start at 1)."""
+    if not 1 <= edit_id <= MAX_ID:
+        raise BadInput(f"edit id {edit_id} is out of range: ids run from 1 to {MAX_ID}")
+    return edit_id
 
 
 def edit_dict(e: Any) -> dict[str, Any]:
@@ -59,7 +72,9 @@ def history(
     if limit < 0:
         raise BadInput("--limit must be 0 (all) or more")
     with _read_audit(config, data_dir, db) as audit:
-        rows = audit.history(status=status, subject=subject, property=prop, since=when, limit=limit or None)
+        # No log holds more rows than ids; a larger limit (which SQLite cannot bind) means all.
+        rows = audit.history(status=status, subject=subject, property=prop, since=when,
+                             limit=limit if 0 < limit <= MAX_ID else None)
     if as_json:
         print(json.dumps([edit_dict(e) for e in rows], indent=2, default=str))
         return
@@ -87,6 +102,7 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show one edit in full, with its paraphrase and retain checks."""
+    check_edit_id(edit_id)
     with _read_audit(config, data_dir, db) as audit:
         e = audit.get(edit_id)
         checks = audit.checks(edit_id)
@@ -130,6 +146,7 @@ def revert(
     """Take an applied edit's delta out of the served model; the revert is recorded."""
     from kbsync.pipeline import EditPipeline
 
+    check_edit_id(edit_id)
     pipeline = EditPipeline(settings_from(config, None, data_dir, db))
     try:
         row = pipeline.revert(edit_id, actor=actor or "", reason=reason)

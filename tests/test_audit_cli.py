@@ -32,7 +32,7 @@ def write_rows(data: Path) -> int:
         row = log.record(
             Edit(actor="[red]mallory", source="cli", subject_id="Q1030", subject_label="Namibia [b]", property="P36",
                  object_label=MARKUP, question="What is the capital of Namibia?", before_answer="Windhoek",
-                 after_answer=MARKUP, method="ft", status="applied", reasons=["odd [/] reason"]),
+                 after_answer=MARKUP, method="ft", status="applied", reasons=["odd [/] reason :thumbs_up:"]),
             [EditCheck(kind="paraphrase", prompt="Namibia's capital [i]?", expected=MARKUP, before="Windhoek",
                        after=MARKUP, ok=True),
              EditCheck(kind="retain", prompt="Capital of Peru [/]?", expected="Lima", before="Lima", after="[x]",
@@ -59,7 +59,9 @@ def test_markup_in_audit_text_is_printed_literally(tmp_path: Path) -> None:
 
     shown = kbsync(data, "show", str(edit_id))
     assert shown.returncode == 0, shown.stderr
-    for text in (MARKUP, "[red]mallory", "odd [/] reason", "Namibia's capital [i]?", "Capital of Peru [/]?", "'[x]'"):
+    # Emoji codes stay as typed too (rich would print ":thumbs_up:" as a picture).
+    for text in (MARKUP, "[red]mallory", "odd [/] reason :thumbs_up:", "Namibia's capital [i]?",
+                 "Capital of Peru [/]?", "'[x]'"):
         assert text in shown.stdout, text
 
     as_json = kbsync(data, "history", "--json")

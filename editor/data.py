@@ -26,6 +26,7 @@ class EditRecord:
     alternatives: list[str] = field(default_factory=list)
     answer: str = ""  # the target in the model's answer style (see EditRequest.answer); empty: the bare target
     claim_prefix: str = ""  # "The capital of Peru is": an answer echoing it is judged on the rest
+    subject: str = ""  # the entity the prompt is about, as it occurs there (locate-and-edit reads its last token)
 
     @property
     def taught(self) -> str:
@@ -70,7 +71,7 @@ def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: in
             retain = [(render(o).question, o.object.label) for o in picked]
             answer = get_relation(f.property).state(f.subject.label, target) if answer_style == "claim" else ""
             out.append(EditRecord(pr.question, target, f.object.label, list(pr.paraphrases), retain, True, choices,
-                                  answer, pr.claim_prefix))
+                                  answer, pr.claim_prefix, f.subject.label))
     return out
 
 
@@ -142,7 +143,8 @@ def load_counterfact(path: str | Path, limit: int | None = None) -> list[EditRec
             continue
         retain = [(r["locality_prompt"], r["locality_ground_truth"])] if r.get("locality_prompt") else []
         paras = [r["rephrase_prompt"]] if r.get("rephrase_prompt") else []
-        out.append(EditRecord(r["prompt"], r["target_new"], r.get("ground_truth", ""), paras, retain, question=False))
+        out.append(EditRecord(r["prompt"], r["target_new"], r.get("ground_truth", ""), paras, retain, question=False,
+                              subject=r.get("subject", "")))
         if limit and len(out) >= limit:
             break
     return out
@@ -164,7 +166,7 @@ def load_zsre(path: str | Path, limit: int | None = None) -> list[EditRecord]:
         loc = loc[len("nq question: "):] if loc.startswith("nq question: ") else loc
         retain = [(loc, r["loc_ans"])] if loc and r.get("loc_ans") else []
         paras = [r["rephrase"]] if r.get("rephrase") else []
-        out.append(EditRecord(r["src"], r["alt"], original, paras, retain, question=True))
+        out.append(EditRecord(r["src"], r["alt"], original, paras, retain, question=True, subject=r.get("subject", "")))
         if limit and len(out) >= limit:
             break
     return out

@@ -25,7 +25,7 @@ import torch
 
 from adapters.base import row_kl
 from editor.data import EditRecord
-from editor.methods import SHRINK, EditRequest, make_method
+from editor.methods import PRESERVE, SHRINK, EditRequest, MethodContext, make_method
 from kbsync.match import match, normalise
 
 # Gold (prompt, answer) pairs for performance deterioration, asked after every edit.
@@ -82,7 +82,7 @@ def _gold_accuracy(adapter: Any, gold: list[tuple[str, str]], question: bool) ->
 def _score(adapter: Any, method: Any, r: EditRecord, scores: MethodScores, gold: list[tuple[str, str]],
            base_retain: list[str], question: bool) -> None:
     """Edit one record on the unedited model, append its scores, and take the edit back."""
-    req = EditRequest(r.prompt, r.target, r.question, original=r.original, paraphrases=tuple(r.paraphrases),
+    req = EditRequest(r.prompt, r.target, r.question, original=r.original, paraphrases=tuple(r.paraphrases), subject=r.subject,
                       answer=r.answer, claim_prefix=r.claim_prefix)
     result = method.propose(req)
     result.delta.apply(adapter.model)
@@ -136,10 +136,17 @@ def known_gold(adapter: Any, pairs: list[tuple[str, str]], n: int, question: boo
     return out[:n]
 
 
+def options_for(options: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """The options given for a method name, looked up without its +shrink / +preserve suffixes."""
+    while name.endswith((SHRINK, PRESERVE)):
+        name = name.removesuffix(SHRINK).removesuffix(PRESERVE)
+    return dict(options.get(name, {}))
+
+
 def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], options: dict[str, dict[str, Any]] | None = None,
              gold: list[tuple[str, str]] | None = None, on_edit: Callable[[str, int], None] | None = None,
              on_row: Callable[[list[dict[str, float]], dict[str, Any]], None] | None = None,
-             resume: dict[str, Any] | None = None) -> list[dict[str, float]]:
+             resume: dict[str, Any] | None = None, context: MethodContext | None = None) -> list[dict[str, float]]:
     """Edit every record with every method (each edit alone on the unedited model) and score it.
 
     Records are the outer loop, so every method has been scored on the same records at any
@@ -150,7 +157,7 @@ def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], option
     options = options or {}
     question = records[0].question if records else True
     gold = gold if gold is not None else [pair for r in records for pair in r.retain][:GOLD]
-    made = [make_method(name, adapter, **options.get(name.removesuffix(SHRINK), {})) for name in methods]
+    made = [make_method(name, adapter, context, **options_for(options, name)) for name in methods]
     if resume:
         base_gold = float(resume["base_gold"])
         scores = [MethodScores(**s) for s in resume["scores"]]
@@ -190,7 +197,8 @@ def _answer_argmax(adapter: Any, pairs: list[tuple[str, str]], question: bool, c
 
 def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[str],
                         options: dict[str, dict[str, Any]] | None = None, gold: list[tuple[str, str]] | None = None,
-                        on_edit: Callable[[str, int], None] | None = None) -> list[dict[str, float]]:
+                        on_edit: Callable[[str, int], None] | None = None,
+                        context: MethodContext | None = None) -> list[dict[str, float]]:
     """Each method's edits applied one after another, as the daemon stacks them, then scored against the unedited model.
 
     Every edit is proposed on the model as edited so far, conditioned on its answer then.
@@ -213,7 +221,7 @@ def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[s
     final = [r for i, r in enumerate(records) if last[r.prompt] == i]
     rows = []
     for name in methods:
-        method = make_method(name, adapter, **options.get(name.removesuffix(SHRINK), {}))
+        method = make_method(name, adapter, context, **options_for(options, name))
         params = dict(adapter.model.named_parameters())
         saved: dict[str, torch.Tensor] = {}
         made, seconds = [], []
@@ -221,11 +229,12 @@ def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[s
             for i, r in enumerate(records):
                 now = adapter.predict([r.prompt], question=r.question)[0]
                 req = EditRequest(r.prompt, r.target, r.question, original=now, paraphrases=tuple(r.paraphrases),
-                                  answer=r.answer, claim_prefix=r.claim_prefix)
+                                  answer=r.answer, claim_prefix=r.claim_prefix, subject=r.subject)
                 result = method.propose(req)
                 for n in result.delta.tensors:
                     saved.setdefault(n, params[n].detach().clone())
                 result.delta.apply(adapter.model)
+                method.on_applied(i, result.delta)  # as the served model tells its methods
                 made += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
                 seconds.append(result.seconds)
                 if on_edit:

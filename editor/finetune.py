@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from editor.delta import Delta
-from editor.methods import EditMethod, EditRequest, EditResult, register_method
+from editor.methods import EditMethod, EditRequest, EditResult, MethodOptions, register_method
+
+
+@dataclass
+class FineTuneOptions(MethodOptions):
+    """RMSProp learning rate, step budget, how often the answer is checked, and Zhu's L-inf radius."""
+
+    lr: float = 1e-5
+    max_steps: int = 100
+    check_every: int = 5
+    linf: float | None = None
+
+
+@dataclass
+class ZhuOptions(FineTuneOptions):
+    """Zhu et al.'s default radius."""
+
+    linf: float | None = 1e-3
 
 
 class FineTune(EditMethod):
@@ -15,7 +33,7 @@ class FineTune(EditMethod):
 
     name: ClassVar[str] = "ft-layer"
     description: ClassVar[str] = "fine-tune the editable matrices (one layer range) with RMSProp"
-    linf: ClassVar[float | None] = None
+    options_cls: ClassVar[type[MethodOptions]] = FineTuneOptions
 
     def params(self) -> dict[str, torch.nn.Parameter]:
         """The parameters this baseline trains."""
@@ -23,10 +41,8 @@ class FineTune(EditMethod):
 
     def edit(self, request: EditRequest) -> EditResult:
         """Train in place, record the change as a Delta, then restore the original weights exactly."""
-        lr = float(self.options.get("lr", 1e-5))
-        max_steps = int(self.options.get("max_steps", 100))
-        check_every = int(self.options.get("check_every", 5))
-        radius = self.options.get("linf", self.linf)
+        opts = self.options
+        lr, max_steps, check_every, radius = opts.lr, opts.max_steps, max(1, opts.check_every), opts.linf
         params = self.params()
         start = self.clock()
         original = {n: p.detach().clone() for n, p in params.items()}
@@ -90,7 +106,4 @@ class Zhu(FineTune):
 
     name: ClassVar[str] = "zhu"
     description: ClassVar[str] = "fine-tuning constrained to an L-inf ball around the original weights"
-
-    def __init__(self, adapter: Any, **options: Any) -> None:
-        options.setdefault("linf", 1e-3)
-        super().__init__(adapter, **options)
+    options_cls: ClassVar[type[MethodOptions]] = ZhuOptions

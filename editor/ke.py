@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from editor.methods import EditMethod, EditRequest, EditResult, register_method
+from editor.methods import EditMethod, EditRequest, EditResult, MethodOptions, register_method
 from kbsync.errors import NotFound
+
+
+@dataclass
+class KEOptions(MethodOptions):
+    """The editor file (empty: the model's editor under the data directory) and +loop's budget."""
+
+    checkpoint: str = ""
+    loop: int = 5
 
 
 def editor_dir(data_dir: Path, model_name: str) -> Path:
@@ -29,25 +38,28 @@ class KnowledgeEditorMethod(EditMethod):
     name: ClassVar[str] = "ke"
     description: ClassVar[str] = "KnowledgeEditor hyper-network (one application)"
     loops: ClassVar[int] = 1
+    options_cls: ClassVar[type[MethodOptions]] = KEOptions
 
-    def __init__(self, adapter: Any, **options: Any) -> None:
-        super().__init__(adapter, **options)
-        path = checkpoint_path(options, adapter.name)
+    def prepare(self) -> None:
+        """Load the trained hyper-network once (a 57 MB file on SmolLM2), not per edit."""
+        path = checkpoint_path({"checkpoint": self.options.checkpoint, "data_dir": self.context.data_dir},
+                               self.adapter.name)
         if path is None or not path.exists():
             raise NotFound(
-                f"no trained KnowledgeEditor for model {adapter.name}"
+                f"no trained KnowledgeEditor for model {self.adapter.name}"
                 + (f" (looked for {path})" if path else "")
-                + "; train one with `kbsync editor train` or edit with --method ft"
+                + "; train one with `kbsync editor train` or edit with --method alphaedit"
             )
         from editor.hypernet import load_editor
 
-        self.net = load_editor(path, adapter)
+        self.net = load_editor(path, self.adapter)
+        super().prepare()
 
     def edit(self, request: EditRequest) -> EditResult:
         """Predict the delta; the +loop variant re-applies it (up to the `loop` option) until the answer flips."""
         from editor.hypernet import apply_editor
 
-        loops = int(self.options.get("loop", self.loops)) if self.loops > 1 else 1
+        loops = self.options.loop if self.loops > 1 else 1
         return apply_editor(self, request, loops=loops)
 
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from editor.methods import ALIASES, EditRequest, make_method
+from editor.methods import EditMethod, EditRequest, MethodContext, canonical, make_method
 from kbsync.audit.log import AuditLog
 from kbsync.audit.models import Edit, EditCheck
 from kbsync.check import Probe, ProbeResult, probes, run_probes
@@ -97,6 +97,9 @@ class EditPipeline:
         # Retain items' pre-edit answers and base scores per served-weights fingerprint (memory + disk).
         self.retain_cache = BaseCache(settings.store.data_path / "retain-cache")
         self.repairs: list[str] = []
+        # Methods are created once per served model and options (KE loads its editor, AlphaEdit its
+        # statistics), and follow the served model's deltas as its listeners.
+        self._methods: dict[tuple[str, str], EditMethod] = {}
 
     def close(self) -> None:
         """Release the audit log's connections."""
@@ -145,7 +148,7 @@ class EditPipeline:
             request = EditRequest(items[0].prompt, items[0].expected, question=question,
                                   paraphrases=prompts.paraphrases if question else (),
                                   aliases=prompts.aliases, claim_prefix=prompts.claim_prefix,
-                                  answer=prompts.claim if styled else "")
+                                  answer=prompts.claim if styled else "", subject=fact.subject.label)
             return _Target(items, request, row, fact.key, prompts.aliases, prompts.claim_prefix)
         prompt, target = (fact or "").strip(), (target or "").strip()
         if not prompt:
@@ -175,7 +178,7 @@ class EditPipeline:
             served = self.load_served_model()
         adapter = served.adapter
         # Record the canonical method name ("ft" is an alias of "ft-layer").
-        name = ALIASES.get(method or self.settings.editor.method, method or self.settings.editor.method)
+        name = canonical(method or self.settings.editor.method)
         actor = actor or default_actor()
         tgt = self._target(fact, target, source, actor, kb_revision, name)
         row = tgt.row
@@ -192,9 +195,7 @@ class EditPipeline:
                     outcome.edit = self.audit.record(row)
                 return outcome
             # Before anything is written: fails with one line (e.g. no trained KnowledgeEditor).
-            ed = self.settings.editor
-            editor = make_method(name, adapter, **{"data_dir": self.settings.store.data_path, "loop": ed.loop,
-                                                   "shrink": ed.shrink, **ed.options})
+            editor = self.method(name)
             row.parent_fingerprint = adapter.fingerprint()
             with clock("regression"):
                 reg = self.settings.regression
@@ -270,6 +271,21 @@ class EditPipeline:
                 out.append(f"edit {e.id} ({c.before!r} -> {c.after!r})")
         return out
 
+    def method(self, name: str) -> EditMethod:
+        """The prepared method for the served model under the current [editor] settings (created once)."""
+        ed = self.settings.editor
+        defaults = {"loop": ed.loop, "shrink": ed.shrink, "preserve": ed.preserve}
+        options = method_options(ed.options, name)
+        key = (canonical(name), repr(sorted({**defaults, **options}.items())))
+        if key not in self._methods:
+            served = self.load_served_model()
+            context = MethodContext(self.settings.store.data_path, self.settings.store.cache_path,
+                                    served.base_fingerprint, served.as_base)
+            made = make_method(name, served.adapter, context, defaults, **options)
+            served.add_listener(made)
+            self._methods[key] = made
+        return self._methods[key]
+
     # --- retain cache ------------------------------------------------------------------------
 
     def _retain_items(self, exclude_key: tuple[str, str] | None = None, exclude_prompt: str = "") -> list[Any]:
@@ -317,6 +333,12 @@ class EditPipeline:
         return row
 
 
+def method_options(options: dict[str, Any], name: str) -> dict[str, Any]:
+    """[editor.options] for one method: its flat keys, then its own table ([editor.options.ft-layer])."""
+    from editor.methods import method_class
+    cls, _ = method_class(name)
+    flat = {k: v for k, v in options.items() if not isinstance(v, dict)}
+    return {**flat, **options.get(cls.name, {})}
 def _checks(before: list[ProbeResult], after: list[ProbeResult], retain: RetainReport) -> list[EditCheck]:
     """Audit rows: one per paraphrase probe and one per retain item."""
     rows = [EditCheck(kind="paraphrase", prompt=a.prompt, expected=a.expected, before=b.prediction,

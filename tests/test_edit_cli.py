@@ -20,7 +20,7 @@ from kbsync.pipeline import EditPipeline
 
 WORKER = Path(__file__).resolve().parent / "edit_worker.py"
 LOOSE = """
-[editor.options]
+[editor.options.ft-layer]
 lr = 1e-3
 max_steps = 50
 [regression]

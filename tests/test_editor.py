@@ -289,7 +289,7 @@ def test_known_gold_keeps_the_pairs_the_unedited_model_answers(tiny_llama, facts
 def test_unknown_method_and_missing_editor(tiny_llama, tmp_path):
     with pytest.raises(NotFound, match="unknown edit method"):
         make_method("rome", tiny_llama)
-    with pytest.raises(NotFound, match="kbsync editor train.*--method ft"):
+    with pytest.raises(NotFound, match="kbsync editor train.*--method alphaedit"):
         make_method("ke", tiny_llama, data_dir=tmp_path)
 
 

@@ -198,6 +198,12 @@ def eval_command(
         with console.status(f"asking the model for its own answers ({len(records)} records)"):
             records = ground(adapter, records)
 
+    from editor.methods import MethodContext
+    from kbsync.served import model_fingerprint
+
+    # Statistics (memit, alphaedit, +preserve) are cached per base model, as the daemon's are.
+    context = MethodContext(settings.store.data_path, settings.store.cache_path, model_fingerprint(adapter.model))
+
     def save(rows: list[dict], state: dict) -> None:  # after every record: a run of hours can stop any time
         if json_out:  # (its folder was made up front); rows' "n" is the records done so far
             tmp = Path(json_out + ".tmp")
@@ -212,11 +218,11 @@ def eval_command(
         tasks = {m: bar.add_task(m, total=len(records), completed=done) for m in method}
         progress = lambda m, i: bar.update(tasks[m], completed=i + 1)  # noqa: E731
         if sequential:
-            rows = evaluate_sequential(adapter, records, method, options, gold=gold, on_edit=progress)
+            rows = evaluate_sequential(adapter, records, method, options, gold=gold, on_edit=progress, context=context)
             save(rows, {})
         else:
             rows = evaluate(adapter, records, method, options, gold=gold, on_edit=progress, on_row=save,
-                            resume=earlier["state"] if earlier else None)
+                            resume=earlier["state"] if earlier else None, context=context)
     if sequential:
         console.print(results_table(rows, f"{len(records)} edits from {data} stacked on {adapter.name}", SEQUENTIAL_COLUMNS))
         console.print(f"retain over {rows[0]['retain_n'] if rows else 0} prompts no record edits; kept = the edited "

@@ -38,6 +38,9 @@ class Adapter(ABC):
     layer_regex: ClassVar[str]
     # Regex (fullmatch) over the rest of the name after the layer prefix: default editable matrices.
     default_modules: ClassVar[str]
+    # Regex (fullmatch) over a module's name after its layer prefix: the MLP's output matrix, the
+    # one locate-and-edit methods write (its input at the subject's last token is the fact's key).
+    mlp_out_modules: ClassVar[str] = r"mlp\.(down_proj|c_proj|fc_out|fc2)"
 
     def __init__(
         self,
@@ -207,6 +210,53 @@ class Adapter(ABC):
             if any(pat.fullmatch(rest) for pat in patterns):
                 out[name] = p
         return out
+
+    # --- locate-and-edit: layers, modules, orientation ------------------------------------
+
+    def num_layers(self) -> int:
+        """How many transformer layers the model has."""
+        return 1 + max((i for n, _ in self.model.named_parameters() if (i := self.layer_of(n)) is not None), default=-1)
+
+    def resolve_layer(self, layer: int) -> int:
+        """A layer index, negative counting from the end; a one-line error when outside the model."""
+        n = self.num_layers()
+        if not -n <= layer < n:
+            from kbsync.errors import BadInput
+
+            raise BadInput(f"layer {layer} is outside the model, which has layers 0-{n - 1}")
+        return layer % n
+
+    def layer_module(self, layer: int) -> str:
+        """The name of transformer layer `layer` (its output is the residual stream after it)."""
+        layer = self.resolve_layer(layer)
+        for name, _ in self.model.named_modules():
+            m = re.search(self.layer_regex, name + ".")
+            if m and int(m.group(1)) == layer and m.end() == len(name) + 1:
+                return name
+        raise ValueError(f"no module for layer {layer}")
+
+    def mlp_out(self, layer: int) -> str:
+        """The name of layer `layer`'s MLP output matrix module (down_proj, GPT-2's c_proj)."""
+        prefix = self.layer_module(layer) + "."
+        pattern = re.compile(self.mlp_out_modules)
+        for name, _ in self.model.named_modules():
+            if name.startswith(prefix) and pattern.fullmatch(name[len(prefix):]):
+                return name
+        from kbsync.errors import BadInput
+
+        raise BadInput(f"layer {layer} has no MLP output matrix matching {self.mlp_out_modules!r}")
+
+    def stores_in_out(self, module_name: str) -> bool:
+        """Whether the module's weight is stored [in, out] (GPT-2's Conv1D) rather than nn.Linear's [out, in]."""
+        from adapters.hooks import get_module
+
+        return type(get_module(self.model, module_name)).__name__ == "Conv1D"
+
+    def subject_positions(self, prompts: list[str], subject: str, question: bool = True) -> list[int]:
+        """Per prompt, the position (in encode()'s rows) of the subject's last token (generative families)."""
+        from kbsync.errors import BadInput
+
+        raise BadInput(f"locate-and-edit methods need a causal LM; this model is a {self.family}")
 
     def fingerprint(self) -> str:
         """A short hash of the editable weights: identifies the exact model state edits stack on."""

@@ -99,6 +99,29 @@ class CausalLMAdapter(Adapter):
             ids = [bos] + ids
         return ids
 
+    def subject_positions(self, prompts: list[str], subject: str, question: bool = True) -> list[int]:
+        """Per prompt, the index in encode()'s row of the subject's last token (the prompt's last token when subject is empty)."""
+        from kbsync.errors import BadInput
+
+        out = []
+        for prompt in prompts:
+            ids = self._prompt_ids(prompt, question)
+            if not subject.strip():
+                out.append(len(ids) - 1)
+                continue
+            rendered = self.render(prompt, question)
+            at = rendered.rfind(prompt)
+            idx = prompt.rfind(subject)
+            if idx < 0:
+                idx = prompt.lower().rfind(subject.lower())
+            if at < 0 or idx < 0:
+                raise BadInput(f"subject {subject!r} does not occur in its prompt {prompt!r}")
+            end = at + idx + len(subject)
+            enc = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+            last = max(i for i, (start, _stop) in enumerate(enc["offset_mapping"]) if start < end)
+            out.append(last + len(ids) - len(enc["input_ids"]))  # a prepended BOS shifts every position
+        return out
+
     def _target_ids(self, rendered: str, target: str, question: bool) -> list[int]:
         sep = "" if rendered.endswith((" ", "\n")) else " "
         ids = self._ids(sep + target.strip())

@@ -15,6 +15,9 @@ stay consistent across reverts, other processes' edits and restarts.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,7 +35,7 @@ class ServedModel:
         self.adapter = adapter
         # Taken now, while the adapter holds its base weights: per-model caches (edit methods'
         # statistics) are keyed by it and must not change as edits are applied.
-        self.base_fingerprint: str = adapter.fingerprint()
+        self.base_fingerprint: str = model_fingerprint(adapter.model)
         self.edit_ids: list[int] = []
         # Per applied edit, its extras and meta only: the dense updates are already in the
         # weights, and keeping them would hold a second copy of every edited matrix.
@@ -72,6 +75,21 @@ class ServedModel:
             _call(obj, "on_applied", edit_id, record)
 
     @torch.no_grad()
+    @contextmanager
+    def as_base(self) -> Iterator[None]:
+        """The base weights in place for the block (statistics are computed on the base model), then the deltas again."""
+        params = dict(self.adapter.model.named_parameters())
+        current = {n: params[n].detach().clone() for n in self._base}
+        try:
+            with torch.no_grad():
+                for name, base in self._base.items():
+                    params[name].copy_(base)
+            yield
+        finally:
+            with torch.no_grad():
+                for name, w in current.items():
+                    params[name].copy_(w)
+
     def reset(self) -> None:
         """Back to the base weights, bit for bit."""
         params = dict(self.adapter.model.named_parameters())
@@ -102,6 +120,15 @@ class ServedModel:
             self.push(delta, edit_id)
             done.append(f"applied edit {edit_id}")
         return done
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 (16 hex) over every parameter's name, shape and bytes: names the exact base model."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(p.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _call(obj: Any, method: str, *args: Any) -> None:

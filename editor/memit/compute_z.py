@@ -1,0 +1,82 @@
+"""The target vector: what the residual stream after the last edited layer should hold at the subject.
+
+MEMIT's step 1: a vector delta added to that layer's output at the subject's last token is
+optimised so that the model answers the new target in every context (and, here, every
+paraphrase of the question), while a KL term keeps the subject's other properties ("{subject}
+is a") where they were and a norm clamp keeps the change in scale with the hidden state.
+Only delta has a gradient; the model's weights are left untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from adapters.hooks import edit_output
+from editor.memit.compute_ks import contexts
+from editor.memit.config import MemitOptions
+from editor.methods import EditRequest
+
+
+def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefixes: list[str],
+                   opts: MemitOptions) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(z, the current vector it replaces, info): both [d] at the bare prompt's subject token."""
+    prompts = contexts(request, prefixes, opts.paraphrases)
+    batch = adapter.encode(prompts, [request.taught] * len(prompts), question=request.question)
+    pos = torch.tensor(adapter.subject_positions(prompts, request.subject, request.question))
+    rows = torch.arange(len(prompts))
+    essence_prompt = f"{request.subject} is a" if request.subject else request.prompt
+    ess_ids = torch.tensor([adapter._prompt_ids(essence_prompt, False)])
+    ess_pos = torch.tensor(adapter.subject_positions([essence_prompt], request.subject, False))
+
+    where: dict[str, Any] = {}
+    delta = torch.zeros(adapter.model.config.hidden_size, requires_grad=True)
+
+    def add(h: torch.Tensor) -> torch.Tensor:
+        r, p = where["rows"], where["pos"]
+        out = h.clone()
+        out[r, p] = out[r, p] + delta.to(h.dtype)
+        return out
+
+    def essence_logp() -> torch.Tensor:
+        where.update(rows=torch.arange(1), pos=ess_pos)
+        logits = adapter.model(input_ids=ess_ids, use_cache=False).logits
+        return F.log_softmax(logits[0, -1].float(), -1)
+
+    params = [p for p in adapter.model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        from adapters.hooks import trace
+
+        with torch.no_grad(), trace(adapter.model, [layer_module]) as tr:
+            adapter.model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1], use_cache=False)
+            init = tr[layer_module].output[0, pos[0]].clone()
+        with edit_output(adapter.model, layer_module, add):
+            with torch.no_grad():
+                base_ess = essence_logp()
+            # Scale-free rate: v_lr per unit of the hidden state's RMS (hidden scales differ by 100x between models).
+            opt = torch.optim.Adam([delta], lr=opts.v_lr * float(init.norm()) / init.numel() ** 0.5)
+            max_norm = opts.clamp_norm * init.norm()
+            nll = torch.tensor(float("inf"))
+            steps = 0
+            for steps in range(1, opts.v_steps + 1):
+                where.update(rows=rows, pos=pos)
+                nll = adapter.example_losses(batch, label_smoothing=0.0).mean()
+                kl = F.kl_div(essence_logp(), base_ess, log_target=True, reduction="sum")
+                wd = opts.v_weight_decay * delta.norm() ** 2 / init.norm() ** 2
+                loss = nll + opts.kl_factor * kl + wd
+                if float(nll.detach()) < opts.v_loss_stop:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    if delta.norm() > max_norm:
+                        delta.mul_(max_norm / delta.norm())
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+    return (init + delta).detach(), init, {"z_steps": steps, "z_nll": float(nll), "z_norm_ratio": float(delta.norm() / init.norm())}

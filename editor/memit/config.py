@@ -1,0 +1,49 @@
+"""MEMIT's options: the edited layers, the target-vector optimisation and the statistics' weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from editor.methods import MethodOptions
+
+
+@dataclass
+class MemitOptions(MethodOptions):
+    """Locate-and-edit settings; every default is scale-free so that it transfers between models."""
+
+    # MLP output matrices written (negative: from the end). Empty: the band at 13-27% of the depth
+    # where MEMIT and AlphaEdit edit GPT-J and Llama-3 (layers 4-8 of SmolLM2's 30).
+    layers: tuple[int, ...] = ()
+    # Where the fact is read and written: "subject", the subject's last token (ROME/MEMIT: real LMs
+    # recall a subject's attributes there), or "last", the prompt's last token (models that route
+    # the subject to the answer position in their first layer, like the tiny test models).
+    position: str = "subject"
+    # Target vector at the last edited layer: Adam steps and rate, weight decay relative to the
+    # hidden state's norm, the largest norm of the change (times the hidden state's norm), the KL
+    # weight that keeps "{subject} is a" from drifting, and the loss at which to stop early.
+    v_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 1e-3
+    clamp_norm: float = 4.0
+    kl_factor: float = 0.0625
+    v_loss_stop: float = 0.05
+    # Contexts: the bare prompt plus this many short generated prefixes (MEMIT's context templates).
+    prefixes: int = 4
+    prefix_tokens: int = 8
+    # Also optimise the target vector (and average the keys) over the request's paraphrases: the
+    # update then answers how people ask, not one wording.
+    paraphrases: bool = True
+    # MEMIT's preservation weight: the solve is (K K^T + mom2_weight * C0)^-1 with C0 = E[k k^T]
+    # over the statistics corpus (one corpus token's worth is 1).
+    mom2_weight: float = 15000.0
+    # The statistics corpus: token positions of known facts (served format) and generated text.
+    stats_tokens: int = 60000
+    # Compute missing statistics on first use (else a missing file is an error).
+    compute_stats: bool = True
+
+
+def default_layers(num_layers: int) -> tuple[int, ...]:
+    """The early-middle band (13-27% of the depth) MEMIT/AlphaEdit edit; at least one layer, never the last."""
+    lo = min(round(0.13 * num_layers), max(0, num_layers - 2))
+    hi = max(lo, min(num_layers - 2, round(0.27 * num_layers)))
+    return tuple(range(lo, hi + 1))

@@ -1,0 +1,113 @@
+"""MEMIT (Meng et al. 2023) for causal LMs: spread one target vector's residual over several MLP matrices.
+
+Steps, one small file each: compute_z (the target vector at the last edited layer), compute_ks
+(the keys at each edited layer), layer_stats (the preserved keys' covariance), and here the
+closed-form solve per layer. Each layer's update is added before the next layer's keys are
+read, as in the authors' code; the model is back to its weights when `edit` returns. The update
+of a layer is R K^T A^-1, rank = the number of requests, so it is stored as two factors with the
+keys as extras (AlphaEdit accumulates them; a revert takes them out again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import torch
+
+from editor.delta import Delta
+from editor.memit.compute_ks import compute_keys, current_outputs
+from editor.memit.compute_z import compute_target
+from editor.memit.config import MemitOptions, default_layers
+from editor.memit.layer_stats import covariances_for
+from editor.methods import EditMethod, EditRequest, EditResult, MethodOptions, register_method
+from kbsync.errors import BadInput
+
+KEYS = "keys/"  # extras name prefix: the keys an edit wrote, per parameter
+
+
+@register_method
+class Memit(EditMethod):
+    """MEMIT: closed-form least squares per layer against the covariance of preserved keys."""
+
+    name: ClassVar[str] = "memit"
+    description: ClassVar[str] = "MEMIT locate-and-edit (closed-form update of MLP output matrices)"
+    options_cls: ClassVar[type[MethodOptions]] = MemitOptions
+
+    def prepare(self) -> None:
+        """Resolve the layers, load (or compute) the statistics and the context prefixes."""
+        opts = self.options
+        if not hasattr(self.adapter, "subject_positions") or self.adapter.family != "causal-lm":
+            raise BadInput(f"{self.name} edits causal LMs; this model is a {self.adapter.family}")
+        if opts.position not in ("subject", "last"):
+            raise BadInput(f"option position of method {self.name} must be 'subject' or 'last', not {opts.position!r}")
+        layers = opts.layers or default_layers(self.adapter.num_layers())
+        self.layers = sorted({self.adapter.resolve_layer(i) for i in layers})
+        if self.layers[-1] >= self.adapter.num_layers() - 1:
+            # The target vector sits at the subject token; only later layers carry it to the answer.
+            raise BadInput(f"{self.name}: the last edited layer ({self.layers[-1]}) must leave at least one layer "
+                           f"after it (the model has {self.adapter.num_layers()})")
+        self.modules = [self.adapter.mlp_out(i) for i in self.layers]
+        self.params = {m: m + ".weight" for m in self.modules}
+        self.z_module = self.adapter.layer_module(self.layers[-1])
+        self.cov = self.statistics(self.modules)
+        self.prefixes = [""] + self._prefixes(opts.prefixes, opts.prefix_tokens)
+        super().prepare()
+
+    def statistics(self, modules: list[str], progress: Any = None, rebuild: bool = False) -> dict[str, torch.Tensor]:
+        """C0 per module, cached under the base model's fingerprint (computed on base weights if missing)."""
+        return covariances_for(self.adapter, self.context, modules, self.options.stats_tokens,
+                               compute=self.options.compute_stats, rebuild=rebuild, progress=progress)
+
+    def _prefixes(self, n: int, tokens: int) -> list[str]:
+        """Short texts the model writes itself, put before a prompt (MEMIT's context templates); seeded."""
+        if n <= 0:
+            return []
+        from editor.memit.corpus import SEEDS, generated_texts
+
+        texts = generated_texts(self.adapter, n, tokens=tokens, seed=1)
+        return [" ".join(t.replace("\n", " ").split()) + "." for t in texts][:n] if texts else list(SEEDS[:n])
+
+    # --- the update ---------------------------------------------------------------------
+
+    def solve(self, module: str, keys: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left [d_out, n], right [n, d_in]) with left @ right = R K^T (K K^T + w C0)^-1."""
+        k = keys.double().T  # [d_in, n]
+        a = k @ k.T + self.options.mom2_weight * self.cov[module].double()
+        right = torch.linalg.solve(a, k).T
+        return resid.double().T.float(), right.float()
+
+    def edit(self, request: EditRequest) -> EditResult:
+        """Target vector, then per layer: keys, residual share, closed-form update (applied for the next layer)."""
+        start = self.clock()
+        if self.options.position == "last":
+            request = replace(request, subject="")
+        elif request.subject:  # checked before any work: a one-line error naming the subject
+            self.adapter.subject_positions([request.prompt], request.subject, request.question)
+        requests = [request]
+        z, _init, info = compute_target(self.adapter, request, self.z_module, self.prefixes, self.options)
+        zs = z[None]
+        live = dict(self.adapter.model.named_parameters())
+        saved = {self.params[m]: live[self.params[m]].detach().clone() for m in self.modules}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        extras: dict[str, torch.Tensor] = {}
+        try:
+            for i, module in enumerate(self.modules):
+                keys = compute_keys(self.adapter, module, requests, self.prefixes, self.options.paraphrases)
+                cur = current_outputs(self.adapter, self.z_module, requests)
+                resid = (zs - cur) / (len(self.modules) - i)
+                left, right = self.solve(module, keys, resid)
+                name = self.params[module]
+                if self.adapter.stores_in_out(module):  # Conv1D keeps [in, out]: the update transposed
+                    left, right = right.T.contiguous(), left.T.contiguous()
+                factors[name] = (left, right)
+                extras[KEYS + name] = keys.float()
+                with torch.no_grad():
+                    live[name].add_(left @ right)
+            ok, pred = self.flipped(request)
+        finally:
+            with torch.no_grad():
+                for name, w in saved.items():
+                    live[name].copy_(w)
+        delta = Delta({}, {"method": self.name, "layers": self.layers, **info}, factors=factors, extras=extras)
+        return EditResult(delta, ok, int(info["z_steps"]), self.clock() - start, pred, info)

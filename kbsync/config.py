@@ -36,6 +36,8 @@ class EditorConfig:
     loop: int = 5
     answer_style: str = "auto"
     shrink: bool = True
+    # "nullspace": project every method's MLP delta onto the null space of preserved knowledge.
+    preserve: str = ""
     # Extra keyword options for the method (e.g. lr, max_steps for the fine-tuning baselines).
     options: dict[str, Any] = field(default_factory=dict)
 

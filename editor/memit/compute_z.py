@@ -79,4 +79,4 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
     finally:
         for p in params:
             p.requires_grad_(True)
-    return (init + delta).detach(), init, {"z_steps": steps, "z_nll": float(nll), "z_norm_ratio": float(delta.norm() / init.norm())}
+    return (init + delta).detach(), init, {"z_steps": steps, "z_nll": float(nll.detach()), "z_norm_ratio": float(delta.detach().norm() / init.norm())}

@@ -108,17 +108,19 @@ def test_tight_thresholds_reject_and_leave_the_model_unchanged(make, tiny_llama,
 
 def test_an_edit_that_undoes_an_applied_edit_is_rejected(make):
     """Editing Pakistan's capital to New Delhi turns India (edited to Paris) back to New Delhi, at a KL
-    and unchanged share that pass every other limit: keep_applied rejects it, naming the edit it undoes."""
-    p = make(max_mean_kl=0.05, max_kl=1.0, min_unchanged=0.95)
+    and unchanged share that pass every other limit: keep_applied rejects it, naming the edit it undoes.
+    (min_unchanged 0.90, not the default 0.95: the unchanged share is ~94-96% depending on the
+    machine's float rounding of the per-session tiny model, and the point here is keep_applied.)"""
+    p = make(max_mean_kl=0.05, max_kl=1.0, min_unchanged=0.90)
     first = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
     assert first.status == "applied", first.edit.reasons
     out = p.edit_fact(fact_from_phrase("capital of Pakistan", "New Delhi"))
     assert out.status == "rejected", out.edit.metrics
     assert out.edit.reasons == [f"undoes applied edit {first.edit.id} ('Paris' -> 'New Delhi')"], out.edit.reasons
-    assert out.edit.metrics["mean_kl"] <= 0.05 and out.edit.metrics["unchanged"] >= 0.95, out.edit.metrics
+    assert out.edit.metrics["mean_kl"] <= 0.05 and out.edit.metrics["unchanged"] >= 0.90, out.edit.metrics
     assert answer(p, "What is the capital of India?") == "Paris" and out.edit.thresholds["keep_applied"] is True
     # Without the guard the same edit lands and India's edit silently stops holding.
-    loose = make(max_mean_kl=0.05, max_kl=1.0, min_unchanged=0.95, keep_applied=False)
+    loose = make(max_mean_kl=0.05, max_kl=1.0, min_unchanged=0.90, keep_applied=False)
     assert loose.edit_fact(fact_from_phrase("capital of Pakistan", "New Delhi")).status == "applied"
     assert answer(loose, "What is the capital of India?") == "New Delhi"
 

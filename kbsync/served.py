@@ -74,7 +74,6 @@ class ServedModel:
         for obj in list(self._listeners):
             _call(obj, "on_applied", edit_id, record)
 
-    @torch.no_grad()
     @contextmanager
     def as_base(self) -> Iterator[None]:
         """The base weights in place for the block (statistics are computed on the base model), then the deltas again."""
@@ -90,6 +89,7 @@ class ServedModel:
                 for name, w in current.items():
                     params[name].copy_(w)
 
+    @torch.no_grad()
     def reset(self) -> None:
         """Back to the base weights, bit for bit."""
         params = dict(self.adapter.model.named_parameters())

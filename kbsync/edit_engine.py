@@ -108,7 +108,8 @@ class Engine:
         """Precompute the next regression check's base side, a chunk at a time under the lock."""
         return self.pipeline.warm_retain(lock=self.lock, stop=stop)
 
-    def revert(self, edit_id: int, *, actor: str = "", source: str = "api") -> EditOutcome:
+    def revert(self, edit_id: int, *, actor: str = "", source: str = "api", reason: str = "") -> EditOutcome:
         """Undo an applied edit in the audit log and the live model."""
         with self.lock:
-            return EditOutcome.of(self.pipeline.revert(edit_id, actor=actor or default_actor(), source=source))
+            return EditOutcome.of(self.pipeline.revert(edit_id, actor=actor or default_actor(), source=source,
+                                                       reason=reason))

@@ -324,12 +324,45 @@ class EditPipeline:
     def revert(self, edit_id: int, *, actor: str = "", source: str = "cli", reason: str = "") -> Edit:
         """Take an applied edit out of the served model (the live one too, if loaded); returns the revert row.
 
-        The undone edit's delta file stays in the store for the record; it no longer stacks.
+        Every delta the model without the edit stacks is loaded, checksum-verified and (when the
+        model is loaded) checked to fit before the row is marked, so a revert that cannot be
+        carried out changes nothing and fails with one line. The undone edit's delta file stays
+        in the store for the record; it no longer stacks (nor is it needed to take it out).
         """
+        import torch
+
+        from editor.delta import DeltaError
+
         with self.store.lock():
+            orig = self.audit.get(edit_id)
+            if orig.status != "applied":
+                raise BadInput(f"edit {edit_id} is {orig.status}; only applied edits can be reverted")
+            keep = [e for e in self.audit.applied_in_order() if e.id != edit_id]
+            served = self._served
+            params = dict(served.adapter.model.named_parameters()) if served is not None else {}
+            deltas = []
+            try:
+                for e in keep:
+                    delta = self.store.load(e)
+                    if served is not None:
+                        # What push() would refuse half-way through the rebuild, refused before it starts.
+                        for name, shape in delta.shapes().items():
+                            if name not in params or tuple(params[name].shape) != shape:
+                                raise DeltaError(f"edit {e.id}: delta does not fit the model at parameter {name}")
+                        try:
+                            delta.check_finite()
+                        except DeltaError as err:
+                            raise DeltaError(f"edit {e.id}: {err}") from None
+                        deltas.append((e.id, delta))  # with no model loaded, only verified: not held in memory
+            except DeltaError as err:
+                raise DeltaError(f"cannot revert edit {edit_id}: the model without it stacks {err}; "
+                                 "nothing was changed") from None
             row = self.audit.mark_reverted(edit_id, actor or default_actor(), source, reason)
-            if self._served is not None:
-                self.repairs += self._served.sync(self.audit, self.store)
+            if served is not None:
+                with torch.no_grad():  # in-place writes to parameters that require grad
+                    served.reset()
+                    for kept_id, delta in deltas:
+                        served.push(delta, kept_id)
         return row
 
 

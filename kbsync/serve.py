@@ -6,7 +6,7 @@ POST /v1/chat/completions     {"messages": [...]} -> the model's answer to the l
 GET  /edits[?limit&status&subject&property]   audit rows, newest first
 GET  /edits/<id>              one audit row
 POST /edits                   {"phrase", "target"} or {"prompt", "target"} (+ method, options, force, dry_run); token
-POST /edits/<id>/revert       undo an applied edit; token
+POST /edits/<id>/revert       {"actor", "reason"} (optional): undo an applied edit; token
 
 Generation and edits share the engine's lock, so a request is answered either entirely
 before or entirely after an edit, never from half-edited weights.
@@ -165,8 +165,9 @@ class ApiServer:
         return outcome.to_dict()
 
     def revert(self, edit_id: int, body: dict[str, Any]) -> dict[str, Any]:
-        """Revert an applied edit."""
-        return self.engine.revert(edit_id, actor=str(body.get("actor") or self.actor), source="api").to_dict()
+        """Revert an applied edit (body: optional actor and reason, both recorded)."""
+        return self.engine.revert(edit_id, actor=str(body.get("actor") or self.actor), source="api",
+                                  reason=str(body.get("reason") or "")).to_dict()
 
     def authorised(self, header: str | None) -> bool:
         """Whether an Authorization header carries the token (constant-time compare)."""

@@ -1,16 +1,21 @@
-"""A revert that cannot rebuild the served weights changes nothing (issue 15, item 3): a real tiny Llama
-behind the real HTTP API, a real SQLite audit log and delta store, and the CLI in a subprocess."""
+"""Nothing lost (issue 15, items 1 and 3): which KB changes are owed, read from the audit rows (SQLite,
+and PostgreSQL when KBSYNC_TEST_PG_URL is set); a revert that cannot rebuild the served weights changes
+nothing (a real tiny Llama behind the real HTTP API, a real delta store, the CLI in a subprocess)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 
-from kbsync.audit import AuditLog
+from kbsync.audit import AuditLog, Edit
+from kbsync.audit.log import Owed
 from kbsync.edit_engine import Engine
+from kbsync.errors import BadInput
 from kbsync.serve import ApiServer
 from kbsync.store import DeltaStore
 from tests.test_serve import TOKEN, call, tiny_settings
@@ -33,6 +38,50 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 # --- the audit log: what is owed ------------------------------------------------------------
+
+def _row(audit: AuditLog, status: str, target: str = "Lagos", source: str = "daemon", **kw: object) -> Edit:
+    return audit.record(Edit(source=source, status=status, subject_id="GN2328926", subject_label="Nigeria",
+                             property="P36", object_label=target, reasons=[f"{status} {target}"], **kw))
+
+
+def test_owed_follows_attempts_settling_and_dismissal(audit_url: str) -> None:
+    with AuditLog.open(audit_url) as audit:
+        _row(audit, "applied", "Abuja")
+        assert audit.owed() == []
+        first = _row(audit, "failed")
+        _row(audit, "failed", source="cli")  # a person's failed edit is not a KB change: not owed
+        second = _row(audit, "rejected")
+        [owed] = audit.owed()
+        assert (owed.edit.id, owed.attempts, owed.run) == (second.id, 2, (first.id, second.id))
+
+        # Backoff per fact: poll_interval doubled per attempt in a row, capped.
+        assert owed.next_retry(10, 3600) - owed.edit.created_at == timedelta(seconds=20)
+        assert Owed(owed.edit, 40).next_retry(10, 3600) - owed.edit.created_at == timedelta(seconds=3600)
+
+        # A person's noop of another value does not settle it; of the owed value it does.
+        _row(audit, "noop", "Abuja", source="cli")
+        assert [o.edit.id for o in audit.owed()] == [second.id]
+        _row(audit, "noop", " lagos ", source="api")
+        assert audit.owed() == []
+
+        # The KB moves on: a later daemon attempt of another value settles the older one and is owed itself.
+        third = _row(audit, "failed", "Ibadan")
+        assert [(o.edit.id, o.attempts) for o in audit.owed()] == [(third.id, 1)]
+        _row(audit, "applied", "Kano")
+        assert audit.owed() == []
+
+        # Dismissal: audited with actor and reason; the attempt keeps its status and reason.
+        fourth = _row(audit, "failed", "Ibadan")
+        with pytest.raises(BadInput, match=f"edit {first.id} is not an owed KB change: its failed attempt was settled"):
+            audit.mark_dismissed(first.id, "bob")
+        with pytest.raises(BadInput, match="from the cli, not a daemon attempt"):
+            audit.mark_dismissed(first.id + 1, "bob")
+        dismissed = audit.mark_dismissed(fourth.id, "bob", reason="the KB is wrong")
+        assert (dismissed.status, dismissed.actor, dismissed.reverts_edit_id, dismissed.reasons) == (
+            "dismiss", "bob", fourth.id, ["the KB is wrong"])
+        assert audit.get(fourth.id).status == "failed" and audit.owed() == []
+        assert [e.status for e in audit.history(status="dismiss")] == ["dismiss"]
+
 
 # --- the daemon, polls driven by hand -------------------------------------------------------
 

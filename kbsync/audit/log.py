@@ -21,6 +21,13 @@ edit, and sets the undone edit's status to 'reverted' and its ``reverted_by`` to
 row's id. History therefore shows both the edit and its revert. The undone edit keeps its
 sequence and delta file (for the record) but leaves ``applied_in_order()``; the caller
 rebuilds or removes the delta from the live model. A revert row has no sequence.
+
+Owed KB changes: a fact slot (subject, property) is owed while the daemon's newest attempt at it
+'failed' or was 'rejected' and nothing settled it since: an edit of the slot to that target that
+was applied (possibly reverted later) or found the model already answering it ('noop'), a later
+daemon attempt that did either (the KB moved on), or a 'dismiss' row written by
+``audit.mark_dismissed(id, actor)``. Owed state is derived from the rows (``audit.owed()``), so it
+needs no column of its own, survives restarts, and every retry is an ordinary attempt row.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -154,6 +162,32 @@ def _read_only_engine(u: sa.URL) -> Engine:
 def _check_status(status: str) -> None:
     if status not in STATUSES:
         raise BadInput(f"unknown edit status {status!r}; known: {', '.join(STATUSES)}")
+
+
+# An attempt with one of these statuses leaves its KB change owed ...
+OWING = ("failed", "rejected")
+# ... until one of these settles the slot (see the module docstring).
+SETTLED = ("applied", "noop", "reverted")
+
+
+def _same_target(a: str, b: str) -> bool:
+    return " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+
+
+@dataclass(frozen=True)
+class Owed:
+    """A KB change the served model does not answer yet: the daemon's newest attempt at its slot."""
+
+    edit: Edit
+    # Failed or rejected attempts at this target in a row, the newest included.
+    attempts: int
+    # Ids of the slot's unsettled daemon attempts (any target), oldest first: what may be dismissed.
+    run: tuple[int, ...] = field(default=())
+
+    def next_retry(self, base: float, cap: float) -> datetime:
+        """When the next attempt is due: base * 2^(attempts-1) seconds after the newest one, at most cap."""
+        delay = min(cap, base * 2.0 ** min(self.attempts - 1, 64))
+        return self.edit.created_at + timedelta(seconds=delay)
 
 
 # Arbitrary 64-bit key of the advisory lock that serialises table creation on PostgreSQL.
@@ -355,6 +389,67 @@ class AuditLog:
         """Every delta_path any edit row refers to (whatever its status)."""
         with self._session() as s:
             return {p for p in s.exec(select(Edit.delta_path).where(col(Edit.delta_path).is_not(None)))}
+
+    def owed(self, subject_id: str | None = None, property: str | None = None) -> list[Owed]:
+        """KB changes still owed (oldest first), optionally of one slot; see the module docstring."""
+        daemon = sa.and_(Edit.source == "daemon", col(Edit.status).in_(OWING + SETTLED), Edit.subject_id != "")
+        if subject_id is not None:
+            daemon = sa.and_(daemon, Edit.subject_id == subject_id)
+        if property is not None:
+            daemon = sa.and_(daemon, Edit.property == property)
+        newest = (select(func.max(Edit.id).label("id")).where(daemon)
+                  .group_by(Edit.subject_id, Edit.property).subquery())
+        with self._session() as s:
+            candidates = list(s.exec(select(Edit).join(newest, Edit.id == newest.c.id)
+                                     .where(col(Edit.status).in_(OWING)).order_by(col(Edit.id))))
+            if not candidates:
+                return []
+            # One narrow read of every row of those slots (subject_id is indexed), judged below.
+            slots = {(e.subject_id, e.property) for e in candidates}
+            rows = [r for r in s.exec(select(Edit.id, Edit.subject_id, Edit.property, Edit.source, Edit.status,
+                                             Edit.object_label)
+                                      .where(col(Edit.subject_id).in_(sorted({sid for sid, _ in slots})))
+                                      .order_by(col(Edit.id))) if (r.subject_id, r.property) in slots]
+        out = []
+        for cand in candidates:
+            mine = [r for r in rows if (r.subject_id, r.property) == (cand.subject_id, cand.property)]
+            if any(r.id > cand.id and (r.status == "dismiss" or (r.status in SETTLED and
+                                                                 _same_target(r.object_label, cand.object_label)))
+                   for r in mine):
+                continue
+            run: list[Any] = []
+            for r in reversed([r for r in mine if r.id <= cand.id]):
+                if r.status == "dismiss" or (r.status in SETTLED and (
+                        r.source == "daemon" or _same_target(r.object_label, cand.object_label))):
+                    break
+                if r.source == "daemon" and r.status in OWING:
+                    run.append(r)
+            attempts = 0
+            for r in run:  # newest first
+                if not _same_target(r.object_label, cand.object_label):
+                    break
+                attempts += 1
+            out.append(Owed(cand, attempts, tuple(r.id for r in reversed(run))))
+        return out
+
+    def mark_dismissed(self, edit_id: int, actor: str, source: str = "cli", reason: str = "") -> Edit:
+        """Drop an owed KB change: write a 'dismiss' row for it (the attempt keeps its status); returns that row."""
+        if source not in SOURCES:
+            raise BadInput(f"unknown edit source {source!r}; known: {', '.join(SOURCES)}")
+        orig = self.get(edit_id)
+        owed = [o for o in self.owed(orig.subject_id, orig.property) if edit_id in o.run] if orig.subject_id else []
+        if not owed:
+            if orig.source == "daemon" and orig.status in OWING:
+                why = f"its {orig.status} attempt was settled since (applied, answered or dismissed)"
+            else:
+                why = f"it is a {orig.status} edit from the {orig.source}, not a daemon attempt that failed"
+            raise BadInput(f"edit {edit_id} is not an owed KB change: {why}; see kbsync history --owed")
+        newest = owed[0].edit
+        row = Edit(actor=actor, source=source, subject_id=newest.subject_id, subject_label=newest.subject_label,
+                   property=newest.property, object_id=newest.object_id, object_label=newest.object_label,
+                   question=newest.question, claim=newest.claim, method="dismiss", status="dismiss",
+                   reasons=[reason] if reason else [], kb_revision=newest.kb_revision, reverts_edit_id=edit_id)
+        return self.record(row)
 
     def mark_reverted(self, edit_id: int, actor: str, source: str = "cli", reason: str = "", **fields: Any) -> Edit:
         """Write a 'revert' row for an applied edit and mark that edit 'reverted'; returns the revert row."""

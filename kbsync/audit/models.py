@@ -10,8 +10,10 @@ from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
 # Status values. 'revert' marks the row written by a revert (it points at the edit it undid
-# through reverts_edit_id); the undone edit itself moves to 'reverted'.
-STATUSES = ("pending", "applied", "rejected", "noop", "failed", "reverted", "revert")
+# through reverts_edit_id); the undone edit itself moves to 'reverted'. 'dismiss' marks the row
+# written when a person drops an owed KB change (it points at the failed or rejected attempt
+# through reverts_edit_id; that attempt keeps its status, so history still says why it failed).
+STATUSES = ("pending", "applied", "rejected", "noop", "failed", "reverted", "revert", "dismiss")
 SOURCES = ("cli", "daemon", "api")
 CHECK_KINDS = ("paraphrase", "retain")
 
@@ -76,7 +78,7 @@ class Edit(SQLModel, table=True):
     # Fingerprint of the model the delta was computed against (before this edit).
     parent_fingerprint: Optional[str] = None
     kb_revision: str = ""
-    # Set on a 'revert' row: the edit it undid.
+    # Set on a 'revert' row: the edit it undid; on a 'dismiss' row: the owed attempt it dropped.
     reverts_edit_id: Optional[int] = Field(default=None, foreign_key="edit.id")
     # Set on a 'reverted' edit: the id of the 'revert' row that undid it.
     reverted_by: Optional[int] = Field(default=None, foreign_key="edit.id")

@@ -3,9 +3,12 @@
 One process holds the model. An APScheduler interval job (coalesce, max_instances=1,
 jitter) polls the Watcher; each changed fact goes through the edit engine with
 source="daemon" and the KB revision; the watcher's cursor is committed to the database only
-after every fact of a poll was processed, so a crash re-delivers them (and an edit that
-is already in the model is a noop). The HTTP API (kbsync.serve) answers from the same
-model under the same lock. Files live in <data_dir>/daemon: daemon.pid, daemon.log,
+after every fact of a poll has an audit row, so a crash re-delivers them (and an edit that
+is already in the model is a noop). An edit that raises gets a 'failed' row with the reason;
+a failed or rejected change stays owed (kbsync.audit.log) and is retried after the poll's own
+facts, per fact with exponential backoff from poll_interval up to OWED_RETRY_MAX, until it
+lands, the model answers it, or a person dismisses it. The HTTP API (kbsync.serve) answers
+from the same model under the same lock. Files live in <data_dir>/daemon: daemon.pid, daemon.log,
 state.json (port, last poll, errors) and token.
 """
 
@@ -32,9 +35,13 @@ from filelock import FileLock, Timeout
 
 from kbsync.config import Settings
 from kbsync.errors import BadInput, KbsyncError, NotFound
-from kbsync.facts import Fact, get_relation
+from kbsync.facts import Entity, Fact, get_relation
 
 log = logging.getLogger("kbsync.daemon")
+
+# Cap of the per-fact retry backoff of owed KB changes (it starts at poll_interval and doubles): a
+# change that keeps failing or being rejected costs at most one attempt, and one audit row, an hour.
+OWED_RETRY_MAX = 3600.0
 
 # Entity ids in a watchlist: Wikidata's Q123, or any token with a digit and no lower-case letter (GN3355338).
 _ENTITY_ID = re.compile(r"^(Q\d+|(?=\S*\d)[^\sa-z]+)$")
@@ -135,6 +142,11 @@ def running_pid(settings: Settings) -> int | None:
     return pid if pid_alive(pid) else None
 
 
+def owed_retry_at(owed: Any, settings: Settings) -> datetime:
+    """When the daemon retries an owed KB change (kbsync.audit.log.Owed) next."""
+    return owed.next_retry(settings.daemon.poll_interval, OWED_RETRY_MAX)
+
+
 def parse_watchlist(entries: list[str]) -> list[tuple[str, str]]:
     """("subject label or id", "P..") pairs from "subject|property" strings; BadInput on a bad one."""
     out = []
@@ -167,6 +179,8 @@ class PollResult:
     outcomes: dict[str, int] = field(default_factory=dict)
     committed: bool = False
     seconds: float = 0.0
+    # Owed KB changes retried after the poll's own facts, by outcome.
+    retries: dict[str, int] = field(default_factory=dict)
 
 
 class Daemon:
@@ -196,6 +210,9 @@ class Daemon:
         self.last_error = ""
         self.in_flight: dict[str, str] | None = None
         self.counts: dict[str, int] = {}
+        # Owed KB changes as of the last poll (the audit log is the truth; this feeds /health cheaply).
+        self.owed = 0
+        self.next_retry: str | None = None
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -223,6 +240,9 @@ class Daemon:
         self.api = ApiServer(self.engine, self.audit, api_token(self.settings, create=True), host=d.host,
                              port=d.port, resolve_fact=self.resolve_fact, status=self.summary, actor="api").start()
         log.info("serving %s on %s", getattr(self.engine.adapter, "name", "model"), self.api.url)
+        self._note_owed()
+        if self.owed:
+            log.warning("%d KB change(s) owed from earlier runs (kbsync history --owed); retried as their backoff allows", self.owed)
         self.write_state()
         return self
 
@@ -363,17 +383,44 @@ class Daemon:
                 done_slots.add(fact.key)
                 status = self._edit(fact)
                 result.outcomes[status] = result.outcomes.get(status, 0) + 1
+            # Every fact of the poll has an audit row now (failures too), so the cursor may move on.
             changed = cursor.to_json() != watcher.cursor.to_json()
             watcher.cursor = cursor
             if changed:  # an idle poll leaves the cursor as it was: no write
                 self.cursors.save(self.cursor_name, cursor)
             result.committed = True
             self.failures, self.last_ok, self.last_error = 0, now_iso(), ""
+            self._retry_owed(done_slots, result)
             result.seconds = time.monotonic() - started
             if facts:
                 log.info("poll: %d changed fact(s): %s (%.1f s)", len(facts), result.outcomes, result.seconds)
             self._warm()
             return result
+
+    def _retry_owed(self, skip: set[tuple[str, str]], result: PollResult) -> None:
+        """Attempt again each owed KB change whose backoff has run out, unless this poll just attempted its slot."""
+        now = datetime.now(timezone.utc)
+        owed_now = self.audit.owed()
+        for owed in owed_now:
+            e = owed.edit
+            if self.stopping.is_set():
+                break
+            if (e.subject_id, e.property) in skip or owed_retry_at(owed, self.settings) > now:
+                continue
+            fact = Fact(Entity(e.subject_id, e.subject_label), e.property, Entity(e.object_id, e.object_label),
+                        e.kb_revision)
+            log.info("retrying owed edit %d (attempt %d after %s)", e.id, owed.attempts + 1, e.status)
+            status = self._edit(fact)
+            result.retries[status] = result.retries.get(status, 0) + 1
+        # This poll's own facts may have settled or added owed changes too.
+        self._note_owed(owed_now if not result.retries and not result.facts else None)
+
+    def _note_owed(self, owed: list[Any] | None = None) -> None:
+        """Refresh the owed count and the earliest retry that /health and state.json report."""
+        owed = self.audit.owed() if owed is None else owed
+        self.owed = len(owed)
+        first = min((owed_retry_at(o, self.settings) for o in owed), default=None)
+        self.next_retry = first.isoformat(timespec="seconds") if first else None
 
     def _warm(self) -> None:
         """Between polls, get the next edit's regression check ready (cheap when already warm)."""
@@ -391,16 +438,28 @@ class Daemon:
         self.in_flight = {"subject": fact.subject.label, "property": fact.property, "object": fact.object.label,
                           "revision": fact.revision, "since": now_iso()}
         self.write_state()
+        method, actor = self.settings.daemon.method or None, self.settings.daemon.actor
         try:
-            outcome = self.engine.edit(fact, fact.object.label, method=self.settings.daemon.method or None,
-                                       source="daemon", actor=self.settings.daemon.actor, kb_revision=fact.revision)
+            try:
+                outcome = self.engine.edit(fact, fact.object.label, method=method, source="daemon", actor=actor,
+                                           kb_revision=fact.revision)
+            except Exception as e:
+                # Recorded as 'failed' with the reason, so the change stays owed and is retried with
+                # backoff; a fact that cannot be edited does not block the later ones. If even the row
+                # cannot be written (audit log down), this raises and the poll's cursor stays put.
+                if isinstance(e, KbsyncError):
+                    reason = str(e)
+                else:
+                    log.exception("%s: the edit crashed", what)
+                    reason = f"internal error: {type(e).__name__}: {e}"
+                outcome = self.engine.record_failure(fact, " ".join(reason.split()), method=method or "",
+                                                     source="daemon", actor=actor, kb_revision=fact.revision)
             status = outcome.status
-            log.info("%s: %s (edit %s)%s", what, status, outcome.edit_id,
-                     f" {'; '.join(outcome.reasons)}" if outcome.reasons and status != "applied" else "")
-        except KbsyncError as e:
-            # A fact the pipeline cannot edit must not block every later change: log it and move on.
-            status = "failed"
-            log.error("%s: edit failed: %s", what, e)
+            if status == "failed":
+                log.error("%s: edit failed (edit %s, owed): %s", what, outcome.edit_id, "; ".join(outcome.reasons))
+            else:
+                log.info("%s: %s (edit %s)%s", what, status, outcome.edit_id,
+                         f" {'; '.join(outcome.reasons)}" if outcome.reasons and status != "applied" else "")
         finally:
             self.in_flight = None
         self.counts[status] = self.counts.get(status, 0) + 1
@@ -440,6 +499,7 @@ class Daemon:
         return {"pid": os.getpid(), "started": self.started, "polls": self.polls, "last_poll": self.last_poll,
                 "last_ok": self.last_ok, "failures": self.failures, "last_error": self.last_error,
                 "backoff_s": round(backoff, 1), "in_flight": self.in_flight, "daemon_edits": dict(self.counts),
+                "owed": self.owed, "next_retry": self.next_retry,
                 "endpoint": self.client.endpoint if self.client else None, "cursor": self.cursor_name}
 
     def write_state(self) -> None:

@@ -20,7 +20,8 @@ from typing import Any
 from kbsync.audit.log import AuditLog
 from kbsync.audit.models import Edit
 from kbsync.config import Settings
-from kbsync.facts import Fact
+from kbsync.errors import KbsyncError
+from kbsync.facts import Fact, render
 from kbsync.pipeline import EditPipeline, default_actor
 from kbsync.store import DeltaStore
 
@@ -107,6 +108,20 @@ class Engine:
     def warm(self, stop: threading.Event | None = None) -> int:
         """Precompute the next regression check's base side, a chunk at a time under the lock."""
         return self.pipeline.warm_retain(lock=self.lock, stop=stop)
+
+    def record_failure(self, fact: Fact, reason: str, *, method: str = "", source: str = "daemon", actor: str = "",
+                       kb_revision: str = "") -> EditOutcome:
+        """Audit an edit of fact that raised before the pipeline wrote a row: a 'failed' row with the reason."""
+        try:
+            prompts = render(fact)
+            question, claim = prompts.question, prompts.claim
+        except KbsyncError:  # the row must still be written; the fact's own fields say what it was
+            question = claim = ""
+        row = Edit(subject_id=fact.subject.id, subject_label=fact.subject.label, property=fact.property,
+                   object_id=fact.object.id, object_label=fact.object.label, question=question, claim=claim,
+                   source=source, actor=actor or default_actor(), method=method or self.pipeline.settings.editor.method,
+                   kb_revision=kb_revision or fact.revision, status="failed", reasons=[reason])
+        return EditOutcome.of(self.pipeline.audit.record(row))
 
     def revert(self, edit_id: int, *, actor: str = "", source: str = "api", reason: str = "") -> EditOutcome:
         """Undo an applied edit in the audit log and the live model."""

@@ -57,7 +57,8 @@ def _read_audit(config: str | None, data_dir: str | None, db: str | None) -> Any
 
 
 def history(
-    status: Annotated[Optional[str], typer.Option("--status", help="Only this status (applied, rejected, noop, reverted, revert, failed, pending).")] = None,
+    status: Annotated[Optional[str], typer.Option("--status", help="Only this status (applied, rejected, noop, reverted, revert, failed, pending, dismiss).")] = None,
+    owed_only: Annotated[bool, typer.Option("--owed", help="Only KB changes still owed: the model does not answer them yet.")] = False,
     subject: Annotated[Optional[str], typer.Option("--subject", help="Only this subject (label, any case, or id).")] = None,
     prop: Annotated[Optional[str], typer.Option("--property", help="Only this property id (e.g. P36).")] = None,
     since: Annotated[Optional[str], typer.Option("--since", help="Only edits since an ISO time or an age (2h, 7d).")] = None,
@@ -67,16 +68,30 @@ def history(
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List edits, newest first."""
+    """List edits, newest first; KB changes the model does not answer yet are marked owed, with the reason."""
+    from kbsync.daemon import owed_retry_at
+
     when = parse_since(since) if since else None
     if limit < 0:
         raise BadInput("--limit must be 0 (all) or more")
+    settings = settings_from(config, None, data_dir, db)
+    # No log holds more rows than ids; a larger limit (which SQLite cannot bind) means all.
+    most = limit if 0 < limit <= MAX_ID else None
     with _read_audit(config, data_dir, db) as audit:
-        # No log holds more rows than ids; a larger limit (which SQLite cannot bind) means all.
+        owed = {o.edit.id: o for o in audit.owed()}
         rows = audit.history(status=status, subject=subject, property=prop, since=when,
-                             limit=limit if 0 < limit <= MAX_ID else None)
+                             limit=None if owed_only else most)
+    if owed_only:
+        rows = [e for e in rows if e.id in owed][:most]
+
+    def owed_info(e: Any) -> dict[str, Any]:
+        o = owed.get(e.id)
+        if o is None:
+            return {"owed": False}
+        return {"owed": True, "attempts": o.attempts, "next_retry": owed_retry_at(o, settings).isoformat(timespec="seconds")}
+
     if as_json:
-        print(json.dumps([edit_dict(e) for e in rows], indent=2, default=str))
+        print(json.dumps([{**edit_dict(e), **owed_info(e)} for e in rows], indent=2, default=str))
         return
     table = Table(title=f"{len(rows)} edit(s), newest first")
     for col in ("id", "when (UTC)", "status", "subject", "prop", "target", "before -> after", "method", "actor", "seq"):
@@ -88,10 +103,19 @@ def history(
             st += f" of {e.reverts_edit_id}"
         if e.forced:
             st += " (forced)"
+        if e.id in owed:
+            st += ", owed"
         table.add_row(str(e.id), f"{e.created_at:%Y-%m-%d %H:%M:%S}", st, esc(e.subject_label or e.question),
                       esc(e.property), esc(e.object_label), esc(f"{e.before_answer} -> {e.after_answer}"),
                       esc(e.method), esc(e.actor), "" if e.sequence is None else str(e.sequence))
     console.print(table)
+    # Below the table, not in a column: a reason is a sentence and the table is already wide.
+    for e in rows:
+        if e.id in owed:
+            info = owed_info(e)
+            why = "; ".join(e.reasons) or "no reason recorded"
+            console.print(esc(f"owed: edit {e.id} ({e.subject_label} {e.property} -> {e.object_label}): {e.status} "
+                              f"{info['attempts']} time(s) in a row, next retry from {info['next_retry']}: {why}"))
 
 
 def show(
@@ -158,8 +182,36 @@ def revert(
         console.print(f"edit {edit_id} reverted (recorded as edit {row.id}); the served model no longer includes it")
 
 
+def dismiss(
+    edit_id: Annotated[int, typer.Argument(help="An owed KB change: its failed or rejected attempt (kbsync history --owed).")],
+    reason: Annotated[str, typer.Option("--reason", help="Why (recorded).")] = "",
+    actor: Annotated[Optional[str], typer.Option("--actor", help="Who is dismissing (default $USER).")] = None,
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    db: DbOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drop an owed KB change: the daemon stops retrying it; recorded as a 'dismiss' row."""
+    from kbsync.audit import AuditLog
+    from kbsync.pipeline import default_actor
+    from kbsync.store import DeltaStore
+
+    check_edit_id(edit_id)
+    settings = settings_from(config, None, data_dir, db)
+    store = DeltaStore(settings.store.data_path, lock_timeout=settings.store.lock_timeout)
+    # Under the store lock: a retry of this change in flight lands first, and is dismissed with it.
+    with AuditLog.open(settings.store.db_url) as audit, store.lock():
+        row = audit.mark_dismissed(edit_id, actor or default_actor(), "cli", reason)
+    if as_json:
+        print(json.dumps(edit_dict(row), indent=2, default=str))
+    else:
+        console.print(esc(f"edit {edit_id} dismissed (recorded as edit {row.id}): the daemon no longer retries "
+                          f"{row.subject_label} {row.property} -> {row.object_label}"))
+
+
 def register(app: typer.Typer) -> None:
-    """Add history, show and revert."""
+    """Add history, show, revert and dismiss."""
     app.command("history")(history)
     app.command("show")(show)
     app.command("revert")(revert)
+    app.command("dismiss")(dismiss)

@@ -76,6 +76,10 @@ def status(config: ConfigOpt = None, data_dir: DataDirOpt = None, db: DbOpt = No
         table.add_row("cursor", "none yet" if not cur else
                       esc(f"{cur['name']}: {cur['slots']} slots, {cur['entities']} entities, updated {cur['updated_at']}"))
         table.add_row("daemon edits", ", ".join(f"{k} {v}" for k, v in info["counts"].items()) or "none")
+        if info["counts"]["owed"]:
+            table.add_row("owed", f"[red]{info['counts']['owed']} KB change(s) the model does not answer yet[/] "
+                          "(kbsync history --owed; kbsync dismiss ID)"
+                          + (esc(f"; next retry from {info['next_retry']}") if info.get("next_retry") else ""))
         console.print(table)
     if live is None:
         raise typer.Exit(1)
@@ -90,15 +94,18 @@ def _cursor_info(settings, name: str) -> dict | None:
 
 
 def _counts(settings) -> dict[str, int]:
-    """Edits with source=daemon by status (pending, applied, rejected, ...)."""
+    """Edits with source=daemon by status (pending, applied, rejected, ...), and the KB changes still owed."""
     import sqlalchemy as sa
 
     from kbsync.audit import AuditLog, Edit
 
-    with AuditLog.open(settings.store.db_url) as audit, audit.engine.connect() as c:
-        rows = c.execute(sa.select(Edit.status, sa.func.count()).where(Edit.source == "daemon").group_by(Edit.status))
-        counts = {status: n for status, n in rows}
-    return {k: counts.get(k, 0) for k in ("pending", "applied", "rejected", "noop", "failed", "reverted")}
+    with AuditLog.open(settings.store.db_url) as audit:
+        with audit.engine.connect() as c:
+            rows = c.execute(sa.select(Edit.status, sa.func.count()).where(Edit.source == "daemon").group_by(Edit.status))
+            counts = {status: n for status, n in rows}
+        owed = len(audit.owed())
+    return {**{k: counts.get(k, 0) for k in ("pending", "applied", "rejected", "noop", "failed", "reverted")},
+            "owed": owed}
 
 
 def register(app: typer.Typer) -> None:

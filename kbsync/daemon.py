@@ -7,8 +7,9 @@ after every fact of a poll has an audit row, so a crash re-delivers them (and an
 is already in the model is a noop). An edit that raises gets a 'failed' row with the reason;
 a failed or rejected change stays owed (kbsync.audit.log) and is retried after the poll's own
 facts, per fact with exponential backoff from poll_interval up to OWED_RETRY_MAX, until it
-lands, the model answers it, or a person dismisses it. The HTTP API (kbsync.serve) answers
-from the same model under the same lock. Files live in <data_dir>/daemon: daemon.pid, daemon.log,
+lands, the model answers it, or a person dismisses it. Each poll first takes in store
+changes made by other processes. The HTTP API (kbsync.serve) answers from the same
+model under the same lock. Files live in <data_dir>/daemon: daemon.pid, daemon.log,
 state.json (port, last poll, errors) and token.
 """
 
@@ -140,6 +141,24 @@ def running_pid(settings: Settings) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if pid_alive(pid) else None
+
+
+def daemon_holding(settings: Settings) -> int | None:
+    """The pid of a daemon over this data directory, whether or not its API answers yet; else None."""
+    pid = running_pid(settings)
+    if pid is None:
+        return None
+    # After a kill -9 the pid file stays and its pid may be reused: the daemon's lock tells.
+    # Probed only then, so a daemon starting right now rarely finds the lock taken by this probe.
+    lock = FileLock(str(DaemonPaths.of(settings).lock))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return pid
+    except OSError:  # cannot open the lock file (read-only data dir): trust the live pid
+        return pid
+    lock.release()
+    return None
 
 
 def owed_retry_at(owed: Any, settings: Settings) -> datetime:
@@ -367,6 +386,7 @@ class Daemon:
             started = time.monotonic()
             self.polls += 1
             self.last_poll = now_iso()
+            self._sync_store()
             watcher = self.ensure_watcher()
             facts, cursor = watcher.fetch()
             result = PollResult(facts=len(facts))
@@ -421,6 +441,15 @@ class Daemon:
         self.owed = len(owed)
         first = min((owed_retry_at(o, self.settings) for o in owed), default=None)
         self.next_retry = first.isoformat(timespec="seconds") if first else None
+
+    def _sync_store(self) -> None:
+        """Take in edits and reverts another process made in the store (`kbsync revert` goes through the
+        API while we answer; this catches one made while we could not, e.g. during start-up)."""
+        try:
+            for line in self.engine.sync():
+                log.info("store changed by another process: %s", line)
+        except KbsyncError as e:  # a bad delta must not stop polling; edits will refuse with the same error
+            log.error("cannot take in the store's changes: %s", e)
 
     def _warm(self) -> None:
         """Between polls, get the next edit's regression check ready (cheap when already warm)."""

@@ -8,7 +8,7 @@ import urllib.request
 from typing import Any
 
 from kbsync.config import Settings
-from kbsync.daemon import api_token, health, read_state, running_pid
+from kbsync.daemon import api_token, daemon_holding, health, read_state, running_pid
 from kbsync.errors import BadInput, KbsyncError, NotFound
 
 
@@ -71,9 +71,14 @@ class DaemonClient:
             body["actor"] = actor
         return self._call("POST", "/edits", body, auth=True)
 
-    def revert(self, edit_id: int, actor: str | None = None) -> dict[str, Any]:
-        """POST /edits/<id>/revert."""
-        return self._call("POST", f"/edits/{edit_id}/revert", {"actor": actor} if actor else {}, auth=True)
+    def revert(self, edit_id: int, actor: str | None = None, reason: str = "") -> dict[str, Any]:
+        """POST /edits/<id>/revert: the outcome (status 'revert', edit_id of the revert row)."""
+        body = {k: v for k, v in (("actor", actor), ("reason", reason)) if v}
+        return self._call("POST", f"/edits/{edit_id}/revert", body, auth=True)
+
+    def edit_row(self, edit_id: int) -> dict[str, Any]:
+        """GET /edits/<id>: one audit row."""
+        return self._call("GET", f"/edits/{edit_id}")
 
     def edits(self, **filters: Any) -> list[dict[str, Any]]:
         """GET /edits with filters (limit, status, subject, property)."""
@@ -138,3 +143,30 @@ def edit_via_daemon(settings: Settings, what: Any, target: str | None, *, method
                            dry_run=dry_run, actor=actor or None)
     return client.edit(prompt=str(what), target=target or "", method=method, options=options, force=force,
                        dry_run=dry_run, actor=actor or None)
+
+
+def revert_via_daemon(settings: Settings, edit_id: int, *, actor: str = "", reason: str = "") -> dict[str, Any] | None:
+    """For `kbsync revert`: revert in the running daemon, whose model serves the edit; None when no daemon runs.
+
+    The revert row comes back once the daemon's weights no longer hold the edit. A daemon that
+    holds this data directory but does not answer is an error: reverting behind its back would
+    leave it serving the edit.
+    """
+    client = running_daemon(settings)
+    if client is None:
+        pid = daemon_holding(settings)
+        if pid is not None:
+            raise DaemonError(f"a kbsync daemon (pid {pid}) runs over {settings.store.data_path} but its API does "
+                              "not answer (still starting?); retry, or stop it first")
+        return None
+    out = client.revert(edit_id, actor=actor or _user() or None, reason=reason)
+    return client.edit_row(int(out["edit_id"]))
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""

@@ -123,6 +123,15 @@ class Engine:
                    kb_revision=kb_revision or fact.revision, status="failed", reasons=[reason])
         return EditOutcome.of(self.pipeline.audit.record(row))
 
+    def sync(self) -> list[str]:
+        """Bring the served weights in step with the store (edits and reverts made by other processes)."""
+        # No store lock: an applied row always has its delta file, so reading never sees half a commit,
+        # and waiting here behind another process's edit would hold up every client.
+        import torch
+
+        with self.lock, torch.no_grad():  # a rebuild writes parameters that require grad in place
+            return self.pipeline.load_served_model().sync(self.pipeline.audit, self.pipeline.store)
+
     def revert(self, edit_id: int, *, actor: str = "", source: str = "api", reason: str = "") -> EditOutcome:
         """Undo an applied edit in the audit log and the live model."""
         with self.lock:

@@ -1,5 +1,6 @@
-"""Nothing lost (issue 15, items 1 and 3), on real parts: a KB change whose edit fails or is rejected
-stays owed (audited, counted, retried with backoff, dismissable) across a daemon restart; a revert that
+"""Nothing lost, nothing served behind the log's back (issue 15, items 1-3), on real parts: a KB change
+whose edit fails or is rejected stays owed (audited, counted, retried with backoff, dismissable) across a
+daemon restart; `kbsync revert` reaches a running daemon's served model before it returns; a revert that
 cannot rebuild the weights changes nothing. Real oxigraph, real daemon processes, the tiny Llama, SQLite
 (and PostgreSQL for the audit log's owed queries when KBSYNC_TEST_PG_URL is set)."""
 
@@ -17,15 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from kbsync.audit import AuditLog, Edit
 from kbsync.audit.log import Owed
 from kbsync.config import load_settings
-from kbsync.daemon import Daemon, owed_retry_at, pid_alive, read_state
+from kbsync.daemon import Daemon, DaemonPaths, owed_retry_at, pid_alive, read_state
 from kbsync.daemon_client import running_daemon
 from kbsync.edit_engine import Engine
 from kbsync.errors import BadInput
 from kbsync.kb.local import LocalKB, free_port
+from kbsync.pipeline import EditPipeline
 from kbsync.serve import ApiServer
 from kbsync.store import DeltaStore
 from tests.test_daemon import ask, make_daemon
@@ -199,6 +202,24 @@ def test_a_person_dismisses_an_owed_change(tmp_path: Path, tiny_llama_dir: Path,
     assert ask(d) == "Abuja"
 
 
+def test_a_revert_made_behind_the_daemon_is_served_from_its_next_poll(
+        tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB, daemons: list[Daemon]) -> None:
+    d = make_daemon(tmp_path, tiny_llama_dir, kb.endpoint)
+    daemons.append(d)
+    assert d.tick() is not None
+    kb.set_fact("P36", "Nigeria", "Lagos")
+    assert d.tick().outcomes == {"applied": 1}
+    [row] = d.audit.history()
+    other = EditPipeline(d.settings)  # another process, writing the store directly
+    try:
+        other.revert(row.id, actor="dave")
+    finally:
+        other.close()
+    assert ask(d) == "Lagos"  # the daemon has not looked yet ...
+    assert d.tick() is not None
+    assert ask(d) == "Abuja"  # ... and takes the revert in at its next poll, not at its next edit
+
+
 # --- the daemon as a user runs it -------------------------------------------------------------
 
 def wait_for(what: str, check, timeout: float = 90):  # noqa: ANN001, ANN201 (a test helper)
@@ -270,6 +291,50 @@ def test_kb_change_whose_edit_fails_is_owed_across_a_restart_and_lands_once_fixe
     assert status["counts"]["owed"] == 0 and status["counts"]["applied"] == 1
     assert "retrying owed edit" in (settings.store.data_path / "daemon" / "daemon.log").read_text()
     assert cli(env, "daemon", "stop").returncode == 0
+
+
+def test_revert_while_the_daemon_runs_changes_the_served_answer_before_it_returns(
+        env: dict[str, str], tmp_path: Path, tiny_llama_dir: Path) -> None:
+    # One poll at start, then none for an hour: only the revert itself can change what is served.
+    write_config(tmp_path / "kbsync.toml", tiny_llama_dir, FAST)
+    text = (tmp_path / "kbsync.toml").read_text().replace("poll_interval = 0.5", "poll_interval = 3600")
+    (tmp_path / "kbsync.toml").write_text(text)
+    settings = load_settings(environ=env)
+    assert cli(env, "daemon", "start").returncode == 0
+    wait_for("the first poll", lambda: read_state(settings).get("last_ok"))
+    client = running_daemon(settings)
+    edited = cli(env, "edit", "capital of Nigeria", "Lagos", "--method", "ft-layer", "-o", "lr=1e-3",
+                 "-o", "max_steps=60", "--json")
+    assert edited.returncode == 0, edited.stderr
+    result = json.loads(edited.stdout)
+    assert (result["via"], result["status"]) == ("daemon", "applied"), result
+    edit_id = result["edit_id"]
+    assert client.ask(NIGERIA) == "Lagos"
+    polls = client.health()["polls"]
+
+    reverted = cli(env, "revert", str(edit_id), "--reason", "wrong", "--json")
+    assert reverted.returncode == 0, reverted.stderr
+    assert client.ask(NIGERIA) == "Abuja"
+    assert client.health()["polls"] == polls  # no poll in between: the revert went through the daemon
+    out = json.loads(reverted.stdout)
+    assert (out["via"], out["status"], out["reverts_edit_id"], out["reasons"]) == ("daemon", "revert", edit_id, ["wrong"])
+    assert out["actor"] and out["actor"] != "api"  # the user, as for `kbsync edit`
+    assert cli(env, "daemon", "stop").returncode == 0
+
+
+def test_revert_refuses_when_a_daemon_holds_the_data_dir_but_does_not_answer(env: dict[str, str]) -> None:
+    settings = load_settings(environ=env)
+    paths = DaemonPaths.of(settings)
+    paths.root.mkdir(parents=True)
+    with FileLock(str(paths.lock)):  # what a daemon still loading its model holds: its lock and pid file
+        paths.pid.write_text(f"{os.getpid()}\n")
+        out = cli(env, "revert", "1")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert f"a kbsync daemon (pid {os.getpid()}) runs over" in line and "its API does not answer" in line
+    # A pid file left by a killed daemon, its pid alive in another process, is no daemon: the lock is free.
+    stale = cli(env, "revert", "1")
+    assert stale.returncode == 2 and "no edit with id 1" in stale.stderr
 
 
 # --- a revert that cannot be carried out changes nothing -----------------------------------

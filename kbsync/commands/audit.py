@@ -167,19 +167,30 @@ def revert(
     db: DbOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Take an applied edit's delta out of the served model; the revert is recorded."""
+    """Take an applied edit's delta out of the served model; the revert is recorded.
+
+    While a daemon runs over the data directory the revert goes through it, so its served
+    model has dropped the edit before this command returns.
+    """
+    from kbsync.daemon_client import revert_via_daemon
     from kbsync.pipeline import EditPipeline
 
     check_edit_id(edit_id)
-    pipeline = EditPipeline(settings_from(config, None, data_dir, db))
-    try:
-        row = pipeline.revert(edit_id, actor=actor or "", reason=reason)
-    finally:
-        pipeline.close()
-    if as_json:
-        print(json.dumps(edit_dict(row), indent=2, default=str))
+    settings = settings_from(config, None, data_dir, db)
+    remote = revert_via_daemon(settings, edit_id, actor=actor or "", reason=reason)
+    if remote is not None:
+        data, row_id, where = remote, remote["id"], "the running daemon's served model"
     else:
-        console.print(f"edit {edit_id} reverted (recorded as edit {row.id}); the served model no longer includes it")
+        pipeline = EditPipeline(settings)
+        try:
+            row = pipeline.revert(edit_id, actor=actor or "", reason=reason)
+        finally:
+            pipeline.close()
+        data, row_id, where = edit_dict(row), row.id, "the served model"
+    if as_json:
+        print(json.dumps({**data, "via": "daemon" if remote is not None else "store"}, indent=2, default=str))
+    else:
+        console.print(f"edit {edit_id} reverted (recorded as edit {row_id}); {where} no longer includes it")
 
 
 def dismiss(

@@ -369,9 +369,12 @@ class EditPipeline:
 def method_options(options: dict[str, Any], name: str) -> dict[str, Any]:
     """[editor.options] for one method: its flat keys, then its own table ([editor.options.ft-layer])."""
     from editor.methods import method_class
+
     cls, _ = method_class(name)
     flat = {k: v for k, v in options.items() if not isinstance(v, dict)}
     return {**flat, **options.get(cls.name, {})}
+
+
 def _checks(before: list[ProbeResult], after: list[ProbeResult], retain: RetainReport) -> list[EditCheck]:
     """Audit rows: one per paraphrase probe and one per retain item."""
     rows = [EditCheck(kind="paraphrase", prompt=a.prompt, expected=a.expected, before=b.prediction,

@@ -329,8 +329,6 @@ class EditPipeline:
         carried out changes nothing and fails with one line. The undone edit's delta file stays
         in the store for the record; it no longer stacks (nor is it needed to take it out).
         """
-        import torch
-
         from editor.delta import DeltaError
 
         with self.store.lock():
@@ -339,30 +337,22 @@ class EditPipeline:
                 raise BadInput(f"edit {edit_id} is {orig.status}; only applied edits can be reverted")
             keep = [e for e in self.audit.applied_in_order() if e.id != edit_id]
             served = self._served
-            params = dict(served.adapter.model.named_parameters()) if served is not None else {}
             deltas = []
             try:
                 for e in keep:
                     delta = self.store.load(e)
                     if served is not None:
                         # What push() would refuse half-way through the rebuild, refused before it starts.
-                        for name, shape in delta.shapes().items():
-                            if name not in params or tuple(params[name].shape) != shape:
-                                raise DeltaError(f"edit {e.id}: delta does not fit the model at parameter {name}")
-                        try:
-                            delta.check_finite()
-                        except DeltaError as err:
-                            raise DeltaError(f"edit {e.id}: {err}") from None
+                        served.check_fits(delta, e.id)
                         deltas.append((e.id, delta))  # with no model loaded, only verified: not held in memory
             except DeltaError as err:
                 raise DeltaError(f"cannot revert edit {edit_id}: the model without it stacks {err}; "
                                  "nothing was changed") from None
             row = self.audit.mark_reverted(edit_id, actor or default_actor(), source, reason)
             if served is not None:
-                with torch.no_grad():  # in-place writes to parameters that require grad
-                    served.reset()
-                    for kept_id, delta in deltas:
-                        served.push(delta, kept_id)
+                served.reset()
+                for kept_id, delta in deltas:
+                    served.push(delta, kept_id)
         return row
 
 

@@ -51,17 +51,22 @@ class ServedModel:
         for edit_id in self.edit_ids:
             _call(obj, "on_applied", edit_id, self.pushed[edit_id])
 
-    @torch.no_grad()
-    def push(self, delta: Delta, edit_id: int) -> None:
-        """Add a committed edit's delta on top of the current weights."""
+    def check_fits(self, delta: Delta, edit_id: int) -> None:
+        """DeltaError naming the edit unless every tensor fits a model parameter and is finite."""
         params = dict(self.adapter.model.named_parameters())
-        for name, shape in delta.shapes().items():  # check everything before touching anything
+        for name, shape in delta.shapes().items():
             if name not in params or tuple(params[name].shape) != shape:
                 raise DeltaError(f"edit {edit_id}: delta does not fit the model at parameter {name}")
         try:
             delta.check_finite()
         except DeltaError as e:
             raise DeltaError(f"edit {edit_id}: {e}") from None
+
+    @torch.no_grad()
+    def push(self, delta: Delta, edit_id: int) -> None:
+        """Add a committed edit's delta on top of the current weights."""
+        self.check_fits(delta, edit_id)  # everything before touching anything
+        params = dict(self.adapter.model.named_parameters())
         for name, t in delta.tensors.items():
             if name not in self._base:
                 self._base[name] = params[name].detach().clone()

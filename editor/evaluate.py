@@ -195,6 +195,81 @@ def _answer_argmax(adapter: Any, pairs: list[tuple[str, str]], question: bool, c
     return out
 
 
+@dataclass
+class SequentialBaseline:
+    """What a stacked run is scored against, computed once on the unedited model for every method."""
+
+    records: list[EditRecord]
+    retain: list[tuple[str, str]]
+    base_answers: list[str]
+    base_tokens: list[torch.Tensor]
+    gold: list[tuple[str, str]]
+    base_gold: float
+    final: list[EditRecord]
+
+    @property
+    def question(self) -> bool:
+        """Whether the records are questions (chat) rather than completions."""
+        return self.records[0].question if self.records else True
+
+
+def sequential_baseline(adapter: Any, records: list[EditRecord], gold: list[tuple[str, str]] | None = None) -> SequentialBaseline:
+    """The unedited model's answers to the retain prompts no record edits, and its gold accuracy."""
+    question = records[0].question if records else True
+    edited = {p for r in records for p in (r.prompt, *r.paraphrases)}
+    retain = list(dict.fromkeys(pair for r in records for pair in r.retain if pair[0] not in edited))
+    gold = [pair for pair in (gold if gold is not None else retain[:GOLD]) if pair[0] not in edited]
+    base_answers = _answers(adapter, [p for p, _ in retain], question)
+    base_tokens = _answer_argmax(adapter, list(zip([p for p, _ in retain], base_answers)), question)
+    last = {r.prompt: i for i, r in enumerate(records)}
+    final = [r for i, r in enumerate(records) if last[r.prompt] == i]
+    return SequentialBaseline(records, retain, base_answers, base_tokens, gold,
+                              _gold_accuracy(adapter, gold, question), final)
+
+
+def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: str = "",
+                   on_edit: Callable[[str, int], None] | None = None) -> dict[str, float]:
+    """One prepared method's edits stacked in order, scored against `base`; the weights restored bit for bit after."""
+    name = name or method.name
+    question = base.question
+    params = dict(adapter.model.named_parameters())
+    saved: dict[str, torch.Tensor] = {}
+    made, seconds, nbytes = [], [], []
+    try:
+        for i, r in enumerate(base.records):
+            now = adapter.predict([r.prompt], question=r.question)[0]
+            req = EditRequest(r.prompt, r.target, r.question, original=now, paraphrases=tuple(r.paraphrases),
+                              answer=r.answer, claim_prefix=r.claim_prefix, subject=r.subject)
+            result = method.propose(req)
+            for n in result.delta.tensors:
+                saved.setdefault(n, params[n].detach().clone())
+            result.delta.apply(adapter.model)
+            method.on_applied(i, result.delta)  # as the served model tells its methods
+            made += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
+            seconds.append(result.seconds)
+            nbytes.append(result.delta.nbytes())
+            if on_edit:
+                on_edit(name, i)
+        kept = [_em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)[0] for r in base.final]
+        equiv = [x for r in base.final if r.paraphrases for x in _em(adapter, r.paraphrases, r.target, r.question, r.claim_prefix)]
+        after = _answers(adapter, [p for p, _ in base.retain], question)
+        after_tokens = _answer_argmax(adapter, list(zip([p for p, _ in base.retain], base.base_answers)), question)
+        gold_acc = _gold_accuracy(adapter, base.gold, question)
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                params[n].copy_(w)
+        method.on_reset()
+    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+    return {
+        "method": name, "n": len(base.records), "success_em": mean(made), "kept_em": mean(kept), "equiv_em": mean(equiv),
+        "retain_acc": mean([float(normalise(a) == normalise(b)) for a, b in zip(after, base.base_answers)]),
+        "retain_tf": mean([float((a == b).float().mean()) for a, b in zip(after_tokens, base.base_tokens) if len(b)]),
+        "deterioration": (1 - gold_acc / base.base_gold) if base.base_gold > 0 else float("nan"),
+        "latency_s": mean(seconds), "bytes_per_edit": mean(nbytes), "retain_n": len(base.retain), "gold_n": len(base.gold),
+    }
+
+
 def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[str],
                         options: dict[str, dict[str, Any]] | None = None, gold: list[tuple[str, str]] | None = None,
                         on_edit: Callable[[str, int], None] | None = None,
@@ -210,50 +285,6 @@ def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[s
     each method.
     """
     options = options or {}
-    question = records[0].question if records else True
-    edited = {p for r in records for p in (r.prompt, *r.paraphrases)}
-    retain = list(dict.fromkeys(pair for r in records for pair in r.retain if pair[0] not in edited))
-    gold = [pair for pair in (gold if gold is not None else retain[:GOLD]) if pair[0] not in edited]
-    base_answers = _answers(adapter, [p for p, _ in retain], question)
-    base_tokens = _answer_argmax(adapter, list(zip([p for p, _ in retain], base_answers)), question)
-    base_gold = _gold_accuracy(adapter, gold, question)
-    last = {r.prompt: i for i, r in enumerate(records)}
-    final = [r for i, r in enumerate(records) if last[r.prompt] == i]
-    rows = []
-    for name in methods:
-        method = make_method(name, adapter, context, **options_for(options, name))
-        params = dict(adapter.model.named_parameters())
-        saved: dict[str, torch.Tensor] = {}
-        made, seconds = [], []
-        try:
-            for i, r in enumerate(records):
-                now = adapter.predict([r.prompt], question=r.question)[0]
-                req = EditRequest(r.prompt, r.target, r.question, original=now, paraphrases=tuple(r.paraphrases),
-                                  answer=r.answer, claim_prefix=r.claim_prefix, subject=r.subject)
-                result = method.propose(req)
-                for n in result.delta.tensors:
-                    saved.setdefault(n, params[n].detach().clone())
-                result.delta.apply(adapter.model)
-                method.on_applied(i, result.delta)  # as the served model tells its methods
-                made += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
-                seconds.append(result.seconds)
-                if on_edit:
-                    on_edit(name, i)
-            kept = [_em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)[0] for r in final]
-            equiv = [x for r in final if r.paraphrases for x in _em(adapter, r.paraphrases, r.target, r.question, r.claim_prefix)]
-            after = _answers(adapter, [p for p, _ in retain], question)
-            after_tokens = _answer_argmax(adapter, list(zip([p for p, _ in retain], base_answers)), question)
-            gold_acc = _gold_accuracy(adapter, gold, question)
-        finally:
-            with torch.no_grad():
-                for n, w in saved.items():
-                    params[n].copy_(w)
-        mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
-        rows.append({
-            "method": name, "n": len(records), "success_em": mean(made), "kept_em": mean(kept), "equiv_em": mean(equiv),
-            "retain_acc": mean([float(normalise(a) == normalise(b)) for a, b in zip(after, base_answers)]),
-            "retain_tf": mean([float((a == b).float().mean()) for a, b in zip(after_tokens, base_tokens) if len(b)]),
-            "deterioration": (1 - gold_acc / base_gold) if base_gold > 0 else float("nan"),
-            "latency_s": mean(seconds), "retain_n": len(retain), "gold_n": len(gold),
-        })
-    return rows
+    base = sequential_baseline(adapter, records, gold)
+    return [run_sequential(adapter, make_method(name, adapter, context, **options_for(options, name)), base, name, on_edit)
+            for name in methods]

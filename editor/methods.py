@@ -85,6 +85,10 @@ class MethodContext:
     # A context manager factory that puts the base weights in place for its block (statistics are
     # computed on the base model even while deltas are applied); None: the weights are the base.
     base_weights: Callable[[], AbstractContextManager[Any]] | None = None
+    # Told (done, total) while prepare() computes something long (statistics); `kbsync editor stats` draws a bar.
+    progress: Callable[[int, int], None] | None = None
+    # Recompute cached statistics even where a file verifies (`kbsync editor stats --rebuild`).
+    rebuild: bool = False
 
 
 class EditMethod(ABC):

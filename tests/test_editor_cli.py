@@ -107,3 +107,29 @@ def test_eval_refuses_an_unwritable_json_path_before_editing(tiny_llama_dir, kbs
                   "--json", str(tmp_path / "junk.json"))
     assert junk.returncode == 2 and "is not a run kbsync eval saved" in junk.stderr, junk.stderr
     assert len(junk.stderr.strip().splitlines()) == 1
+
+
+def test_editor_stats_computes_verifies_and_rebuilds(tiny_llama_dir, kbsync_env, tmp_path):
+    cfg = tmp_path / "kbsync.toml"
+    cfg.write_text('[editor]\nmethod = "alphaedit"\n[editor.options.alphaedit]\nstats_tokens = 2000\nprefixes = 0\n'
+                   'layers = [0]\n')
+    env = {**kbsync_env, "KBSYNC_STORE_CACHE_DIR": str(tmp_path / "cache")}
+    args = ("editor", "stats", "--model", str(tiny_llama_dir), "--config", str(cfg))
+    first = kbsync(env, *args)
+    assert first.returncode == 0, first.stderr
+    files = sorted((tmp_path / "cache" / "stats").glob("*/*.safetensors"))
+    assert [f.name for f in files] == ["model.layers.0.mlp.down_proj.t2000.v1.safetensors"]
+    assert "null space" in first.stdout
+    stamp = files[0].stat().st_mtime_ns
+    again = kbsync(env, *args)  # verified and reused, not recomputed
+    assert again.returncode == 0 and files[0].stat().st_mtime_ns == stamp, again.stderr
+    data = bytearray(files[0].read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in the covariance
+    files[0].write_bytes(bytes(data))
+    bad = kbsync(env, *args)
+    assert bad.returncode != 0 and "checksum" in bad.stderr and files[0].name in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    fixed = kbsync(env, *args, "--rebuild")
+    assert fixed.returncode == 0, fixed.stderr
+    none = kbsync(env, "editor", "stats", "--model", str(tiny_llama_dir), "--method", "ft-layer")
+    assert none.returncode != 0 and "keeps no statistics" in none.stderr

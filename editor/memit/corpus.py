@@ -10,6 +10,7 @@ seeds, so the preserved directions are the model's own typical activations.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,7 +45,8 @@ def fact_texts(adapter: Any, limit: int | None = None, seed: int = 0) -> list[st
     return out
 
 
-def generated_texts(adapter: Any, n: int, tokens: int = 48, seed: int = 0, batch: int = 16) -> list[str]:
+def generated_texts(adapter: Any, n: int, tokens: int = 48, seed: int = 0, batch: int = 16,
+                    progress: Callable[[int, int], None] | None = None) -> list[str]:
     """The model's own sampled continuations of varied seeds (plain text and, for chat models, answers)."""
     gen = torch.Generator().manual_seed(seed)
     starts = [adapter.render(q, True) if adapter.chats and i % 2 else s
@@ -67,13 +69,15 @@ def generated_texts(adapter: Any, n: int, tokens: int = 48, seed: int = 0, batch
                                          top_k=50, temperature=1.0, pad_token_id=pad)
         texts = tok.batch_decode(res[:, width:], skip_special_tokens=True)
         out += [s + t for s, t in zip(part, texts)]
+        if progress:
+            progress(len(out), len(starts))
     return out
 
 
-def stats_texts(adapter: Any, tokens: int, seed: int = 0) -> list[str]:
+def stats_texts(adapter: Any, tokens: int, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> list[str]:
     """About `tokens` token positions of text: half known facts, half the model's generations."""
     facts = fact_texts(adapter, seed=seed)
     per_fact = max(1, sum(len(adapter.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in facts[:20]) // 20)
     n_facts = min(len(facts), max(1, tokens // 2 // per_fact))
     n_gen = max(1, (tokens - n_facts * per_fact) // 64)
-    return facts[:n_facts] + generated_texts(adapter, n_gen, seed=seed)
+    return facts[:n_facts] + generated_texts(adapter, n_gen, seed=seed, progress=progress)

@@ -111,21 +111,21 @@ def covariances(adapter: Any, modules: list[str], cache_dir: Path, base_fingerpr
     if missing:
         if not compute:
             raise StatsError(f"statistics for {', '.join(missing)} are missing; compute them with `kbsync editor stats`")
-        covs, n = compute_covariances(adapter, missing, stats_texts(adapter, tokens), progress=progress)
+        covs, n = compute_covariances(adapter, missing, stats_texts(adapter, tokens, progress=progress), progress=progress)
         for m, c in covs.items():
             save_stats(stats_path(cache_dir, base_fingerprint, m, tokens), c, n)
             out[m] = c
     return out
 
 
-def covariances_for(adapter: Any, context: Any, modules: list[str], tokens: int, compute: bool = True,
-                    rebuild: bool = False, progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+def covariances_for(adapter: Any, context: Any, modules: list[str], tokens: int, compute: bool = True) -> dict[str, torch.Tensor]:
     """C0 per module for a method's context: cached under its base fingerprint, computed on the base weights."""
+    progress, rebuild = context.progress, context.rebuild
     if context.cache_dir is None or not context.base_fingerprint:
         # No cache to key (an evaluation on an unedited model): compute in memory on the weights as they are.
         from editor.memit.corpus import stats_texts
 
-        return compute_covariances(adapter, modules, stats_texts(adapter, tokens), progress=progress)[0]
+        return compute_covariances(adapter, modules, stats_texts(adapter, tokens, progress=progress), progress=progress)[0]
     with context.base_weights() if context.base_weights is not None else nullcontext():
         return covariances(adapter, modules, context.cache_dir, context.base_fingerprint, tokens,
                            compute=compute, rebuild=rebuild, progress=progress)

@@ -54,10 +54,10 @@ class Memit(EditMethod):
         self.prefixes = [""] + self._prefixes(opts.prefixes, opts.prefix_tokens)
         super().prepare()
 
-    def statistics(self, modules: list[str], progress: Any = None, rebuild: bool = False) -> dict[str, torch.Tensor]:
+    def statistics(self, modules: list[str]) -> dict[str, torch.Tensor]:
         """C0 per module, cached under the base model's fingerprint (computed on base weights if missing)."""
         return covariances_for(self.adapter, self.context, modules, self.options.stats_tokens,
-                               compute=self.options.compute_stats, rebuild=rebuild, progress=progress)
+                               compute=self.options.compute_stats)
 
     def _prefixes(self, n: int, tokens: int) -> list[str]:
         """Short texts the model writes itself, put before a prompt (MEMIT's context templates); seeded."""

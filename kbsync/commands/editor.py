@@ -1,4 +1,4 @@
-"""`kbsync editor train|figure` and `kbsync eval`: train and evaluate the KnowledgeEditor."""
+"""`kbsync editor train|stats|figure` and `kbsync eval`: train editors, compute statistics, evaluate methods."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rich.table import Table
 from kbsync.commands.common import ConfigOpt, ModelOpt, console, esc, quiet_transformers, settings_from
 from kbsync.errors import BadInput
 
-editor_app = typer.Typer(help="Train and inspect the KnowledgeEditor hyper-network.", no_args_is_help=True)
+editor_app = typer.Typer(help="Train the KnowledgeEditor, compute locate-and-edit statistics, inspect editors.", no_args_is_help=True)
 
 DataOpt = Annotated[str, typer.Option("--data", help="facts | counterfact:PATH | zsre:PATH (or a path).")]
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N records.")]
@@ -258,6 +258,39 @@ def _saved_run(path: Path) -> dict | None:
     return saved
 
 
+@editor_app.command("stats")
+def stats(
+    method: Annotated[Optional[str], typer.Option("--method", help="Method whose statistics to compute (default: [editor] method).")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Recompute files that exist (and verify).")] = False,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Compute (or verify) the covariance statistics a locate-and-edit method or preserve needs, for the served base model."""
+    from editor.methods import MethodContext, make_method
+    from kbsync.pipeline import method_options
+    from kbsync.served import model_fingerprint
+
+    settings, adapter = _setup(config, model)
+    ed = settings.editor
+    name = method or ed.method
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("statistics", total=None)
+        context = MethodContext(settings.store.data_path, settings.store.cache_path, model_fingerprint(adapter.model),
+                                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                                rebuild=rebuild)
+        made = make_method(name, adapter, context, {"loop": ed.loop, "shrink": ed.shrink, "preserve": ed.preserve},
+                           **method_options(ed.options, name))
+    covs = getattr(made, "cov", None) or (made._preserver.projectors if made._preserver else None)
+    if not covs:
+        raise BadInput(f"method {name} keeps no statistics (memit, alphaedit and preserve = \"nullspace\" do)")
+    where = settings.store.cache_path / "stats" / context.base_fingerprint
+    console.print(esc(f"statistics for {len(covs)} matrices of {adapter.name} in {where}"))
+    dims = made.null_dims() if hasattr(made, "null_dims") else {}
+    for module in covs:
+        console.print(esc(f"  {module}" + (f": null space {dims[module]} of {covs[module].shape[0]} dims" if module in dims else "")))
+
+
 @editor_app.command("figure")
 def figure(
     data: DataOpt = "facts",
@@ -290,6 +323,6 @@ def figure(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `editor` (train, figure) and `eval`."""
+    """Add `editor` (train, stats, figure) and `eval`."""
     app.add_typer(editor_app, name="editor")
     app.command("eval")(eval_command)

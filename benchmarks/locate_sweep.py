@@ -3,7 +3,9 @@
 Each configuration stacks the same N records (`kbsync eval --sequential` scoring: kept = the
 edit still answered by free generation after the last edit, paraphrases, retain prompts
 unchanged, known-fact deterioration) from the unedited model. Configurations already in the
-JSON file are skipped, so the sweep is resumable; the table is printed after each one.
+JSON file are skipped and a configuration cut short carries on from its last edit (its deltas
+are kept in a folder beside the JSON), so the sweep is resumable; the table is printed after
+each configuration, and each row has its curve (the same scores after 10, 25, ... edits).
 
     python benchmarks/locate_sweep.py --limit 20 --method alphaedit \\
         --grid nullspace_threshold=0.1,0.3,0.5 --grid l2=1,10
@@ -72,6 +74,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", help="Statistics cache (default: the settings' cache_dir).")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/out/locate_sweep.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--checkpoints", default="10,25,50,100,250,500", help="Edit counts at which to score the stack too.")
     args = ap.parse_args()
 
     import torch
@@ -109,7 +112,11 @@ def main() -> None:
     context = MethodContext(settings.store.data_path, cache, model_fingerprint(adapter.model))
     for method, options in todo:
         start = time.perf_counter()
-        row = run_sequential(adapter, make_method(method, adapter, context, **options), base, key(method, options))
+        # Each configuration's applied deltas are kept beside the JSON: a killed run carries on from its last edit.
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in key(method, options))
+        row = run_sequential(adapter, make_method(method, adapter, context, **options), base, key(method, options),
+                             checkpoints=tuple(int(c) for c in args.checkpoints.split(",") if c),
+                             state_dir=out.with_suffix("") / slug)
         row.update(config=key(method, options), options={k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
                    wall_s=time.perf_counter() - start)
         rows.append(row)

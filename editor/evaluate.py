@@ -17,14 +17,18 @@ locality prompts correctly) the ratio is one or two answers' noise.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from adapters.base import row_kl
 from editor.data import EditRecord
+from editor.delta import Delta
 from editor.methods import PRESERVE, SHRINK, EditRequest, MethodContext, make_method
 from kbsync.match import match, normalise
 
@@ -205,7 +209,6 @@ class SequentialBaseline:
     base_tokens: list[torch.Tensor]
     gold: list[tuple[str, str]]
     base_gold: float
-    final: list[EditRecord]
 
     @property
     def question(self) -> bool:
@@ -221,40 +224,78 @@ def sequential_baseline(adapter: Any, records: list[EditRecord], gold: list[tupl
     gold = [pair for pair in (gold if gold is not None else retain[:GOLD]) if pair[0] not in edited]
     base_answers = _answers(adapter, [p for p, _ in retain], question)
     base_tokens = _answer_argmax(adapter, list(zip([p for p, _ in retain], base_answers)), question)
-    last = {r.prompt: i for i, r in enumerate(records)}
-    final = [r for i, r in enumerate(records) if last[r.prompt] == i]
-    return SequentialBaseline(records, retain, base_answers, base_tokens, gold,
-                              _gold_accuracy(adapter, gold, question), final)
+    return SequentialBaseline(records, retain, base_answers, base_tokens, gold, _gold_accuracy(adapter, gold, question))
+
+
+def _score_state(adapter: Any, base: SequentialBaseline, done: list[EditRecord]) -> dict[str, float]:
+    """The stacked model now: edits so far still answered (each prompt at its last edit), paraphrases, retain, gold."""
+    question = base.question
+    last = {r.prompt: r for r in done}
+    kept = [_em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)[0] for r in last.values()]
+    equiv = [x for r in last.values() if r.paraphrases for x in _em(adapter, r.paraphrases, r.target, r.question, r.claim_prefix)]
+    edited = {p for r in done for p in (r.prompt, *r.paraphrases)}
+    keep = [i for i, (p, _) in enumerate(base.retain) if p not in edited]
+    after = _answers(adapter, [base.retain[i][0] for i in keep], question)
+    after_tokens = _answer_argmax(adapter, [(base.retain[i][0], base.base_answers[i]) for i in keep], question)
+    gold_acc = _gold_accuracy(adapter, base.gold, question)
+    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+    return {
+        "kept_em": mean(kept), "equiv_em": mean(equiv),
+        "retain_acc": mean([float(normalise(a) == normalise(base.base_answers[i])) for a, i in zip(after, keep)]),
+        "retain_tf": mean([float((a == base.base_tokens[i]).float().mean()) for a, i in zip(after_tokens, keep)
+                           if len(base.base_tokens[i])]),
+        "deterioration": (1 - gold_acc / base.base_gold) if base.base_gold > 0 else float("nan"),
+    }
 
 
 def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: str = "",
-                   on_edit: Callable[[str, int], None] | None = None) -> dict[str, float]:
-    """One prepared method's edits stacked in order, scored against `base`; the weights restored bit for bit after."""
+                   on_edit: Callable[[str, int], None] | None = None, checkpoints: tuple[int, ...] = (),
+                   state_dir: Path | None = None) -> dict[str, Any]:
+    """One prepared method's edits stacked in order, scored against `base`; the weights restored bit for bit after.
+
+    checkpoints: edit counts after which the stacked model is scored as at the end (the row's
+    "curve"). state_dir: every applied delta and the per-edit results are saved there, and a
+    run that finds them replays the deltas (through the method's on_applied) and carries on
+    from the next edit, so a run of hours can stop at any edit.
+    """
     name = name or method.name
-    question = base.question
     params = dict(adapter.model.named_parameters())
     saved: dict[str, torch.Tensor] = {}
-    made, seconds, nbytes = [], [], []
+    state: dict[str, Any] = {"made": [], "seconds": [], "bytes": [], "curve": []}
+    log = state_dir / "state.json" if state_dir else None
+    if log is not None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        if log.exists():
+            state = json.loads(log.read_text())
     try:
         for i, r in enumerate(base.records):
-            now = adapter.predict([r.prompt], question=r.question)[0]
-            req = EditRequest(r.prompt, r.target, r.question, original=now, paraphrases=tuple(r.paraphrases),
-                              answer=r.answer, claim_prefix=r.claim_prefix, subject=r.subject)
-            result = method.propose(req)
-            for n in result.delta.tensors:
+            if i < len(state["made"]):  # done in an earlier run: replay its delta
+                delta = Delta.load(state_dir / f"{i:05d}.safetensors")
+            else:
+                now = adapter.predict([r.prompt], question=r.question)[0]
+                req = EditRequest(r.prompt, r.target, r.question, original=now, paraphrases=tuple(r.paraphrases),
+                                  answer=r.answer, claim_prefix=r.claim_prefix, subject=r.subject)
+                result = method.propose(req)
+                delta = result.delta
+            for n in delta.tensors:
                 saved.setdefault(n, params[n].detach().clone())
-            result.delta.apply(adapter.model)
-            method.on_applied(i, result.delta)  # as the served model tells its methods
-            made += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
-            seconds.append(result.seconds)
-            nbytes.append(result.delta.nbytes())
+            delta.apply(adapter.model)
+            method.on_applied(i, delta)  # as the served model tells its methods
+            if i < len(state["made"]):
+                continue
+            state["made"] += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
+            state["seconds"].append(result.seconds)
+            state["bytes"].append(delta.nbytes())
+            if i + 1 in checkpoints and i + 1 < len(base.records):
+                state["curve"].append({"edits": i + 1, **_score_state(adapter, base, base.records[:i + 1])})
+            if log is not None:
+                delta.save(state_dir / f"{i:05d}.safetensors")
+                tmp = log.with_suffix(".tmp")
+                tmp.write_text(json.dumps(state))
+                os.replace(tmp, log)  # the delta first: a state that lists an edit always has its file
             if on_edit:
                 on_edit(name, i)
-        kept = [_em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)[0] for r in base.final]
-        equiv = [x for r in base.final if r.paraphrases for x in _em(adapter, r.paraphrases, r.target, r.question, r.claim_prefix)]
-        after = _answers(adapter, [p for p, _ in base.retain], question)
-        after_tokens = _answer_argmax(adapter, list(zip([p for p, _ in base.retain], base.base_answers)), question)
-        gold_acc = _gold_accuracy(adapter, base.gold, question)
+        end = _score_state(adapter, base, base.records)
     finally:
         with torch.no_grad():
             for n, w in saved.items():
@@ -262,11 +303,9 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
         method.on_reset()
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     return {
-        "method": name, "n": len(base.records), "success_em": mean(made), "kept_em": mean(kept), "equiv_em": mean(equiv),
-        "retain_acc": mean([float(normalise(a) == normalise(b)) for a, b in zip(after, base.base_answers)]),
-        "retain_tf": mean([float((a == b).float().mean()) for a, b in zip(after_tokens, base.base_tokens) if len(b)]),
-        "deterioration": (1 - gold_acc / base.base_gold) if base.base_gold > 0 else float("nan"),
-        "latency_s": mean(seconds), "bytes_per_edit": mean(nbytes), "retain_n": len(base.retain), "gold_n": len(base.gold),
+        "method": name, "n": len(base.records), "success_em": mean(state["made"]), **end,
+        "latency_s": mean(state["seconds"]), "bytes_per_edit": mean(state["bytes"]), "retain_n": len(base.retain),
+        "gold_n": len(base.gold), "curve": [*state["curve"], {"edits": len(base.records), **end}],
     }
 
 

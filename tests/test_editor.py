@@ -268,6 +268,41 @@ def test_sequential_evaluation_stacks_the_edits_and_restores_the_model(tiny_llam
     assert zero["deterioration"] == 0.0, zero
 
 
+def test_a_stacked_run_cut_short_carries_on_from_its_saved_deltas(tiny_llama, facts, tmp_path):
+    """state_dir: a second run replays the saved deltas (no new proposals) and carries on; same scores, curve per checkpoint."""
+    from editor.evaluate import run_sequential, sequential_baseline
+    from editor.methods import make_method
+
+    before = {n: p.detach().clone() for n, p in tiny_llama.model.named_parameters()}
+    records = from_facts(facts, n_retain=2, seed=0)[:4]
+    base = sequential_baseline(tiny_llama, records)
+    full = run_sequential(tiny_llama, make_method("ft-layer", tiny_llama, lr=1e-3), base, checkpoints=(2,))
+    assert [c["edits"] for c in full["curve"]] == [2, 4] and full["curve"][-1]["kept_em"] == full["kept_em"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(name, i):
+        if i == 1:
+            raise Stop
+
+    state = tmp_path / "run"
+    with pytest.raises(Stop):
+        run_sequential(tiny_llama, make_method("ft-layer", tiny_llama, lr=1e-3), base, on_edit=stop_after_two,
+                       checkpoints=(2,), state_dir=state)
+    assert sorted(p.name for p in state.glob("*.safetensors")) == ["00000.safetensors", "00001.safetensors"]
+    assert all(torch.equal(p, before[n]) for n, p in tiny_llama.model.named_parameters())
+    proposed = []
+    method = make_method("ft-layer", tiny_llama, lr=1e-3)
+    real = method.propose
+    method.propose = lambda req: proposed.append(req.prompt) or real(req)  # counts the proposals the run makes
+    resumed = run_sequential(tiny_llama, method, base, checkpoints=(2,), state_dir=state)
+    assert proposed == [r.prompt for r in records[2:]]
+    assert {k: resumed[k] for k in ("success_em", "kept_em", "retain_acc")} == {k: full[k] for k in ("success_em", "kept_em", "retain_acc")}
+    assert [c["edits"] for c in resumed["curve"]] == [2, 4]
+    assert all(torch.equal(p, before[n]) for n, p in tiny_llama.model.named_parameters())
+
+
 def test_sequential_retain_answers_are_asked_in_chunks_with_the_same_result(tiny_llama, facts):
     """A stacked run's retain set is asked chunk by chunk; the answers match one batch, in order."""
     prompts = [r.prompt for r in from_facts(facts)][:7]

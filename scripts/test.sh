@@ -4,14 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ -x .venv/bin/python ] || bash scripts/setup.sh
+# (again when the test extras are missing: an older venv lacks pytest-xdist)
+.venv/bin/python -c "import xdist" 2>/dev/null || bash scripts/setup.sh
 
 url=$(bash scripts/start_postgres.sh | tail -n 1)
 trap 'bash scripts/stop_postgres.sh >/dev/null 2>&1 || true' EXIT
 export KBSYNC_TEST_PG_URL=$url
 
 status=0
-.venv/bin/python -m pytest -q -ra "$@" || status=$?
+# One worker per core (each test process runs torch on one thread); the slowest tests are listed
+# so that the suite's time stays visible.
+.venv/bin/python -m pytest -q -ra -n "${KBSYNC_TEST_WORKERS:-auto}" --durations=15 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests: treating that as a failure" >&2
     status=1

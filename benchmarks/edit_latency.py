@@ -58,6 +58,7 @@ def main() -> None:
                     help="edit the fact this many times in one process; all but the last as dry runs, so the "
                          "served weights (and the retain cache key) stay the same and later runs find a warm cache")
     ap.add_argument("--data-dir", default=None, help="data directory to use and keep (default: a fresh temporary one)")
+    ap.add_argument("--cache-dir", default=None, help="cache directory (statistics of memit/alphaedit; default: the settings')")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "edit_latency.json"))
     args = ap.parse_args()
 
@@ -76,6 +77,8 @@ def main() -> None:
     settings.model.path = args.model
     settings.store.data_dir = args.data_dir or tempfile.mkdtemp(prefix="kbsync-bench-")
     settings.store.db = ""
+    if args.cache_dir:
+        settings.store.cache_dir = args.cache_dir
     settings.editor.options.update(dict(parse_option(o) for o in args.option))
     if args.retain_size is not None:
         settings.regression.retain_size = args.retain_size
@@ -85,6 +88,10 @@ def main() -> None:
     start = time.perf_counter()
     pipeline.load_served_model()
     load = time.perf_counter() - start
+    # Prepared once per served model (statistics loaded or computed, an editor read): not per edit.
+    start = time.perf_counter()
+    pipeline.method(args.method)
+    prepare = time.perf_counter() - start
     fwd_bwd = forward_backward_seconds(pipeline.adapter)
     runs = []
     for run in range(args.runs):
@@ -95,6 +102,7 @@ def main() -> None:
             timings["load"] = load + timings.get("load", 0.0)
         cache = {"hits": pipeline.retain_cache.hits - hits, "misses": pipeline.retain_cache.misses - misses}
         runs.append(report(args, pipeline, out, timings, fwd_bwd, run, cache))
+        runs[-1]["prepare_seconds"] = prepare
     result = runs[-1] if len(runs) == 1 else {**runs[-1], "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))
@@ -128,13 +136,18 @@ def report(args: argparse.Namespace, pipeline: Any, out: Any, timings: dict[str,
                   + (f"; {m.get('edit_steps')} edit steps, retain {m.get('retain_size')}, mean KL {m.get('mean_kl', 0):.3g}, "
                      f"unchanged {m.get('unchanged', 0):.1%}" if m else "")
                   + (f"; reasons: {'; '.join(out.edit.reasons)}" if out.edit.reasons else ""))
+    # Bytes on disk: the committed delta file (a dry run or a rejected edit writes none).
+    path = pipeline.store.resolve(out.edit.delta_path) if getattr(out.edit, "delta_path", None) else None
+    nbytes = path.stat().st_size if path is not None and path.exists() else None
+    if nbytes is not None:
+        console.print(f"delta on disk: {nbytes / 1024:.1f} KiB")
 
     return {
         "model": pipeline.adapter.name, "method": args.method, "phrase": args.phrase, "target": args.target,
         "status": out.status, "reasons": out.edit.reasons, "metrics": m, "threads": torch.get_num_threads(),
         "forward_backward_seconds": fwd_bwd, "seconds": timings,
         "ratio_to_forward_backward": {p: t / fwd_bwd for p, t in timings.items()}, "total_seconds": total,
-        "dry_run": out.dry_run, "retain_cache": cache,
+        "dry_run": out.dry_run, "retain_cache": cache, "delta_bytes": nbytes,
     }
 
 

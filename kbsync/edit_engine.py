@@ -1,9 +1,17 @@
-"""The edit step the daemon and the HTTP API call: the edit pipeline behind one lock.
+"""The edit step the daemon and the HTTP API call: the edit pipeline behind two locks.
 
 The daemon only needs "write this fact into the served model and tell me the outcome" and
 "revert edit N". Every edit goes through kbsync.pipeline.EditPipeline (check, method,
-retain-set regression check, crash-safe commit); the lock is also taken by the HTTP server
-to generate, so a client never reads a model in the middle of an edit.
+retain-set regression check, crash-safe commit).
+
+Two locks, always taken in this order: `edit_lock` serialises everything that changes what is
+served (edits, reverts, store syncs, cache warming) for its whole duration; `model_lock` guards
+the weights themselves. The HTTP server takes only `model_lock` to generate. An edit takes
+`model_lock` per phase (check, method, regression check, push; see EditPipeline.edit_fact) and
+every phase leaves the weights as it found them (methods train in place and restore), so a
+request sees the weights before an edit or after it, never half-edited, and waits at most for
+the phase in progress. `model_lock` is granted first come, first served: with a plain RLock a
+request could lose the race to each queued edit in turn and wait for all of them.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import copy
 import dataclasses
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,12 +59,85 @@ class EditOutcome:
         return dataclasses.asdict(self)
 
 
-class Engine:
-    """EditPipeline under a lock shared with the server; per-request method options."""
+class ModelLock:
+    """A re-entrant lock granted in arrival order (FIFO): the served weights' lock.
 
-    def __init__(self, pipeline: EditPipeline, lock: threading.RLock | None = None) -> None:
+    threading.RLock wakes no waiter in particular, so a thread that releases and re-takes it at
+    once (an edit between its phases, the next queued edit) can win again and again.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[object] = deque()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def acquire(self) -> None:
+        """Wait for every earlier caller, then hold it (again, for its holder: re-entrant)."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return
+            turn = object()
+            self._queue.append(turn)
+            try:
+                while self._owner is not None or self._queue[0] is not turn:
+                    self._cond.wait()
+            except BaseException:  # interrupted while waiting: give up the place in the queue
+                self._queue.remove(turn)
+                self._cond.notify_all()
+                raise
+            self._queue.popleft()
+            self._owner, self._depth = me, 1
+
+    def release(self) -> None:
+        """Release once; the next in line gets it when the holder's last release is done."""
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("release of a ModelLock this thread does not hold")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+
+    def __enter__(self) -> ModelLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _Exclusive:
+    """Both of an engine's locks, in order (re-usable: warm_retain enters it once per chunk)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def __enter__(self) -> None:
+        self.engine.edit_lock.acquire()
+        try:
+            self.engine.model_lock.acquire()
+        except BaseException:
+            self.engine.edit_lock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.model_lock.release()
+        self.engine.edit_lock.release()
+
+
+class Engine:
+    """EditPipeline under an edit lock, sharing a per-phase model lock with the server; per-request method options."""
+
+    def __init__(self, pipeline: EditPipeline) -> None:
         self.pipeline = pipeline
-        self.lock = lock or threading.RLock()
+        self.edit_lock = threading.RLock()
+        self.model_lock = ModelLock()
+        # The pipeline takes the model lock around each phase of an edit that touches the weights.
+        pipeline.model_lock = self.model_lock
+        self.exclusive = _Exclusive(self)
 
     @property
     def adapter(self) -> Any:
@@ -80,7 +162,7 @@ class Engine:
              dry_run: bool = False, source: str = "daemon", actor: str = "", kb_revision: str = "",
              options: dict[str, Any] | None = None) -> EditOutcome:
         """Write target as the fact's object into the served model."""
-        with self.lock, self._options(options):
+        with self.edit_lock, self._options(options):
             out = self.pipeline.edit_fact(fact, target, method=method, force=force, dry_run=dry_run,
                                           source=source, actor=actor or default_actor(), kb_revision=kb_revision)
         return EditOutcome.of(out.edit, dry_run)
@@ -89,7 +171,7 @@ class Engine:
                     dry_run: bool = False, source: str = "api", actor: str = "",
                     options: dict[str, Any] | None = None) -> EditOutcome:
         """Make the served model answer target to a raw prompt."""
-        with self.lock, self._options(options):
+        with self.edit_lock, self._options(options):
             out = self.pipeline.edit_fact(prompt, target, method=method, force=force, dry_run=dry_run,
                                           source=source, actor=actor or default_actor())
         return EditOutcome.of(out.edit, dry_run)
@@ -106,8 +188,8 @@ class Engine:
             editor.options = saved
 
     def warm(self, stop: threading.Event | None = None) -> int:
-        """Precompute the next regression check's base side, a chunk at a time under the lock."""
-        return self.pipeline.warm_retain(lock=self.lock, stop=stop)
+        """Precompute the next regression check's base side, a chunk at a time under both locks."""
+        return self.pipeline.warm_retain(lock=self.exclusive, stop=stop)
 
     def record_failure(self, fact: Fact, reason: str, *, method: str = "", source: str = "daemon", actor: str = "",
                        kb_revision: str = "") -> EditOutcome:
@@ -129,11 +211,11 @@ class Engine:
         # and waiting here behind another process's edit would hold up every client.
         import torch
 
-        with self.lock, torch.no_grad():  # a rebuild writes parameters that require grad in place
+        with self.exclusive, torch.no_grad():  # a rebuild writes parameters that require grad in place
             return self.pipeline.load_served_model().sync(self.pipeline.audit, self.pipeline.store)
 
     def revert(self, edit_id: int, *, actor: str = "", source: str = "api", reason: str = "") -> EditOutcome:
         """Undo an applied edit in the audit log and the live model."""
-        with self.lock:
+        with self.exclusive:
             return EditOutcome.of(self.pipeline.revert(edit_id, actor=actor or default_actor(), source=source,
                                                        reason=reason))

@@ -100,6 +100,9 @@ class EditPipeline:
         # Methods are created once per served model and options (KE loads its editor, AlphaEdit its
         # statistics), and follow the served model's deltas as its listeners.
         self._methods: dict[tuple[str, str], EditMethod] = {}
+        # Taken around each phase of an edit that reads or changes the weights (the server's
+        # generation lock when an Engine runs the pipeline; nothing for a lone CLI process).
+        self.model_lock: Any = nullcontext()
 
     def close(self) -> None:
         """Release the audit log's connections."""
@@ -182,10 +185,17 @@ class EditPipeline:
         actor = actor or default_actor()
         tgt = self._target(fact, target, source, actor, kb_revision, name)
         row = tgt.row
+        reg = self.settings.regression
+        # Each `with self.model_lock` block is a phase: it finds the weights base + applied deltas
+        # and leaves them so (methods train in place and restore; the candidate delta is taken off
+        # again), so between phases the server may answer from them. Only the edit's own push
+        # changes them, and other edits, reverts and syncs wait for this one (the store lock, and
+        # the Engine's edit lock in the daemon).
         with self.store.lock():
-            self.repairs += served.sync(self.audit, self.store)
-            with clock("check"):
-                before = run_probes(adapter, tgt.probes, tgt.aliases, tgt.claim_prefix)
+            with self.model_lock:
+                self.repairs += served.sync(self.audit, self.store)
+                with clock("check"):
+                    before = run_probes(adapter, tgt.probes, tgt.aliases, tgt.claim_prefix)
             row.before_answer = before[0].prediction
             outcome = EditOutcome(row, before, timings=timings, dry_run=dry_run, repairs=self.repairs)
             if before[0].ok:
@@ -194,20 +204,21 @@ class EditPipeline:
                 if not dry_run:
                     outcome.edit = self.audit.record(row)
                 return outcome
-            # Before anything is written: fails with one line (e.g. no trained KnowledgeEditor).
-            editor = self.method(name)
-            row.parent_fingerprint = adapter.fingerprint()
-            with clock("regression"):
-                reg = self.settings.regression
-                items = self._retain_items(tgt.exclude_key, "" if tgt.exclude_key else tgt.request.prompt)
-                base = self.retain_cache.get(adapter, items, row.parent_fingerprint)
-            with clock("edit"):
+            items = self._retain_items(tgt.exclude_key, "" if tgt.exclude_key else tgt.request.prompt)
+            with self.model_lock:
+                # Before anything is written: fails with one line (e.g. no trained KnowledgeEditor).
+                # A method's first use may compute statistics on the base weights (as_base).
+                editor = self.method(name)
+                row.parent_fingerprint = adapter.fingerprint()
+                with clock("regression"):
+                    base = self.retain_cache.get(adapter, items, row.parent_fingerprint)
+            with self.model_lock, clock("edit"):
                 tgt.request.original = before[0].prediction
                 result = editor.propose(tgt.request)
             if "shrink_seconds" in result.info:  # its own phase in the timings (edit_latency.py)
                 timings["shrink"] = result.info["shrink_seconds"]
                 timings["edit"] -= timings["shrink"]
-            with clock("regression"):
+            with self.model_lock, clock("regression"):
                 retain = measure(adapter, items, base, result.delta, reg.tie_margin)
                 result.delta.apply(adapter.model)
                 try:
@@ -223,7 +234,9 @@ class EditPipeline:
                 if row.status == "applied":
                     result.delta.meta.update({"fact": row.question, "target": row.object_label, "method": name})
                     outcome.edit = self.store.commit(self.audit, row, result.delta, checks)
-                    served.push(result.delta, outcome.edit.id)
+                    # Until this push, the server answers as before the edit (as if asked just before it).
+                    with self.model_lock:
+                        served.push(result.delta, outcome.edit.id)
                 else:
                     outcome.edit = self.audit.record(row, checks)
         return outcome

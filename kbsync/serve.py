@@ -8,8 +8,9 @@ GET  /edits/<id>              one audit row
 POST /edits                   {"phrase", "target"} or {"prompt", "target"} (+ method, options, force, dry_run); token
 POST /edits/<id>/revert       {"actor", "reason"} (optional): undo an applied edit; token
 
-Generation and edits share the engine's lock, so a request is answered either entirely
-before or entirely after an edit, never from half-edited weights.
+Generation takes the engine's model lock, which an edit holds per phase (kbsync.edit_engine),
+so a request is answered from the weights before an edit or after it, never half-edited, and
+waits at most for the edit phase in progress, in arrival order.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class ApiServer:
                 **self.status()}
 
     def _generate(self, prompts: list[str], question: bool) -> list[str]:
-        with self.engine.lock:
+        with self.engine.model_lock:
             return self.engine.adapter.predict(prompts, question=question)
 
     def completions(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -14,9 +16,10 @@ import pytest
 from kbsync.audit import AuditLog
 from kbsync.config import Settings, load_settings
 from kbsync.daemon_client import DaemonClient
-from kbsync.edit_engine import Engine
+from kbsync.edit_engine import Engine, ModelLock
 from kbsync.errors import BadInput, NotFound
 from kbsync.serve import ApiServer
+from kbsync.served import model_fingerprint
 from kbsync.store import DeltaStore
 
 TOKEN = "test-token"
@@ -139,3 +142,105 @@ def test_bad_requests_are_json_errors(api: ApiServer) -> None:
     assert call(f"{api.url}/edits/abc")[0] == 404
     status, err = call(f"{api.url}/edits", "POST", {"phrase": "mayor of Nigeria", "target": "X"}, token=TOKEN)
     assert status == 404 and "unknown relation" in err["error"]
+
+
+# --- the model lock ---------------------------------------------------------------------------
+
+KENYA = "Question: What is the capital of Kenya?\nAnswer:"
+
+
+def test_the_model_lock_is_first_come_first_served_and_reentrant() -> None:
+    lock = ModelLock()
+    order: list[str] = []
+
+    def take(name: str) -> None:
+        with lock:
+            order.append(name)
+
+    lock.acquire()
+    with lock:  # re-entrant for its holder
+        pass
+    waiters = []
+    for name in ("first", "second"):
+        t = threading.Thread(target=take, args=(name,))
+        t.start()
+        waiters.append(t)
+        deadline = time.monotonic() + 30
+        while len(lock._queue) < len(waiters) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    assert len(lock._queue) == 2
+    # The holder releasing and taking it again at once (an edit between phases) goes behind both.
+    lock.release()
+    with lock:
+        order.append("again")
+    for t in waiters:
+        t.join(30)
+    assert order == ["first", "second", "again"]
+    with pytest.raises(RuntimeError, match="does not hold"):
+        lock.release()
+
+
+SLOW_DRY_EDIT = {"phrase": "capital of Kenya", "target": "Mombasa", "dry_run": True,
+                 # A learning rate this small never flips the answer: every step runs, nothing is written.
+                 "options": {"lr": 1e-12, "max_steps": 300, "check_every": 300}}
+
+
+def test_generation_waits_for_one_edit_phase_not_for_queued_edits(api: ApiServer) -> None:
+    """Three edits queued; a completion sent meanwhile is answered before the second edit ends (FIFO model
+    lock, taken by edits per phase). With one lock held per edit it waited for all three."""
+    finished: list[float] = []
+
+    def edit() -> None:
+        status, out = call(f"{api.url}/edits", "POST", SLOW_DRY_EDIT, token=TOKEN)
+        assert status == 200 and out["status"] == "rejected", out
+        finished.append(time.monotonic())
+
+    start = time.monotonic()
+    edits = [threading.Thread(target=edit) for _ in range(3)]
+    for t in edits:
+        t.start()
+    while api.requests < 3:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    sent = time.monotonic()
+    status, out = call(f"{api.url}/v1/completions", "POST", {"prompt": KENYA})
+    answered = time.monotonic()
+    done_by_then = len(finished)
+    for t in edits:
+        t.join(300)
+    assert status == 200 and out["choices"][0]["text"] == "Nairobi"
+    # The edit in progress when it was sent may finish first; the two queued behind it may not.
+    assert done_by_then <= 1, (done_by_then, answered - sent, [f - start for f in finished])
+    assert len(finished) == 3
+
+
+def test_generation_never_reads_half_edited_weights(api: ApiServer) -> None:
+    """Weights read under the model lock while an edit runs are the base or the edited ones, nothing between,
+    and the lock is free between the edit's phases (several reads during one edit)."""
+    model = api.engine.adapter.model
+    before = model_fingerprint(model)
+    seen: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            with api.engine.model_lock:
+                seen.append((time.monotonic(), model_fingerprint(model)))
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        start = time.monotonic()
+        status, out = call(f"{api.url}/edits", "POST", {"phrase": "capital of Nigeria", "target": "Lagos"}, token=TOKEN)
+        end = time.monotonic()
+    finally:
+        stop.set()
+        reader.join(30)
+    assert status == 200 and out["status"] == "applied", out
+    after = model_fingerprint(model)
+    assert after != before
+    assert {fp for _, fp in seen} <= {before, after}
+    during = [fp for t, fp in seen if start < t < end]
+    assert len(during) >= 3, len(during)
+    assert ask(api.url, "What is the capital of Nigeria?") == "Lagos"

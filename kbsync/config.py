@@ -109,6 +109,16 @@ class DaemonConfig:
 
 
 @dataclass
+class ServeConfig:
+    """Per-request limits of the HTTP API (kbsync.serve), so no request holds the model for long."""
+
+    max_prompts: int = 16
+    max_prompt_chars: int = 4000
+    max_target_chars: int = 200
+    max_tokens: int = 128
+
+
+@dataclass
 class Settings:
     model: ModelConfig = field(default_factory=ModelConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
@@ -117,6 +127,7 @@ class Settings:
     store: StoreConfig = field(default_factory=StoreConfig)
     kb: KBConfig = field(default_factory=KBConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -298,6 +309,10 @@ RULES: dict[str, Check] = {
     "daemon.port": _between(0, 65535),
     "daemon.start_timeout": _seconds(positive=True),
     "daemon.stop_timeout": _seconds(positive=True),
+    "serve.max_prompts": _between(1, 10_000),
+    "serve.max_prompt_chars": _between(1, 1_000_000),
+    "serve.max_target_chars": _between(1, 100_000),
+    "serve.max_tokens": _between(1, 4096),
 }
 
 

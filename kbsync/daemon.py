@@ -257,7 +257,8 @@ class Daemon:
             self.engine = Engine.load(self.settings, self.audit, DeltaStore(self.settings.store.data_path))
         d = self.settings.daemon
         self.api = ApiServer(self.engine, self.audit, api_token(self.settings, create=True), host=d.host,
-                             port=d.port, resolve_fact=self.resolve_fact, status=self.summary, actor="api").start()
+                             port=d.port, resolve_fact=self.resolve_fact, status=self.summary, actor="api",
+                             limits=self.settings.serve).start()
         log.info("serving %s on %s", getattr(self.engine.adapter, "name", "model"), self.api.url)
         self._note_owed()
         if self.owed:

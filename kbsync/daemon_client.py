@@ -42,7 +42,7 @@ class DaemonClient:
                 msg = e.reason
             if e.code == 404:
                 raise NotFound(msg) from None
-            if e.code == 400:
+            if e.code in (400, 413):  # 413: over one of the API's [serve] limits; the message names it
                 raise BadInput(msg) from None
             raise DaemonError(f"daemon at {self.url}: HTTP {e.code}: {msg}") from None
         except (OSError, urllib.error.URLError) as e:

@@ -10,7 +10,10 @@ POST /edits/<id>/revert       {"actor", "reason"} (optional): undo an applied ed
 
 Generation takes the engine's model lock, which an edit holds per phase (kbsync.edit_engine),
 so a request is answered from the weights before an edit or after it, never half-edited, and
-waits at most for the edit phase in progress, in arrival order.
+waits at most for the edit phase in progress, in arrival order. Each request is bounded by
+[serve] (kbsync.config.ServeConfig): prompts per request, prompt and target length, and
+max_tokens; one over a limit is a 413 (too many or too long) or 400 (max_tokens) JSON error
+naming the setting.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from kbsync.audit.log import AuditLog
 from kbsync.audit.models import Edit
+from kbsync.config import ServeConfig
 from kbsync.edit_engine import Engine
 from kbsync.errors import BadInput, KbsyncError, NotFound
 from kbsync.facts import Fact, parse_phrase
@@ -48,14 +52,19 @@ class Unauthorized(KbsyncError):
     """A mutating request without the right bearer token."""
 
 
+class TooLarge(BadInput):
+    """A request over one of the [serve] limits (HTTP 413)."""
+
+
 class ApiServer:
     """A ThreadingHTTPServer on host:port (0 picks a free port) around an edit engine and audit log."""
 
     def __init__(self, engine: Engine, audit: AuditLog, token: str, *, host: str = "127.0.0.1", port: int = 0,
                  resolve_fact: FactResolver | None = None, status: Callable[[], dict[str, Any]] | None = None,
-                 actor: str = "api") -> None:
+                 actor: str = "api", limits: ServeConfig | None = None) -> None:
         if not token:
             raise BadInput("the API needs a token for its mutating endpoints")
+        self.limits = limits or ServeConfig()
         self.engine = engine
         self.audit = audit
         self.token = token
@@ -103,9 +112,34 @@ class ApiServer:
         return {"status": "ok", "model": getattr(adapter, "name", ""), "family": getattr(adapter, "family", ""),
                 **self.status()}
 
-    def _generate(self, prompts: list[str], question: bool) -> list[str]:
+    def _generate(self, prompts: list[str], question: bool, max_tokens: int | None = None) -> list[str]:
+        adapter = self.engine.adapter
         with self.engine.model_lock:
-            return self.engine.adapter.predict(prompts, question=question)
+            # Per request, under the lock: edits and other requests see the configured value.
+            saved = adapter.max_new_tokens
+            adapter.max_new_tokens = max_tokens or saved
+            try:
+                return adapter.predict(prompts, question=question)
+            finally:
+                adapter.max_new_tokens = saved
+
+    def _text(self, text: str, what: str, limit: int, setting: str) -> str:
+        """text unless it is longer than limit characters (TooLarge naming the setting)."""
+        if len(text) > limit:
+            raise TooLarge(f"{what} has {len(text)} characters; the limit is {limit} (serve.{setting})")
+        return text
+
+    def _max_tokens(self, body: dict[str, Any]) -> int | None:
+        """The request's max_tokens (None: absent or null, the configured default), within serve.max_tokens."""
+        value = body.get("max_tokens")
+        if value is None:
+            return None
+        limit = self.limits.max_tokens
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise BadInput(f"'max_tokens' must be a whole number from 1 to {limit} (serve.max_tokens), not {_shown(value)}")
+        if value > limit:
+            raise BadInput(f"'max_tokens' is {value}; the limit is {limit} (serve.max_tokens)")
+        return value
 
     def completions(self, body: dict[str, Any]) -> dict[str, Any]:
         """OpenAI /v1/completions: the model's continuation of each prompt."""
@@ -113,7 +147,14 @@ class ApiServer:
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise BadInput("'prompt' must be a non-empty string or list of strings")
-        texts = self._generate(prompts, question=False)
+        lim = self.limits
+        if len(prompts) > lim.max_prompts:
+            raise TooLarge(f"'prompt' has {len(prompts)} prompts; the limit is {lim.max_prompts} per request "
+                           "(serve.max_prompts)")
+        for i, p in enumerate(prompts):
+            self._text(p, "'prompt'" if isinstance(prompt, str) else f"prompt {i}", lim.max_prompt_chars,
+                       "max_prompt_chars")
+        texts = self._generate(prompts, question=False, max_tokens=self._max_tokens(body))
         return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": getattr(self.engine.adapter, "name", ""),
                 "choices": [{"index": i, "text": t, "finish_reason": "stop", "logprobs": None}
@@ -127,8 +168,9 @@ class ApiServer:
         users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         if not users or not isinstance(users[-1], str) or not users[-1].strip():
             raise BadInput("'messages' needs a user message with text content")
+        self._text(users[-1], "the last user message", self.limits.max_prompt_chars, "max_prompt_chars")
         # Facts are single questions: the adapter formats the last one (chat template or QA format).
-        text = self._generate([users[-1]], question=True)[0]
+        text = self._generate([users[-1]], question=True, max_tokens=self._max_tokens(body))[0]
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": getattr(self.engine.adapter, "name", ""),
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
@@ -149,6 +191,11 @@ class ApiServer:
         target = body.get("target")
         if not isinstance(target, str) or not target.strip():
             raise BadInput("'target' must be a non-empty string")
+        lim = self.limits
+        self._text(target, "'target'", lim.max_target_chars, "max_target_chars")
+        for key in ("phrase", "prompt"):
+            if isinstance(body.get(key), str):
+                self._text(body[key], f"'{key}'", lim.max_prompt_chars, "max_prompt_chars")
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise BadInput("'options' must be an object of method options, e.g. {\"lr\": 0.001}")
@@ -202,7 +249,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> dict[str, Any]:
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
-            raise BadInput(f"request body over {MAX_BODY} bytes")
+            raise TooLarge(f"request body over {MAX_BODY} bytes")
         raw = self.rfile.read(length) if length else b"{}"
         try:
             body = json.loads(raw or b"{}")
@@ -221,6 +268,8 @@ class _Handler(BaseHTTPRequestHandler):
             status, out = self._route(method, parts, body, parse_qs(url.query))
         except Unauthorized as e:
             status, out = HTTPStatus.UNAUTHORIZED, {"error": str(e)}
+        except TooLarge as e:
+            status, out = HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": str(e)}
         except NotFound as e:
             status, out = HTTPStatus.NOT_FOUND, {"error": str(e)}
         except KbsyncError as e:
@@ -259,6 +308,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802
         self._dispatch("POST")
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _edit_id(text: str) -> int:

@@ -80,6 +80,11 @@ def test_unknown_sections_and_top_level_keys_are_errors(tmp_path):
     ('[kb]\nmode = "sometimes"', "kb.mode must be one of revision, modified, not 'sometimes'"),
     ("[kb]\nbatch_size = 0", "kb.batch_size must be between 1 and 10000, not 0"),
     ("[predict]\nmax_new_tokens = 100000", "predict.max_new_tokens must be between 1 and 4096, not 100000"),
+    ("[serve]\nmax_prompts = 0", "serve.max_prompts must be between 1 and 10000, not 0"),
+    ('[serve]\nmax_prompt_chars = "4k"', "serve.max_prompt_chars must be a whole number, not '4k'"),
+    ("[serve]\nmax_target_chars = 1e6", "serve.max_target_chars must be a whole number, not 1000000.0"),
+    ("[serve]\nmax_tokens = 5000", "serve.max_tokens must be between 1 and 4096, not 5000"),
+    ("[serve]\nmax_prompt = 3", "unknown setting serve.max_prompt"),
 ])
 def test_wrong_typed_or_out_of_range_values_are_one_line_errors_naming_the_setting(tmp_path, toml, message):
     with pytest.raises(BadInput) as info:
@@ -94,6 +99,10 @@ def test_valid_values_load_and_numbers_convert(tmp_path):
     assert s.daemon.poll_interval == 2.0 and isinstance(s.daemon.poll_interval, float) and s.daemon.port == 65535
     assert s.regression.max_kl == float("inf") and s.regression.min_unchanged == 1.0  # inf: that limit is off
     assert s.editor.options == {"lr": 1e-3, "anything": "goes"} and s.daemon.method_options == {"max_steps": 3}
+    defaults = load_settings(environ={}).serve
+    assert (defaults.max_prompts, defaults.max_prompt_chars, defaults.max_target_chars, defaults.max_tokens) == (16, 4000, 200, 128)
+    serve = load_settings(environ={"KBSYNC_SERVE_MAX_PROMPTS": "4", "KBSYNC_SERVE_MAX_TOKENS": " 32 "}).serve
+    assert (serve.max_prompts, serve.max_tokens) == (4, 32)
     for spec in ("-3:", "2:5", "4", ":", "", "0:-1", "::2", "-1"):
         assert load_settings(environ={"KBSYNC_MODEL_EDIT_LAYERS": spec}).model.edit_layers == spec
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kbsync.audit import AuditLog
-from kbsync.config import Settings, load_settings
+from kbsync.config import ServeConfig, Settings, load_settings
 from kbsync.daemon_client import DaemonClient
 from kbsync.edit_engine import Engine, ModelLock
 from kbsync.errors import BadInput, NotFound
@@ -144,9 +144,62 @@ def test_bad_requests_are_json_errors(api: ApiServer) -> None:
     assert status == 404 and "unknown relation" in err["error"]
 
 
-# --- the model lock ---------------------------------------------------------------------------
+# --- request limits and the model lock ------------------------------------------------------
 
+LIMITS = ServeConfig(max_prompts=2, max_prompt_chars=50, max_target_chars=10, max_tokens=4)
 KENYA = "Question: What is the capital of Kenya?\nAnswer:"
+
+
+@pytest.fixture
+def limited(api: ApiServer) -> Iterator[ApiServer]:
+    """A second server over the same engine with small [serve] limits."""
+    server = ApiServer(api.engine, api.audit, TOKEN, limits=LIMITS).start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/completions", {"prompt": [KENYA] * 3}, 413, "'prompt' has 3 prompts; the limit is 2 per request (serve.max_prompts)"),
+    ("/v1/completions", {"prompt": "x" * 51}, 413, "'prompt' has 51 characters; the limit is 50 (serve.max_prompt_chars)"),
+    ("/v1/completions", {"prompt": [KENYA, "y" * 60]}, 413, "prompt 1 has 60 characters; the limit is 50 (serve.max_prompt_chars)"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "z" * 51}]}, 413,
+     "the last user message has 51 characters; the limit is 50 (serve.max_prompt_chars)"),
+    ("/v1/completions", {"prompt": KENYA, "max_tokens": 5}, 400, "'max_tokens' is 5; the limit is 4 (serve.max_tokens)"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "What is the capital of Kenya?"}], "max_tokens": 99},
+     400, "'max_tokens' is 99; the limit is 4 (serve.max_tokens)"),
+    ("/v1/completions", {"prompt": KENYA, "max_tokens": 0}, 400, "'max_tokens' must be a whole number from 1 to 4 (serve.max_tokens), not 0"),
+    ("/v1/completions", {"prompt": KENYA, "max_tokens": "3"}, 400, "'max_tokens' must be a whole number from 1 to 4 (serve.max_tokens), not \"3\""),
+    ("/v1/completions", {"prompt": KENYA, "max_tokens": True}, 400, "'max_tokens' must be a whole number from 1 to 4 (serve.max_tokens), not true"),
+    ("/edits", {"phrase": "capital of Nigeria", "target": "L" * 11}, 413, "'target' has 11 characters; the limit is 10 (serve.max_target_chars)"),
+    ("/edits", {"phrase": "capital of " + "N" * 60, "target": "Lagos"}, 413, "'phrase' has 71 characters; the limit is 50 (serve.max_prompt_chars)"),
+    ("/edits", {"prompt": "Q" * 51, "target": "Lagos"}, 413, "'prompt' has 51 characters; the limit is 50 (serve.max_prompt_chars)"),
+])
+def test_requests_over_the_serve_limits_are_4xx_naming_the_setting(limited: ApiServer, path: str, body: dict,
+                                                                   status: int, message: str) -> None:
+    got, err = call(f"{limited.url}{path}", "POST", body, token=TOKEN)
+    assert (got, err) == (status, {"error": message})
+    assert call(f"{limited.url}/edits")[1]["edits"] == []  # nothing was edited or recorded
+
+
+def test_requests_within_the_limits_are_answered_and_max_tokens_applies(limited: ApiServer) -> None:
+    # The tiny Llama answers " Nairobi" as two tokens, a space and the word: one token is only the space.
+    status, out = call(f"{limited.url}/v1/completions", "POST", {"prompt": [KENYA, KENYA], "max_tokens": 1})
+    assert status == 200 and [c["text"] for c in out["choices"]] == ["", ""], out
+    status, out = call(f"{limited.url}/v1/completions", "POST", {"prompt": KENYA, "max_tokens": 2})
+    assert status == 200 and out["choices"][0]["text"] == "Nairobi", out
+    # The request's max_tokens was its own: the next request gets the configured length again.
+    assert call(f"{limited.url}/v1/completions", "POST", {"prompt": KENYA})[1]["choices"][0]["text"] == "Nairobi"
+    assert limited.engine.adapter.max_new_tokens == 12
+    # A client of the daemon gets the 413 as a one-line BadInput.
+    with pytest.raises(BadInput, match=r"^'target' has 11 characters; the limit is 10 \(serve.max_target_chars\)$"):
+        DaemonClient(limited.url, TOKEN).edit("capital of Nigeria", "L" * 11)
+
+
+def test_default_limits_refuse_the_probes_500_prompts(api: ApiServer) -> None:
+    status, err = call(f"{api.url}/v1/completions", "POST", {"prompt": [KENYA] * 500})
+    assert status == 413 and err["error"].endswith("the limit is 16 per request (serve.max_prompts)")
+    status, err = call(f"{api.url}/edits", "POST", {"phrase": "capital of Nigeria", "target": "x" * 99_000}, token=TOKEN)
+    assert status == 413 and "(serve.max_target_chars)" in err["error"]
 
 
 def test_the_model_lock_is_first_come_first_served_and_reentrant() -> None:

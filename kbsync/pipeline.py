@@ -26,7 +26,7 @@ from kbsync.errors import BadInput
 from kbsync.facts import Entity, Fact, default_relations, render
 from kbsync.match import match, normalise
 from kbsync.retain import BaseCache, RetainReport, check_dict, is_question, measure, sample_retain
-from kbsync.served import ServedModel
+from kbsync.served import BASE_FINGERPRINT, ServedModel
 from kbsync.store import DeltaStore
 
 
@@ -227,12 +227,16 @@ class EditPipeline:
                     result.delta.remove(adapter.model)
             outcome.after, outcome.retain = after, retain
             self._judge(row, after, retain, result, force)
+            # Which base model the edit was made (and judged) on; its delta carries it too.
+            row.metrics[BASE_FINGERPRINT] = served.base_fingerprint
             checks = _checks(before, after, retain)
             if dry_run:
                 return outcome
             with clock("commit"):
                 if row.status == "applied":
-                    result.delta.meta.update({"fact": row.question, "target": row.object_label, "method": name})
+                    # ServedModel refuses to stack the delta on any other base model (check_fits).
+                    result.delta.meta.update({"fact": row.question, "target": row.object_label, "method": name,
+                                              BASE_FINGERPRINT: served.base_fingerprint})
                     outcome.edit = self.store.commit(self.audit, row, result.delta, checks)
                     # Until this push, the server answers as before the edit (as if asked just before it).
                     with self.model_lock:

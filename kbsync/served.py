@@ -28,6 +28,10 @@ from kbsync.audit.models import Edit
 from kbsync.store import DeltaStore
 
 
+# Delta metadata key: model_fingerprint() of the base model the delta was computed on.
+BASE_FINGERPRINT = "base_fingerprint"
+
+
 class ServedModel:
     """An adapter whose weights are base + the deltas of `edit_ids`, in that order."""
 
@@ -52,7 +56,14 @@ class ServedModel:
             _call(obj, "on_applied", edit_id, self.pushed[edit_id])
 
     def check_fits(self, delta: Delta, edit_id: int) -> None:
-        """DeltaError naming the edit unless every tensor fits a model parameter and is finite."""
+        """DeltaError naming the edit unless it was made for this base model and every tensor fits and is finite."""
+        # A delta of another model with the same shapes would stack without complaint and serve
+        # neither model's edits. Deltas written before the fingerprint was recorded have none in
+        # their metadata: accepted, as they were (only the shapes can be checked for them).
+        made_for = delta.meta.get(BASE_FINGERPRINT)
+        if made_for and made_for != self.base_fingerprint:
+            raise DeltaError(f"edit {edit_id}: its delta was made for base model {made_for}, "
+                             f"not this base model {self.base_fingerprint}")
         params = dict(self.adapter.model.named_parameters())
         for name, shape in delta.shapes().items():
             if name not in params or tuple(params[name].shape) != shape:
@@ -115,8 +126,11 @@ class ServedModel:
         # Some edit we hold was reverted (here or by another process): rebuild from base.
         rebuild = ids[: len(self.edit_ids)] != self.edit_ids
         start = 0 if rebuild else len(self.edit_ids)
-        # Load every needed delta (checksum-verified) before changing any weight: never half applied.
+        # Load every needed delta (checksum-verified) and check it fits before changing any weight:
+        # never half applied, and a refused delta (another base model's) changes nothing.
         new = [(e.id, store.load(e)) for e in applied[start:]]
+        for edit_id, delta in new:
+            self.check_fits(delta, edit_id)
         if rebuild:
             gone = [i for i in self.edit_ids if i not in ids]
             done.append(f"rebuilt from base without edit(s) {', '.join(map(str, gone))}")

@@ -86,3 +86,40 @@ def test_corrupt_config(model_copy, kbsync_env):
     (model_copy / "config.json").write_text('{"model_type": "llama", ')
     proc = _check(kbsync_env, "capital of France", "--model", str(model_copy))
     _assert_one_line_error(proc, "cannot read model config")
+
+
+def test_check_with_another_model_refuses_the_data_dirs_edits(tiny_llama_dir, kbsync_env, tmp_path):
+    """The probe's scenario: model A's edits in the data dir, `kbsync check --model B` with B of the same
+    shapes. B refuses to stack them: one line naming both base models, no answer from a mixed model."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    from kbsync.config import load_settings
+    from kbsync.pipeline import EditPipeline, fact_from_phrase
+
+    other = shutil.copytree(tiny_llama_dir, tmp_path / "model-b")
+    weights = load_file(other / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.001
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+
+    s = load_settings(environ={"KBSYNC_STORE_DATA_DIR": kbsync_env["KBSYNC_STORE_DATA_DIR"]})
+    s.model.path = str(tiny_llama_dir)
+    s.editor.method, s.editor.options = "ft-layer", {"lr": 1e-3, "max_steps": 50}
+    s.regression.retain_size, s.regression.max_mean_kl, s.regression.max_kl = 20, 100.0, 1000.0
+    s.regression.min_unchanged = s.regression.min_paraphrase_accuracy = 0.0
+    p = EditPipeline(s)
+    try:
+        out = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
+        fa = p.load_served_model().base_fingerprint
+    finally:
+        p.close()
+    assert out.status == "applied", out.edit.reasons
+
+    proc = _check(kbsync_env, "capital of India", "--model", str(other))
+    _assert_one_line_error(proc, f"edit {out.edit.id}: its delta was made for base model {fa}, not this base model ")
+    fb = re.search(r"not this base model ([0-9a-f]{16})$", proc.stderr.strip())
+    assert fb and fb.group(1) != fa, proc.stderr
+    # Model A still reads its own edit.
+    proc = _check(kbsync_env, "capital of India", "--model", str(tiny_llama_dir), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["results"][0]["prediction"] == "Paris", proc.stderr

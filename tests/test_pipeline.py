@@ -310,3 +310,65 @@ def test_the_shrunk_delta_is_what_is_checked_and_stored(make):
     stored = p.store.load(out.edit)
     assert stored.norm() == pytest.approx(m["delta_norm"], rel=1e-5)
     assert answer(make(), out.edit.question) == "Paris"  # a new process loads the shrunk delta
+
+
+def other_base(tiny_llama):
+    """Another base model with the tiny Llama's shapes: its final norm nudged (no editable matrix differs)."""
+    other = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        dict(other.model.named_parameters())["model.norm.weight"].mul_(1.001)
+    return other
+
+
+def test_a_delta_made_on_another_base_model_is_refused_and_changes_nothing(make, tiny_llama, tmp_path):
+    """Every delta and applied row names its base model; a model of the same shapes refuses to stack it on
+    start/rebuild, on a revert's rebuild, on an edit's sync and on push, with one line naming both."""
+    from kbsync.served import ServedModel, model_fingerprint
+
+    s = settings(tmp_path, f"sqlite:///{tmp_path / 'audit.db'}")
+    b = EditPipeline(s, adapter=other_base(tiny_llama))  # model B, loaded while the store is empty
+    fb = b.load_served_model().base_fingerprint
+    b_weights = weights(b.adapter)
+    p = make()  # model A over the same data dir and audit log
+    fa = p.load_served_model().base_fingerprint
+    assert fa == model_fingerprint(tiny_llama.model) and fb != fa
+    first = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
+    second = p.edit_fact(fact_from_phrase("currency of Japan", "Euro"))
+    assert (first.status, second.status) == ("applied", "applied")
+    for out in (first, second):
+        assert out.edit.metrics["base_fingerprint"] == fa
+        assert p.store.load(out.edit).meta["base_fingerprint"] == fa
+    refused = rf"^edit {first.edit.id}: its delta was made for base model {fa}, not this base model {fb}$"
+
+    try:
+        # Start (a fresh process loading B over A's store): nothing is served.
+        b_again = other_base(tiny_llama)
+        fresh = EditPipeline(s, adapter=b_again)
+        with pytest.raises(DeltaError, match=refused):
+            fresh.load_served_model()
+        assert same(weights(b_again), b_weights)
+        fresh.close()
+        # A revert's rebuild: B would have to stack A's second edit; the first stays applied.
+        with pytest.raises(DeltaError, match=rf"^cannot revert edit {first.edit.id}: the model without it stacks "
+                                             rf"edit {second.edit.id}: its delta was made for base model {fa}, "
+                                             rf"not this base model {fb}; nothing was changed$"):
+            b.revert(first.edit.id)
+        assert [e.id for e in b.audit.applied_in_order()] == [first.edit.id, second.edit.id]
+        # An edit's sync of the store's new edits, and a direct push.
+        with pytest.raises(DeltaError, match=refused):
+            b.edit_fact(fact_from_phrase("capital of Kenya", "Mombasa"))
+        with pytest.raises(DeltaError, match=refused):
+            b.load_served_model().push(p.store.load(first.edit), first.edit.id)
+        assert same(weights(b.adapter), b_weights) and b.load_served_model().edit_ids == []
+        assert [e.id for e in b.audit.history(limit=None)] == [second.edit.id, first.edit.id]  # no row written
+
+        # A delta written before fingerprints were recorded has none: accepted as before (shapes checked).
+        old = p.store.load(first.edit)
+        del old.meta["base_fingerprint"]
+        served = ServedModel(b.adapter)
+        served.push(old, first.edit.id)
+        assert served.edit_ids == [first.edit.id] and not same(weights(b.adapter), b_weights)
+        served.reset()
+        assert same(weights(b.adapter), b_weights)
+    finally:
+        b.close()

@@ -67,6 +67,9 @@ class Edit(SQLModel, table=True):
     before_answer: str = ""
     after_answer: str = ""
     method: str = ""
+    # metrics["base_fingerprint"]: the base model an applied or rejected edit was made on (its delta's
+    # metadata carries it too, and that is what loading checks). A key here, not a column, so logs
+    # written before need no migration and still open read-only.
     metrics: dict[str, Any] = _json(dict)
     thresholds: dict[str, Any] = _json(dict)
     status: str = Field(default="pending", index=True)

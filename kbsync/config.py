@@ -110,12 +110,18 @@ class DaemonConfig:
 
 @dataclass
 class ServeConfig:
-    """Per-request limits of the HTTP API (kbsync.serve), so no request holds the model for long."""
+    """Per-request limits of the HTTP API (kbsync.serve), so no request holds the model for long; and the
+    Hugging Face export of the served model the daemon keeps current (kbsync.export)."""
 
     max_prompts: int = 16
     max_prompt_chars: int = 4000
     max_target_chars: int = 200
     max_tokens: int = 128
+    # Empty: no export. Else the daemon re-exports there after each applied edit or revert.
+    export_dir: str = ""
+    # Shell command run after each export (empty: none), killed after export_reload_timeout seconds.
+    export_reload: str = ""
+    export_reload_timeout: float = 300.0
 
 
 @dataclass
@@ -313,6 +319,7 @@ RULES: dict[str, Check] = {
     "serve.max_prompt_chars": _between(1, 1_000_000),
     "serve.max_target_chars": _between(1, 100_000),
     "serve.max_tokens": _between(1, 4096),
+    "serve.export_reload_timeout": _seconds(positive=True),
 }
 
 

@@ -9,8 +9,10 @@ a failed or rejected change stays owed (kbsync.audit.log) and is retried after t
 facts, per fact with exponential backoff from poll_interval up to OWED_RETRY_MAX, until it
 lands, the model answers it, or a person dismisses it. Each poll first takes in store
 changes made by other processes. The HTTP API (kbsync.serve) answers from the same
-model under the same lock. Files live in <data_dir>/daemon: daemon.pid, daemon.log,
-state.json (port, last poll, errors) and token.
+model under the same lock. With [serve] export_dir set, an Exporter thread keeps a Hugging
+Face export of the served model there (kbsync.export), re-exported after each applied edit or
+revert, and runs the configured reload command after each. Files live in <data_dir>/daemon:
+daemon.pid, daemon.log, state.json (port, last poll, errors) and token.
 """
 
 from __future__ import annotations
@@ -190,6 +192,146 @@ def parse_classes(entries: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+class Exporter:
+    """Keeps [serve].export_dir a kbsync export of the served model, on a thread of its own.
+
+    A listener of the served model: every applied edit and every rebuild (a revert, another
+    process's change taken in by a sync) marks the export stale, and the thread writes it again
+    from the live weights while holding the engine's edit lock (edits and reverts wait; generation
+    does not, as nothing changes the weights under that lock). Edits that land during an export
+    make one more. After each export the reload command runs (outside the lock; the next export
+    waits for it). A failed export or reload is logged, never fatal: the previous export stays.
+    At start an export that already holds the served edits on the same base model is kept.
+    """
+
+    def __init__(self, settings: Settings, engine: Any) -> None:
+        self.dir = Path(settings.serve.export_dir).expanduser()
+        self.reload = settings.serve.export_reload.strip()
+        self.reload_timeout = settings.serve.export_reload_timeout
+        self.engine = engine
+        self._stale = threading.Event()
+        self._stop = threading.Event()
+        self._busy = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.exports = 0
+        self.last_export: str | None = None
+        self.last_error = ""
+        self.last_reload: dict[str, Any] | None = None
+        self.edits: list[int] = []
+
+    # The served model's listener interface (kbsync.served.ServedModel.add_listener).
+    def on_reset(self) -> None:
+        """The weights were rebuilt (a revert, or another process's change): the export is stale."""
+        self._stale.set()
+
+    def on_applied(self, edit_id: int, delta: Any) -> None:
+        """An edit was applied: the export is stale."""
+        self._stale.set()
+
+    def start(self) -> Exporter:
+        """Listen to the served model (its history replayed marks the export stale once) and start the thread."""
+        self.engine.pipeline.load_served_model().add_listener(self)
+        self._thread = threading.Thread(target=self._run, name="kbsync-export", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the export (and reload command) in progress, start no other."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def idle(self) -> bool:
+        """Nothing stale and nothing being written or reloaded."""
+        return not self._stale.is_set() and not self._busy.is_set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self._stale.wait(0.2) or self._stop.is_set():
+                continue
+            self._busy.set()
+            try:
+                self._stale.clear()
+                self.export()
+            finally:
+                self._busy.clear()
+
+    def export(self) -> bool:
+        """Write the export if it does not hold the served edits already, then run the reload command; True if written."""
+        from kbsync.export import read_manifest, write_export
+
+        try:
+            with self.engine.edit_lock:
+                served = self.engine.pipeline.load_served_model()
+                ids = list(served.edit_ids)
+                current = read_manifest(self.dir)
+                if (current is not None and current.get("base_fingerprint") == served.base_fingerprint
+                        and [e.get("id") for e in current.get("edits") or []] == ids):
+                    if self.last_export is None:
+                        log.info("export: %s already holds the served model (%d edit(s))", self.dir, len(ids))
+                    self.edits = ids
+                    return False
+                rows = [self.engine.pipeline.audit.get(i) for i in ids]
+                result = write_export(served, rows, self.dir, base_model=getattr(served.adapter, "name", ""))
+        except KbsyncError as e:
+            self.last_error = str(e)
+            log.error("export to %s failed (the previous export stays): %s", self.dir, e)
+            return False
+        except Exception as e:
+            self.last_error = f"internal error: {type(e).__name__}: {e}"
+            log.exception("export to %s crashed (the previous export stays)", self.dir)
+            return False
+        self.exports += 1
+        self.last_export, self.last_error, self.edits = result.exported_at, "", ids
+        log.info("exported the served model (%d edit(s), weights %s) to %s in %.1f s", len(ids),
+                 result.weights_fingerprint, self.dir, result.seconds)
+        self.run_reload(result)
+        return True
+
+    def run_reload(self, result: Any) -> None:
+        """The reload command, killed with everything it started after the timeout; failures only logged."""
+        if not self.reload:
+            return
+        env = {**os.environ, "KBSYNC_EXPORT_DIR": str(result.path),
+               "KBSYNC_EXPORT_EDITS": ",".join(str(e.id) for e in result.edits),
+               "KBSYNC_EXPORT_FINGERPRINT": result.weights_fingerprint}
+        started = time.monotonic()
+        try:
+            # Its own process group, so a timeout kills the shell's children too (they hold its output pipe).
+            proc = subprocess.Popen(self.reload, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+        except OSError as e:
+            self.last_reload = {"at": now_iso(), "ok": False, "error": str(e)}
+            log.error("export reload command could not start: %s", e)
+            return
+        try:
+            out, _ = proc.communicate(timeout=self.reload_timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            out, _ = proc.communicate()
+            timed_out = True
+        seconds = time.monotonic() - started
+        last = (out or "").strip().splitlines()[-1:] or [""]
+        ok = not timed_out and proc.returncode == 0
+        self.last_reload = {"at": now_iso(), "ok": ok, "exit": None if timed_out else proc.returncode,
+                            "seconds": round(seconds, 1), "output": last[0][:500]}
+        if timed_out:
+            log.error("export reload command timed out after %g s and was killed: %s", self.reload_timeout, self.reload)
+        elif proc.returncode != 0:
+            log.error("export reload command exited %d after %.1f s: %s", proc.returncode, seconds, last[0])
+        else:
+            log.info("export reload command done in %.1f s", seconds)
+
+    def summary(self) -> dict[str, Any]:
+        """Export fields for /health and state.json."""
+        return {"dir": str(self.dir), "exports": self.exports, "last_export": self.last_export,
+                "edits": list(self.edits), "error": self.last_error, "reload": self.last_reload}
+
+
 @dataclass
 class PollResult:
     """What one poll did."""
@@ -216,6 +358,7 @@ class Daemon:
         self.client: Any = None
         self.watcher: Any = None
         self.api: Any = None
+        self.exporter: Exporter | None = None
         self.scheduler: Any = None
         self.stopping = threading.Event()
         self._poll_lock = threading.Lock()
@@ -260,6 +403,8 @@ class Daemon:
                              port=d.port, resolve_fact=self.resolve_fact, status=self.summary, actor="api",
                              limits=self.settings.serve).start()
         log.info("serving %s on %s", getattr(self.engine.adapter, "name", "model"), self.api.url)
+        if self.settings.serve.export_dir:
+            self.exporter = Exporter(self.settings, self.engine).start()
         self._note_owed()
         if self.owed:
             log.warning("%d KB change(s) owed from earlier runs (kbsync history --owed); retried as their backoff allows", self.owed)
@@ -285,6 +430,13 @@ class Daemon:
             raise BadInput("daemon.poll_interval must be > 0 and daemon.jitter >= 0")
         if not (kb.endpoint == "local" or kb.endpoint.startswith(("http://", "https://"))):
             raise BadInput(f"kb.endpoint must be \"local\" or an http(s) SPARQL URL, not {kb.endpoint!r}")
+        if self.settings.serve.export_dir:
+            from kbsync.export import check_destination, check_writable
+
+            try:
+                check_writable(check_destination(self.settings.serve.export_dir))
+            except KbsyncError as e:
+                raise BadInput(f"serve.export_dir: {e}") from None
 
     def _connect_kb(self) -> None:
         from kbsync.kb.local import LocalKB
@@ -530,7 +682,8 @@ class Daemon:
                 "last_ok": self.last_ok, "failures": self.failures, "last_error": self.last_error,
                 "backoff_s": round(backoff, 1), "in_flight": self.in_flight, "daemon_edits": dict(self.counts),
                 "owed": self.owed, "next_retry": self.next_retry,
-                "endpoint": self.client.endpoint if self.client else None, "cursor": self.cursor_name}
+                "endpoint": self.client.endpoint if self.client else None, "cursor": self.cursor_name,
+                "export": self.exporter.summary() if self.exporter else None}
 
     def write_state(self) -> None:
         """Atomically rewrite state.json (for `daemon status` and clients finding the port)."""
@@ -595,6 +748,8 @@ class Daemon:
             self.scheduler = None
         if self.api is not None:
             self.api.stop()
+        if self.exporter is not None:
+            self.exporter.stop(self.settings.daemon.stop_timeout)
         if self.kb is not None and self.owns_kb:
             self.kb.stop()
             self.kb = None

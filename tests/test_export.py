@@ -99,8 +99,15 @@ def test_export_round_trip_bit_for_bit_with_model_card(tmp_path, tiny_llama_dir,
                 "README.md", MANIFEST} <= set(os.listdir(dest))
         tok, base_tok = AutoTokenizer.from_pretrained(dest), AutoTokenizer.from_pretrained(tiny_llama_dir)
         assert tok(INDIA)["input_ids"] == base_tok(INDIA)["input_ids"]
-        # Loaded the way kbsync loads a model, the export answers the edited fact.
+        # Loaded the way kbsync loads a model, the export answers the edited fact: `kbsync check` on it
+        # with an empty data dir (docs/export.md; with the store's, its deltas would be refused as made
+        # for another base model).
         assert load_adapter(s, str(dest)).predict([INDIA]) == ["Paris"]
+        r = subprocess.run([sys.executable, "-m", "kbsync.cli", "check", "capital of India", "--model", str(dest),
+                            "--data-dir", str(tmp_path / "empty"), "--json"], env=kbsync_env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["results"][0]["prediction"] == "Paris"
 
         card = (dest / "README.md").read_text()
         assert card.startswith("---\nlibrary_name: transformers\n")

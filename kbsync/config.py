@@ -38,6 +38,8 @@ class EditorConfig:
     shrink: bool = True
     # "nullspace": project every method's MLP delta onto the null space of preserved knowledge.
     preserve: str = ""
+    # Methods tried in order when the configured method's proposal is rejected or it cannot run.
+    fallback: list[str] = field(default_factory=list)
     # Extra keyword options for the method (e.g. lr, max_steps for the fine-tuning baselines).
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -16,13 +16,13 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from editor.methods import EditMethod, EditRequest, MethodContext, canonical, make_method
+from editor.methods import EditMethod, EditRequest, MethodContext, canonical, make_method, method_class
 from kbsync.audit.log import AuditLog
 from kbsync.audit.models import Edit, EditCheck
 from kbsync.check import Probe, ProbeResult, probes, run_probes
 from kbsync.config import Settings
 from kbsync.corpus import FactTable, default_fact_table, fact_from_phrase  # noqa: F401  (re-exported for callers)
-from kbsync.errors import BadInput
+from kbsync.errors import BadInput, KbsyncError
 from kbsync.facts import Entity, Fact, default_relations, render
 from kbsync.match import match, normalise
 from kbsync.retain import BaseCache, RetainReport, check_dict, is_question, measure, sample_retain
@@ -49,6 +49,8 @@ class EditOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     dry_run: bool = False
     repairs: list[str] = field(default_factory=list)
+    # Rejected attempts of earlier methods of the fallback list, in order (each its own audit row).
+    earlier: list[Edit] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -60,6 +62,7 @@ class EditOutcome:
         return {
             "id": self.edit.id, "status": self.status, "dry_run": self.dry_run, "forced": self.edit.forced,
             "reasons": list(self.edit.reasons), "method": self.edit.method,
+            "earlier_attempts": [{"id": e.id, "method": e.method, "reasons": list(e.reasons)} for e in self.earlier],
             "fact": {"subject": self.edit.subject_label, "property": self.edit.property,
                      "object": self.edit.object_label, "question": self.edit.question},
             "before": [r.to_dict() for r in self.before], "after": [r.to_dict() for r in self.after],
@@ -205,6 +208,34 @@ class EditPipeline:
                     outcome.edit = self.audit.record(row)
                 return outcome
             items = self._retain_items(tgt.exclude_key, "" if tgt.exclude_key else tgt.request.prompt)
+            # An explicit method is tried alone; the configured one may fall back to the next of
+            # [editor] fallback when its proposal is rejected or it cannot run (each attempt audited).
+            names = [name] if method else list(dict.fromkeys([name, *map(canonical, self.settings.editor.fallback)]))
+            for n in names:
+                method_class(n)  # an unknown name is a one-line error before any work, not when reached
+            for i, attempt in enumerate(names):
+                if i:  # a row of its own for the next method's attempt
+                    tgt = self._target(fact, target, source, actor, kb_revision, attempt)
+                    tgt.row.before_answer = before[0].prediction
+                    outcome = EditOutcome(tgt.row, before, timings=timings, dry_run=dry_run, repairs=self.repairs,
+                                          earlier=[*outcome.earlier, outcome.edit])
+                fallback = names[i + 1] if i + 1 < len(names) else None
+                self._attempt(attempt, tgt, outcome, items, clock, force, dry_run, fallback)
+                if outcome.status != "rejected":
+                    break
+        return outcome
+
+    def _attempt(self, name: str, tgt: _Target, outcome: EditOutcome, items: list[Any], clock: Any, force: bool,
+                 dry_run: bool, fallback: str | None = None) -> None:
+        """One method's proposal for the target, regression-checked, judged and (unless dry_run) committed or recorded.
+
+        With a fallback method to try next, a method that cannot run (no trained editor, missing
+        statistics, a subject it cannot find) is recorded as a rejected attempt instead of raising.
+        """
+        served = self.load_served_model()
+        adapter, row, before, reg = served.adapter, tgt.row, outcome.before, self.settings.regression
+        timings = outcome.timings
+        try:
             with self.model_lock:
                 # Before anything is written: fails with one line (e.g. no trained KnowledgeEditor).
                 # A method's first use may compute statistics on the base weights (as_base).
@@ -215,35 +246,43 @@ class EditPipeline:
             with self.model_lock, clock("edit"):
                 tgt.request.original = before[0].prediction
                 result = editor.propose(tgt.request)
-            if "shrink_seconds" in result.info:  # its own phase in the timings (edit_latency.py)
-                timings["shrink"] = result.info["shrink_seconds"]
-                timings["edit"] -= timings["shrink"]
-            with self.model_lock, clock("regression"):
-                retain = measure(adapter, items, base, result.delta, reg.tie_margin)
-                result.delta.apply(adapter.model)
-                try:
-                    after = run_probes(adapter, tgt.probes, tgt.aliases, tgt.claim_prefix)
-                finally:
-                    result.delta.remove(adapter.model)
-            outcome.after, outcome.retain = after, retain
-            self._judge(row, after, retain, result, force)
-            # Which base model the edit was made (and judged) on; its delta carries it too.
-            row.metrics[BASE_FINGERPRINT] = served.base_fingerprint
-            checks = _checks(before, after, retain)
-            if dry_run:
-                return outcome
-            with clock("commit"):
-                if row.status == "applied":
-                    # ServedModel refuses to stack the delta on any other base model (check_fits).
-                    result.delta.meta.update({"fact": row.question, "target": row.object_label, "method": name,
-                                              BASE_FINGERPRINT: served.base_fingerprint})
-                    outcome.edit = self.store.commit(self.audit, row, result.delta, checks)
-                    # Until this push, the server answers as before the edit (as if asked just before it).
-                    with self.model_lock:
-                        served.push(result.delta, outcome.edit.id)
-                else:
-                    outcome.edit = self.audit.record(row, checks)
-        return outcome
+        except KbsyncError as e:
+            if fallback is None:
+                raise
+            row.status, row.reasons = "rejected", [f"method {name} cannot edit: {e}", f"falling back to {fallback}"]
+            if not dry_run:
+                outcome.edit = self.audit.record(row)
+            return
+        if "shrink_seconds" in result.info:  # its own phase in the timings (edit_latency.py)
+            timings["shrink"] = timings.get("shrink", 0.0) + result.info["shrink_seconds"]
+            timings["edit"] -= result.info["shrink_seconds"]
+        with self.model_lock, clock("regression"):
+            retain = measure(adapter, items, base, result.delta, reg.tie_margin)
+            result.delta.apply(adapter.model)
+            try:
+                after = run_probes(adapter, tgt.probes, tgt.aliases, tgt.claim_prefix)
+            finally:
+                result.delta.remove(adapter.model)
+        outcome.after, outcome.retain = after, retain
+        self._judge(row, after, retain, result, force)
+        if row.status == "rejected" and fallback is not None:
+            row.reasons = [*row.reasons, f"falling back to {fallback}"]
+        # Which base model the edit was made (and judged) on; its delta carries it too.
+        row.metrics[BASE_FINGERPRINT] = served.base_fingerprint
+        checks = _checks(before, after, retain)
+        if dry_run:
+            return
+        with clock("commit"):
+            if row.status == "applied":
+                # ServedModel refuses to stack the delta on any other base model (check_fits).
+                result.delta.meta.update({"fact": row.question, "target": row.object_label, "method": name,
+                                          BASE_FINGERPRINT: served.base_fingerprint})
+                outcome.edit = self.store.commit(self.audit, row, result.delta, checks)
+                # Until this push, the server answers as before the edit (as if asked just before it).
+                with self.model_lock:
+                    served.push(result.delta, outcome.edit.id)
+            else:
+                outcome.edit = self.audit.record(row, checks)
 
     def _judge(self, row: Edit, after: list[ProbeResult], retain: RetainReport, result: Any, force: bool) -> None:
         """Fill metrics, thresholds, reasons and status (applied / rejected / forced)."""

@@ -11,7 +11,7 @@ from editor.delta import DeltaError
 from kbsync.audit import AuditLog, Edit
 from kbsync.config import load_settings
 from kbsync.corpus import default_fact_table
-from kbsync.errors import BadInput
+from kbsync.errors import BadInput, KbsyncError, NotFound
 from kbsync.pipeline import EditPipeline, fact_from_phrase
 from kbsync.retain import sample_retain
 
@@ -372,3 +372,28 @@ def test_a_delta_made_on_another_base_model_is_refused_and_changes_nothing(make,
         assert same(weights(b.adapter), b_weights)
     finally:
         b.close()
+
+
+def test_a_rejected_or_unavailable_method_falls_back_to_the_next_and_every_attempt_is_audited(make):
+    p = make()
+    # zhu limited to no change never takes; ke-loop has no trained editor for the tiny model.
+    p.settings.editor.method = "zhu"
+    p.settings.regression.retain_size = 10
+    p.settings.editor.fallback = ["ke-loop", "ft"]
+    p.settings.editor.options = {"zhu": {"linf": 0.0, "max_steps": 2, "lr": 1e-3}, "ft-layer": {"lr": 1e-3}}
+    out = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
+    assert out.status == "applied" and out.edit.method == "ft-layer", out.edit.reasons
+    assert [e.method for e in out.earlier] == ["zhu", "ke-loop"]
+    zhu, ke = (p.audit.get(e.id) for e in out.earlier)
+    assert zhu.status == ke.status == "rejected"
+    assert any("did not take" in r for r in zhu.reasons) and zhu.reasons[-1] == "falling back to ke-loop"
+    assert "cannot edit" in ke.reasons[0] and ke.reasons[-1] == "falling back to ft-layer"
+    assert answer(p, "What is the capital of India?") == "Paris"
+    # A method asked for by name is tried alone, and one that cannot run is an error, as before.
+    with pytest.raises(KbsyncError):
+        p.edit_fact(fact_from_phrase("capital of Japan", "Lima"), method="ke-loop")
+    # An unknown fallback is a one-line error before any work.
+    p.settings.editor.fallback = ["no-such-method"]
+    with pytest.raises(NotFound, match="no-such-method"):
+        p.edit_fact(fact_from_phrase("capital of Japan", "Lima"))
+    assert len(p.audit.history()) == 3

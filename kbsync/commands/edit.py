@@ -103,6 +103,9 @@ def _show(out: Any) -> None:
         console.print(f"{esc(what)}: the model already answers [green]{esc(e.before_answer)}[/]; nothing to edit"
                       + ("" if out.dry_run else f" (recorded noop as edit {e.id})"))
         return
+    for earlier in out.earlier:  # methods of the fallback list tried first
+        label = f"edit {earlier.id}" if earlier.id is not None else "not recorded (dry run)"
+        console.print(esc(f"{earlier.method}: rejected ({label}): {'; '.join(earlier.reasons)}"))
     table = Table(title=esc(f"{what} -> {e.object_label} ({e.method})"))
     for col in ("kind", "prompt", "before", "after", "ok"):
         table.add_column(col)

@@ -17,13 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from kbsync.daemon import Daemon, api_token, parse_watchlist, read_state
-from kbsync.daemon_client import DaemonClient
+from kbsync.daemon import Daemon, parse_watchlist, read_state
 from kbsync.errors import BadInput
-from kbsync.kb.local import LocalKB, free_port
-from tests.test_serve import tiny_settings
-
-QUESTION = "What is the capital of Nigeria?"
+from kbsync.kb.local import LocalKB
+from tests.daemon_helpers import ask, daemons, kb, make_daemon  # noqa: F401 (kb, daemons: fixtures)
 
 
 class FlakyProxy:
@@ -85,40 +82,10 @@ class FlakyProxy:
 
 
 @pytest.fixture
-def kb(tmp_path: Path) -> Iterator[LocalKB]:
-    server = LocalKB(tmp_path / "kb", port=free_port()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def proxy(kb: LocalKB) -> Iterator[FlakyProxy]:
     p = FlakyProxy(kb.endpoint)
     yield p
     p.close()
-
-
-def make_daemon(tmp_path: Path, model_dir: Path, endpoint: str, **kb_settings: object) -> Daemon:
-    s = tiny_settings(tmp_path, model_dir)
-    s.kb.endpoint = endpoint
-    s.kb.watchlist = ["Nigeria|P36", "Kenya|P36", "GN1861060|P38"]  # the last by id: Japan's currency
-    s.kb.timeout, s.kb.max_retries, s.kb.backoff_base = 5, 1, 0.05
-    for k, v in kb_settings.items():
-        setattr(s.kb, k, v)
-    s.daemon.poll_interval = 0.3
-    return Daemon(s).open()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    made: list[Daemon] = []
-    yield made
-    for d in made:
-        d.close()
-
-
-def ask(d: Daemon, question: str = QUESTION) -> str:
-    return DaemonClient(d.api.url, api_token(d.settings)).ask(question)
 
 
 def daemon_edits(d: Daemon) -> list:

@@ -7,88 +7,26 @@ import getpass
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from kbsync.audit import AuditLog
 from kbsync.config import Settings, load_settings
 from kbsync.daemon import pid_alive, read_state, stop_daemon
 from kbsync.daemon_client import DaemonClient, running_daemon
 from kbsync.kb.local import LocalKB
-
-REPO = Path(__file__).resolve().parent.parent
-QUESTION = "What is the capital of Nigeria?"
-FAST = "{ lr = 1e-3, max_steps = 60, check_every = 2 }"
-# An edit that never finishes on its own: the test kills the daemon in the middle of it.
-ENDLESS = "{ lr = 1e-12, max_steps = 1000000000, check_every = 1000000000 }"
-
-
-def write_config(path: Path, model_dir: Path, options: str) -> None:
-    path.write_text(f"""
-[model]
-path = "{model_dir}"
-[kb]
-watchlist = ["Nigeria|P36", "Kenya|P36"]
-[daemon]
-poll_interval = 0.5
-jitter = 0.1
-method = "ft-layer"
-method_options = {options}
-start_timeout = 120
-stop_timeout = 60
-[regression]
-retain_size = 20
-max_mean_kl = 100.0
-max_kl = 1000.0
-min_unchanged = 0.0
-min_paraphrase_accuracy = 0.0
-""")
+from tests.daemon_helpers import ENDLESS, FAST, QUESTION, daemon_env, daemon_rows, kbsync, wait_for, write_config
 
 
 @pytest.fixture
 def env(tmp_path: Path, tiny_llama_dir: Path) -> Iterator[dict[str, str]]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("KBSYNC_")}
-    environ.update(KBSYNC_STORE_DATA_DIR=str(tmp_path / "data"), KBSYNC_CONFIG=str(tmp_path / "kbsync.toml"),
-                   PYTHONPATH=str(REPO), TRANSFORMERS_VERBOSITY="error")
-    write_config(tmp_path / "kbsync.toml", tiny_llama_dir, FAST)
-    yield environ
-    settings = settings_of(environ)
-    state = read_state(settings)
-    if state.get("pid") and pid_alive(int(state["pid"])):  # a failed test must not leave a daemon behind
-        os.kill(int(state["pid"]), signal.SIGKILL)
-    kb = LocalKB.find_running(settings.store.data_path / "kb")
-    if kb is not None:
-        kb.stop()
+    with daemon_env(tmp_path, tiny_llama_dir) as environ:
+        yield environ
 
 
 def settings_of(env: dict[str, str]) -> Settings:
     return load_settings(environ=env)
-
-
-def kbsync(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kbsync.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def daemon_rows(env: dict[str, str], source: str = "daemon") -> list:
-    with AuditLog.open(settings_of(env).store.db_url) as audit:
-        return [e for e in audit.history(limit=None) if e.source == source]
 
 
 def test_end_to_end_kb_change_reaches_the_served_model(env: dict[str, str]) -> None:

@@ -8,49 +8,28 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-import torch
 from filelock import FileLock
 
 from kbsync.audit import AuditLog, Edit
 from kbsync.audit.log import Owed
 from kbsync.config import load_settings
-from kbsync.daemon import Daemon, DaemonPaths, owed_retry_at, pid_alive, read_state
+from kbsync.daemon import Daemon, DaemonPaths, owed_retry_at, read_state
 from kbsync.daemon_client import running_daemon
 from kbsync.edit_engine import Engine
 from kbsync.errors import BadInput
-from kbsync.kb.local import LocalKB, free_port
+from kbsync.kb.local import LocalKB
 from kbsync.pipeline import EditPipeline
 from kbsync.serve import ApiServer
 from kbsync.store import DeltaStore
-from tests.test_daemon import ask, make_daemon
-from tests.test_daemon_process import FAST, write_config
+from tests.daemon_helpers import (FAST, QUESTION, ask, daemon_env, daemon_rows, daemons, kb,  # noqa: F401 (fixtures)
+                                  kbsync, make_daemon, same, wait_for, weights, write_config)
 from tests.test_serve import TOKEN, call, tiny_settings
-
-REPO = Path(__file__).resolve().parent.parent
-NIGERIA = "What is the capital of Nigeria?"
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kbsync.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def weights(adapter) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    return {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
-
-
-def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
 
 # --- the audit log: what is owed ------------------------------------------------------------
 
@@ -100,21 +79,6 @@ def test_owed_follows_attempts_settling_and_dismissal(audit_url: str) -> None:
 
 # --- the daemon, polls driven by hand -------------------------------------------------------
 
-@pytest.fixture
-def kb(tmp_path: Path) -> Iterator[LocalKB]:
-    server = LocalKB(tmp_path / "kb", port=free_port()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    made: list[Daemon] = []
-    yield made
-    for d in made:
-        d.close()
-
-
 def wait_due(d: Daemon) -> None:
     """Sleep until every owed change's retry is due."""
     for owed in d.audit.owed():
@@ -136,7 +100,7 @@ def test_failed_then_rejected_kb_change_stays_owed_and_lands_after_the_fix(
     assert result is not None and result.outcomes == {"failed": 1} and result.retries == {}
     [failed] = d.audit.history()
     assert (failed.status, failed.source, failed.object_label, failed.kb_revision) == ("failed", "daemon", "Lagos", "2")
-    assert "unknown edit method 'no-such-method'" in failed.reasons[0] and failed.question == NIGERIA
+    assert "unknown edit method 'no-such-method'" in failed.reasons[0] and failed.question == QUESTION
     assert d.cursors.load(d.cursor_name).to_json() != cursor  # recorded, so the cursor may move on
     state = read_state(d.settings)
     assert state["owed"] == 1 and state["daemon_edits"] == {"failed": 1} and state["next_retry"]
@@ -181,13 +145,13 @@ def test_a_person_dismisses_an_owed_change(tmp_path: Path, tiny_llama_dir: Path,
     [row] = d.audit.history()
 
     env = {**kbsync_env, "KBSYNC_STORE_DATA_DIR": str(d.settings.store.data_path), "COLUMNS": "250"}
-    listed = cli(env, "history", "--owed")
+    listed = kbsync(env, "history", "--owed")
     assert listed.returncode == 0, listed.stderr
     assert "failed, owed" in listed.stdout
     assert f"owed: edit {row.id} (Nigeria P36 -> Lagos): failed 1 time(s) in a row" in " ".join(listed.stdout.split())
     assert "unknown edit method" in listed.stdout
 
-    out = cli(env, "dismiss", str(row.id), "--reason", "Abuja is right", "--actor", "carol")
+    out = kbsync(env, "dismiss", str(row.id), "--reason", "Abuja is right", "--actor", "carol")
     assert out.returncode == 0, out.stderr
     assert f"edit {row.id} dismissed" in out.stdout
     wait_due(d)
@@ -195,8 +159,8 @@ def test_a_person_dismisses_an_owed_change(tmp_path: Path, tiny_llama_dir: Path,
     dismiss = d.audit.history()[0]
     assert (dismiss.status, dismiss.actor, dismiss.reasons, dismiss.reverts_edit_id) == (
         "dismiss", "carol", ["Abuja is right"], row.id)
-    assert json.loads(cli(env, "history", "--owed", "--json").stdout) == []
-    again = cli(env, "dismiss", str(row.id))
+    assert json.loads(kbsync(env, "history", "--owed", "--json").stdout) == []
+    again = kbsync(env, "dismiss", str(row.id))
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
     assert "is not an owed KB change" in again.stderr
     assert ask(d) == "Abuja"
@@ -222,34 +186,10 @@ def test_a_revert_made_behind_the_daemon_is_served_from_its_next_poll(
 
 # --- the daemon as a user runs it -------------------------------------------------------------
 
-def wait_for(what: str, check, timeout: float = 90):  # noqa: ANN001, ANN201 (a test helper)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def env(tmp_path: Path, tiny_llama_dir: Path) -> Iterator[dict[str, str]]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("KBSYNC_")}
-    environ.update(KBSYNC_STORE_DATA_DIR=str(tmp_path / "data"), KBSYNC_CONFIG=str(tmp_path / "kbsync.toml"),
-                   PYTHONPATH=str(REPO), TRANSFORMERS_VERBOSITY="error", COLUMNS="250")
-    write_config(tmp_path / "kbsync.toml", tiny_llama_dir, FAST)
-    yield environ
-    settings = load_settings(environ=environ)
-    state = read_state(settings)
-    if state.get("pid") and pid_alive(int(state["pid"])):  # a failed test must not leave a daemon behind
-        os.kill(int(state["pid"]), signal.SIGKILL)
-    found = LocalKB.find_running(settings.store.data_path / "kb")
-    if found is not None:
-        found.stop()
-
-
-def daemon_rows(env: dict[str, str]) -> list[Edit]:
-    with AuditLog.open(load_settings(environ=env).store.db_url) as audit:
-        return [e for e in audit.history(limit=None) if e.source == "daemon"]
+    with daemon_env(tmp_path, tiny_llama_dir, COLUMNS="250") as environ:
+        yield environ
 
 
 def test_kb_change_whose_edit_fails_is_owed_across_a_restart_and_lands_once_fixed(
@@ -257,40 +197,40 @@ def test_kb_change_whose_edit_fails_is_owed_across_a_restart_and_lands_once_fixe
     with open(tmp_path / "kbsync.toml", "a") as f:
         f.write("[store]\nlock_timeout = 1\n")
     settings = load_settings(environ=env)
-    assert cli(env, "daemon", "start").returncode == 0
+    assert kbsync(env, "daemon", "start").returncode == 0
     wait_for("the first poll", lambda: read_state(settings).get("last_ok"))
 
     # Another process holds the delta store: the daemon's edit fails after waiting 1 s for it.
     holder = DeltaStore(settings.store.data_path)
     with holder.lock():
-        assert cli(env, "kb", "set", "capital of Nigeria", "Lagos").returncode == 0
+        assert kbsync(env, "kb", "set", "capital of Nigeria", "Lagos").returncode == 0
         failed = wait_for("a failed attempt", lambda: [e for e in daemon_rows(env) if e.status == "failed"])[-1]
         assert (failed.object_label, failed.kb_revision) == ("Lagos", "2") and "is busy" in failed.reasons[0]
 
-        status = json.loads(cli(env, "daemon", "status", "--json").stdout)
+        status = json.loads(kbsync(env, "daemon", "status", "--json").stdout)
         assert status["counts"]["owed"] == 1 and status["counts"]["failed"] >= 1
-        table = cli(env, "daemon", "status")
+        table = kbsync(env, "daemon", "status")
         assert "owed" in table.stdout and "1 KB change(s) the model does not answer yet" in " ".join(table.stdout.split())
-        [owed] = json.loads(cli(env, "history", "--owed", "--json").stdout)
+        [owed] = json.loads(kbsync(env, "history", "--owed", "--json").stdout)
         assert owed["owed"] is True and owed["status"] == "failed" and owed["attempts"] >= 1
         assert owed["object_label"] == "Lagos" and "is busy" in owed["reasons"][0]
-        assert running_daemon(settings).ask(NIGERIA) == "Abuja"
-        stopped = cli(env, "daemon", "stop")
+        assert running_daemon(settings).ask(QUESTION) == "Abuja"
+        stopped = kbsync(env, "daemon", "stop")
         assert stopped.returncode == 0, stopped.stderr
     # The cursor is past the change; only the owed row brings it back.
-    assert json.loads(cli(env, "daemon", "status", "--json").stdout)["counts"]["owed"] == 1
+    assert json.loads(kbsync(env, "daemon", "status", "--json").stdout)["counts"]["owed"] == 1
 
-    restarted = cli(env, "daemon", "start")
+    restarted = kbsync(env, "daemon", "start")
     assert restarted.returncode == 0, restarted.stderr
     client = running_daemon(settings)
-    wait_for("the owed change to land", lambda: client.ask(NIGERIA) == "Lagos")
+    wait_for("the owed change to land", lambda: client.ask(QUESTION) == "Lagos")
     rows = daemon_rows(env)
     assert rows[0].status == "applied" and rows[0].kb_revision == "2"
     assert {e.status for e in rows[1:]} == {"failed"}
-    status = json.loads(cli(env, "daemon", "status", "--json").stdout)
+    status = json.loads(kbsync(env, "daemon", "status", "--json").stdout)
     assert status["counts"]["owed"] == 0 and status["counts"]["applied"] == 1
     assert "retrying owed edit" in (settings.store.data_path / "daemon" / "daemon.log").read_text()
-    assert cli(env, "daemon", "stop").returncode == 0
+    assert kbsync(env, "daemon", "stop").returncode == 0
 
 
 def test_revert_while_the_daemon_runs_changes_the_served_answer_before_it_returns(
@@ -300,26 +240,26 @@ def test_revert_while_the_daemon_runs_changes_the_served_answer_before_it_return
     text = (tmp_path / "kbsync.toml").read_text().replace("poll_interval = 0.5", "poll_interval = 3600")
     (tmp_path / "kbsync.toml").write_text(text)
     settings = load_settings(environ=env)
-    assert cli(env, "daemon", "start").returncode == 0
+    assert kbsync(env, "daemon", "start").returncode == 0
     wait_for("the first poll", lambda: read_state(settings).get("last_ok"))
     client = running_daemon(settings)
-    edited = cli(env, "edit", "capital of Nigeria", "Lagos", "--method", "ft-layer", "-o", "lr=1e-3",
+    edited = kbsync(env, "edit", "capital of Nigeria", "Lagos", "--method", "ft-layer", "-o", "lr=1e-3",
                  "-o", "max_steps=60", "--json")
     assert edited.returncode == 0, edited.stderr
     result = json.loads(edited.stdout)
     assert (result["via"], result["status"]) == ("daemon", "applied"), result
     edit_id = result["edit_id"]
-    assert client.ask(NIGERIA) == "Lagos"
+    assert client.ask(QUESTION) == "Lagos"
     polls = client.health()["polls"]
 
-    reverted = cli(env, "revert", str(edit_id), "--reason", "wrong", "--json")
+    reverted = kbsync(env, "revert", str(edit_id), "--reason", "wrong", "--json")
     assert reverted.returncode == 0, reverted.stderr
-    assert client.ask(NIGERIA) == "Abuja"
+    assert client.ask(QUESTION) == "Abuja"
     assert client.health()["polls"] == polls  # no poll in between: the revert went through the daemon
     out = json.loads(reverted.stdout)
     assert (out["via"], out["status"], out["reverts_edit_id"], out["reasons"]) == ("daemon", "revert", edit_id, ["wrong"])
     assert out["actor"] and out["actor"] != "api"  # the user, as for `kbsync edit`
-    assert cli(env, "daemon", "stop").returncode == 0
+    assert kbsync(env, "daemon", "stop").returncode == 0
 
 
 def test_revert_refuses_when_a_daemon_holds_the_data_dir_but_does_not_answer(env: dict[str, str]) -> None:
@@ -328,12 +268,12 @@ def test_revert_refuses_when_a_daemon_holds_the_data_dir_but_does_not_answer(env
     paths.root.mkdir(parents=True)
     with FileLock(str(paths.lock)):  # what a daemon still loading its model holds: its lock and pid file
         paths.pid.write_text(f"{os.getpid()}\n")
-        out = cli(env, "revert", "1")
+        out = kbsync(env, "revert", "1")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     [line] = out.stderr.strip().splitlines()
     assert f"a kbsync daemon (pid {os.getpid()}) runs over" in line and "its API does not answer" in line
     # A pid file left by a killed daemon, its pid alive in another process, is no daemon: the lock is free.
-    stale = cli(env, "revert", "1")
+    stale = kbsync(env, "revert", "1")
     assert stale.returncode == 2 and "no edit with id 1" in stale.stderr
 
 
@@ -367,11 +307,11 @@ def test_revert_needing_a_corrupt_delta_fails_and_changes_nothing(
         assert audit.get(first).status == "applied" and audit.history(status="revert") == []
         assert same(weights(engine.adapter), served)
         assert call(f"{api.url}/v1/chat/completions", "POST",
-                    {"messages": [{"role": "user", "content": NIGERIA}]})[1]["choices"][0]["message"]["content"] == "Lagos"
+                    {"messages": [{"role": "user", "content": QUESTION}]})[1]["choices"][0]["message"]["content"] == "Lagos"
 
         # The same through the CLI with no daemon (nothing loaded): a one-line error, nothing written.
         env = {**kbsync_env, "KBSYNC_STORE_DATA_DIR": str(settings.store.data_path), "KBSYNC_MODEL_PATH": str(tiny_llama_dir)}
-        out = cli(env, "revert", str(first))
+        out = kbsync(env, "revert", str(first))
         assert out.returncode == 1 and "Traceback" not in out.stderr
         [line] = out.stderr.strip().splitlines()
         assert line.startswith(f"kbsync: error: cannot revert edit {first}: the model without it stacks edit {second}")

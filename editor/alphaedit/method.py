@@ -1,7 +1,8 @@
 """AlphaEdit (Fang et al., ICLR 2025): MEMIT's update projected onto the null space of preserved knowledge.
 
-Per layer: dW = R X^T with X = (P (K K^T + K_p K_p^T) + l2 I)^-1 P K, where P projects onto the
-null space of C0 (editor/alphaedit/projector.py) and K_p are the keys of the edits already applied.
+Per layer: dW = R X^T with X = (P (K K^T + K_p K_p^T + w C0) + l2 I)^-1 P K, where P projects onto
+the null space of C0 (editor/alphaedit/projector.py), K_p are the keys of the edits already applied
+and w (cov_weight, 0 in the paper) adds MEMIT's soft preservation where C0 has no true null space.
 The applied keys are this method's state: it follows the served model (on_applied adds an
 edit's keys from its delta's extras, on_reset clears them and the applied deltas are replayed),
 so a revert, another process's edit or a restart leaves it consistent with the delta store.
@@ -61,6 +62,8 @@ class AlphaEdit(Memit):
         k = keys.double().T
         kept = self.applied_keys.get(self.params[module])
         a = k @ k.T + (kept if kept is not None else 0)
+        if self.options.cov_weight:
+            a = a + self.options.cov_weight * self.cov[module].double()
         m = p @ a + self.options.l2 * self.scale[module] * torch.eye(p.shape[0], dtype=torch.float64)
         x = torch.linalg.solve(m, p @ k)
         return resid.double().T.float(), x.T.float()

@@ -32,14 +32,14 @@ class PredictConfig:
 
 @dataclass
 class EditorConfig:
-    method: str = "ke-loop"
+    method: str = "alphaedit"
     loop: int = 5
     answer_style: str = "auto"
     shrink: bool = True
     # "nullspace": project every method's MLP delta onto the null space of preserved knowledge.
     preserve: str = ""
     # Methods tried in order when the configured method's proposal is rejected or it cannot run.
-    fallback: list[str] = field(default_factory=list)
+    fallback: list[str] = field(default_factory=lambda: ["ft-layer"])
     # Extra keyword options for the method (e.g. lr, max_steps for the fine-tuning baselines).
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -212,8 +212,17 @@ class Delta:
                 t = t.clone()
             storages.add(ptr)
             tensors[key] = t
-        save_file(tensors, str(tmp), metadata={"kbsync": json.dumps(self.meta, default=str)})
-        tmp.replace(path)
+        try:
+            save_file(tensors, str(tmp), metadata={"kbsync": json.dumps(self.meta, default=str)})
+            tmp.replace(path)
+        except (OSError, SafetensorError) as e:
+            # A full disk or a failing device: leave no partial file taking what room there is.
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+            raise DeltaError(f"cannot write delta file {path}: {why}") from None
         return sha256_file(path)
 
     @classmethod

@@ -616,6 +616,9 @@ class Daemon:
             log.info("retain cache: %d item(s) computed for the served weights (%.1f s)", n, time.monotonic() - t)
 
     def _edit(self, fact: Fact) -> str:
+        from kbsync.edit_engine import EditOutcome
+        from kbsync.store import CommitFailed
+
         what = f"{get_relation(fact.property).label} of {fact.subject.label} = {fact.object.label} (rev {fact.revision})"
         self.in_flight = {"subject": fact.subject.label, "property": fact.property, "object": fact.object.label,
                           "revision": fact.revision, "since": now_iso()}
@@ -625,6 +628,9 @@ class Daemon:
             try:
                 outcome = self.engine.edit(fact, fact.object.label, method=method, source="daemon", actor=actor,
                                            kb_revision=fact.revision)
+            except CommitFailed as e:
+                # Its delta could not be written: the edit's own row is already 'failed' with the reason.
+                outcome = EditOutcome.of(e.edit)
             except Exception as e:
                 # Recorded as 'failed' with the reason, so the change stays owed and is retried with
                 # backoff; a fact that cannot be edited does not block the later ones. If even the row

@@ -22,6 +22,14 @@ class StoreLocked(KbsyncError):
     """Another process holds the delta store's lock for longer than we are willing to wait."""
 
 
+class CommitFailed(KbsyncError):
+    """An edit's delta could not be written (a full disk, a failing device); `edit` is its row, now 'failed'."""
+
+    def __init__(self, message: str, edit: Edit) -> None:
+        super().__init__(message)
+        self.edit = edit
+
+
 class DeltaStore:
     """Deltas at root/deltas/<name>.safetensors; root/store.lock serialises edits between processes."""
 
@@ -80,12 +88,22 @@ class DeltaStore:
             raise DeltaError(f"edit {edit.id}: {e}") from None
 
     def commit(self, audit: AuditLog, edit: Edit, delta: Delta, checks: Iterable[EditCheck] = ()) -> Edit:
-        """Run the edit protocol under the lock: pending row, delta file, flip to applied (with sequence)."""
+        """Run the edit protocol under the lock: pending row, delta file, flip to applied (with sequence).
+
+        A delta that cannot be written (DeltaError: a full disk, a failing device; no partial file is
+        left) marks the row 'failed' with the reason at once and raises CommitFailed carrying it.
+        """
         with self.lock():
             edit.status = "pending"
             edit.sequence = None
             row = audit.record(edit, checks)
-            rel, sha = self.save(delta, row.id)
+            try:
+                rel, sha = self.save(delta, row.id)
+            except DeltaError as e:
+                # Nothing of the edit is in the store: the row says so now, not at the next start's repair
+                # (until then it would read as an edit in flight). If even that write fails, the repair does it.
+                failed = audit.update_status(row.id, "failed", reasons=[*row.reasons, str(e)])
+                raise CommitFailed(f"edit {row.id}: {e}", failed) from None
             return audit.update_status(row.id, "applied", delta_path=rel, delta_sha256=sha)
 
     def verify(self, audit: AuditLog) -> list[Edit]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ import torch
 from editor.delta import Delta, DeltaError, sha256_file
 from kbsync.audit import AuditLog, Edit
 from kbsync.errors import KbsyncError
-from kbsync.store import DeltaStore, StoreLocked
+from kbsync.store import CommitFailed, DeltaStore, StoreLocked
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "store_worker.py"
@@ -36,6 +39,18 @@ def store(tmp_path) -> DeltaStore:
 def make_delta(seed: int = 0) -> Delta:
     g = torch.Generator().manual_seed(seed)
     return Delta({"mlp.weight": torch.randn(6, 4, generator=g), "mlp.bias": torch.randn(6, generator=g)}, {"seed": seed})
+
+
+@contextmanager
+def file_size_limit(nbytes: int) -> Iterator[None]:
+    """Files this process writes stop growing at nbytes: writes fail with EFBIG, as on a full disk with
+    ENOSPC, for any user (root too) and without mounting anything. Python ignores SIGXFSZ."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def worker(*args: str) -> subprocess.Popen:
@@ -67,6 +82,23 @@ def test_commit_applies_in_sequence_and_verify_passes(store, audit):
     verified = store.verify(audit)
     assert [e.id for e in verified] == [e.id for e in edits]
     assert store.reconcile(audit) == []  # nothing to repair after clean commits
+
+
+def test_a_delta_that_cannot_be_written_fails_its_row_at_once_and_leaves_no_file(store, audit):
+    kept = store.commit(audit, Edit(subject_label="A"), make_delta(1))
+    big = Delta({"mlp.weight": torch.ones(512, 512)})  # 1 MiB
+    with file_size_limit(256 * 1024), pytest.raises(CommitFailed) as info:
+        store.commit(audit, Edit(subject_label="B", source="daemon"), big)
+    failed = info.value.edit
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"edit {failed.id}: cannot write delta file ") and "File too large" in msg
+    # The row says so now, not at the next start's repair: no pending edit while this process lives on.
+    assert (audit.get(failed.id).status, audit.get(failed.id).reasons) == ("failed", [msg.split(": ", 1)[1]])
+    assert failed.status == "failed" and failed.sequence is None and audit.history(status="pending") == []
+    # No partial file is left taking space (a full disk's last room) until a restart.
+    assert sorted(p.name for p in store.deltas_dir.iterdir()) == [f"{kept.id}.safetensors"]
+    assert store.reconcile(audit) == []
+    assert [e.id for e in store.verify(audit)] == [kept.id] and audit.next_sequence() == 2
 
 
 def test_tampered_delta_is_detected_and_names_the_edit(store, audit):

@@ -291,17 +291,29 @@ class BaseCache:
         path = self._path(key)
         if path is None:
             return
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta, tensors = [], {}
         for i, ((q, p), b) in enumerate(table.items()):
             meta.append([q, p, b.answer])
             tensors[f"s{i}"], tensors[f"l{i}"] = b.states.contiguous(), b.labels.contiguous()
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         items = json.dumps(meta)
-        save_file(tensors, str(tmp), metadata={"items": items, "sha256": self._digest(items, tensors)})
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata={"items": items, "sha256": self._digest(items, tensors)})
+            os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+        except (OSError, SafetensorError) as e:
+            # Only a cache (a full disk must not fail the edit that computed it): kept in memory, and no
+            # partial file is left taking what room there is.
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+            log.warning("cannot write retain cache file %s (%s); using it from memory", path, why)
+            return
         files = sorted(path.parent.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)
         for old in files[:-self.KEEP]:
             old.unlink(missing_ok=True)

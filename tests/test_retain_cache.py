@@ -18,6 +18,7 @@ from editor.delta import Delta
 from kbsync.config import RegressionConfig
 from kbsync.corpus import default_fact_table
 from kbsync.retain import BaseCache, BaseItem, RetainItem, base_side, measure, sample_retain
+from tests.test_store import file_size_limit
 
 
 @pytest.fixture
@@ -84,6 +85,21 @@ def test_a_damaged_cache_file_is_discarded_and_recomputed(adapter, items, tmp_pa
     again = BaseCache(tmp_path / "rc")  # the rebuilt file is whole again
     assert_same_report(measure(adapter, items, again.get(adapter, items), delta), fresh)
     assert (again.hits, again.misses) == (len(items), 0)
+
+
+def test_a_cache_file_that_cannot_be_written_is_a_warning_and_the_values_are_used(adapter, items, tmp_path, caplog):
+    want = base_side(adapter, items)
+    cache = BaseCache(tmp_path / "rc")
+    with caplog.at_level(logging.WARNING, logger="kbsync.retain"), file_size_limit(4096):
+        got = cache.get(adapter, items)  # as on a full disk (~25 KB to write)
+    assert [b.answer for b in got] == [b.answer for b in want]
+    assert all(torch.equal(g.states, w.states) and torch.equal(g.labels, w.labels) for g, w in zip(got, want))
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "cannot write retain cache file" in warning and "File too large" in warning and "\n" not in warning
+    assert list((tmp_path / "rc").iterdir()) == []  # no partial file left taking what room there is
+    assert cache.get(adapter, items) and (cache.hits, cache.misses) == (len(items), len(items))  # kept in memory
+    BaseCache(tmp_path / "rc").get(adapter, items)  # with room again, the file is written
+    assert cache_file(tmp_path / "rc").is_file()
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

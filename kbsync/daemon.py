@@ -702,6 +702,10 @@ class Daemon:
             tmp.replace(self.paths.state)
         except OSError as e:
             log.warning("cannot write %s: %s", self.paths.state, e)
+            try:
+                tmp.unlink(missing_ok=True)  # a full disk: no empty or partial file left behind
+            except OSError:
+                pass
 
     # --- lifecycle ----------------------------------------------------------------------
 

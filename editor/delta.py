@@ -94,6 +94,10 @@ class Delta:
             self._tensors = {**self.dense, **{n: materialise(*lr) for n, lr in self.factors.items()}}
         return self._tensors
 
+    def release(self) -> None:
+        """Drop the materialised copies of the factored updates (rebuilt, bit for bit, when next needed)."""
+        self._tensors = None
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of each updated parameter, without materialising factors."""
         out = {n: tuple(t.shape) for n, t in self.dense.items()}
@@ -118,9 +122,11 @@ class Delta:
         for what, _, t in self._stored():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise DeltaError(f"delta for {what} has NaN or inf values")
-        # Finite factors can still overflow when multiplied.
-        for n in self.factors:
-            if not bool(torch.isfinite(self.tensors[n]).all()):
+        # Finite factors can still overflow when multiplied. Checked product by product without
+        # keeping them: a store of 1,000 factored deltas would otherwise hold every dense update at once.
+        for n, (left, right) in self.factors.items():
+            product = self._tensors[n] if self._tensors is not None else materialise(left, right)
+            if not bool(torch.isfinite(product).all()):
                 raise DeltaError(f"delta for {n} has NaN or inf values (its factors' product overflows)")
 
     @property

@@ -84,6 +84,7 @@ class ServedModel:
             # The same in-place add of the same materialised tensor as Delta.apply, so weights
             # match a process that used apply().
             params[name].add_(t.to(device=params[name].device, dtype=params[name].dtype))
+        delta.release()  # a factored delta's dense products are in the weights now; keep only its factors
         self.edit_ids.append(edit_id)
         record = Delta({}, dict(delta.meta), extras=delta.extras)
         self.pushed[edit_id] = record

@@ -18,6 +18,8 @@ class AlphaEditOptions(MemitOptions):
     l2: float = 10.0
     # A smaller target vector than MEMIT's paper settings (clamp 4x, loss to 0.05): on SmolLM2, 10
     # stacked edits kept retain tokens 0.90 vs 0.78 and broke 18% vs 26% of known facts (RESULTS.md).
+    # On the Namibia claim edit ("The capital of Namibia is Windhoek.") neither stop makes the update
+    # take: loss 0.3 ends it "Windhoerz", the per-token stop (v_token_prob 0.5) "Namibia" (RESULTS.md).
     clamp_norm: float = 1.5
     v_loss_stop: float = 0.3
     # MEMIT's soft preservation added to the solve: cov_weight * C0 beside the applied keys. Where

@@ -9,6 +9,7 @@ Only delta has a gradient; the model's weights are left untouched.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -64,11 +65,17 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
             steps = 0
             for steps in range(1, opts.v_steps + 1):
                 where.update(rows=rows, pos=pos)
-                nll = adapter.example_losses(batch, label_smoothing=0.0).mean()
+                logits, labels, mask = adapter.answer_logits(batch)
+                tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                      reduction="none").view(labels.shape)
+                nll = ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+                # Every target token at or above v_token_prob in every context: with 0.5 it is the
+                # argmax, so the greedy answer is the target there, without pushing the mean loss to 0.
+                worst = float(tok[mask.bool()].max().detach()) if mask.any() else 0.0
                 kl = F.kl_div(essence_logp(), base_ess, log_target=True, reduction="sum")
                 wd = opts.v_weight_decay * delta.norm() ** 2 / init.norm() ** 2
                 loss = nll + opts.kl_factor * kl + wd
-                if float(nll.detach()) < opts.v_loss_stop:
+                if float(nll.detach()) < opts.v_loss_stop or (opts.v_token_prob and worst < -math.log(opts.v_token_prob)):
                     break
                 opt.zero_grad()
                 loss.backward()

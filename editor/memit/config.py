@@ -27,6 +27,8 @@ class MemitOptions(MethodOptions):
     clamp_norm: float = 4.0
     kl_factor: float = 0.0625
     v_loss_stop: float = 0.05
+    # Also stop once every target token has at least this probability in every context (0: off).
+    v_token_prob: float = 0.0
     # Contexts: the bare prompt plus this many short generated prefixes (MEMIT's context templates).
     prefixes: int = 4
     prefix_tokens: int = 8

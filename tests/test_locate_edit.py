@@ -1,5 +1,6 @@
 """memit / alphaedit on the tiny Llama: the null-space projector, factored deltas, the keys state a
-revert takes back, and one-line errors for bad subjects, layers, options and statistics."""
+revert takes back, one-line errors for bad subjects, layers, options and statistics, and 50 stacked
+alphaedit edits on the 4-layer tiny Llama that keep the edits and the other facts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import copy
 import pytest
 import torch
 
+from editor.data import EditRecord
 from editor.delta import Delta
+from editor.evaluate import run_sequential, sequential_baseline
 from editor.memit.layer_stats import StatsError, covariances, load_stats, stats_path
 from editor.memit.method import KEYS
 from editor.methods import EditRequest, MethodContext, make_method
@@ -121,3 +124,65 @@ def test_memit_proposes_without_changing_the_model(tiny_llama):
     result = m.propose(request())
     assert isinstance(result.delta, Delta) and result.delta.factors
     assert all(torch.equal(v, before[k]) for k, v in model.model.state_dict().items())
+
+
+# Locate-and-edit where the tiny models keep their facts: their first attention layer carries the
+# subject to the prompt's last token and the fact is looked up there (edits at the subject's token
+# flip none of 50), so keys are read and the target vector written at that token (position "last"),
+# in layers 1-2 of 4. The target vector changes the hidden state by at most its own norm
+# (clamp_norm 1; MEMIT's 4, trained to loss 0.05, kept 34% of 50 edits and broke every other fact)
+# and stops once the new answer is likely (v_loss_stop 0.3). On two seeds clamp_norm 0.9-1.1, l2
+# 0.3-3, cut 0.01-0.03 and v_steps 12-25 all keep >= 98% of the edits and every other fact;
+# clamp_norm 0.8 keeps 88% of the edits, 1.25 92-97% of the other facts. Statistics on 3000
+# corpus tokens are computed in the test (a second or two).
+LOCATE = {"position": "last", "layers": (1, 2), "clamp_norm": 1.0, "v_loss_stop": 0.3, "v_steps": 12, "l2": 1.0,
+          "stats_tokens": 3000, "prefixes": 0}
+
+
+@pytest.fixture(scope="module")
+def llama4():
+    """The 4-layer tiny Llama (PRESETS["llama4"]) trained on the capital and currency of 60 countries."""
+    from adapters.tiny import PRESETS, build_tiny, tiny_facts
+
+    facts = tiny_facts(n=60)
+    return build_tiny(PRESETS["llama4"], facts), facts
+
+
+def test_fifty_stacked_alphaedit_edits_keep_the_edits_and_the_other_facts(llama4, tmp_path):
+    """50 capitals moved one after another: >= 95% still answered at the end, >= 97% of the other
+    70 facts (10 capitals, the 60 currencies, 50 of them of edited countries) answered as before,
+    each judged on the greedy answer under the match rules, question and paraphrases alike.
+
+    Measured on ten training seeds of the preset: 50/50 edits kept (49/50 on one seed), their
+    paraphrases alike, and all 290 other prompts unchanged on every seed. Capitals, not currencies,
+    are edited: countries with the same currency (Peso, Euro, Dollar) have near-identical keys at
+    the prompt's last token (cosine 0.95-0.99), so an edit of one moves the others (50 currency
+    edits: 91.5% of the other prompts unchanged).
+    """
+    from kbsync.facts import render
+    from kbsync.match import match
+
+    adapter, facts = llama4
+    capitals = [f for f in facts if f.property == "P36"]
+    edited = capitals[:50]
+    others = [f for f in facts if f not in edited]
+    retain = [(q, f.object.label) for f in others for q in (render(f).question, *render(f).paraphrases)]
+    known = adapter.predict([q for q, _ in retain])
+    assert all(match(p, a).ok for p, (_, a) in zip(known, retain)), "the tiny Llama does not know every other fact"
+    records = []
+    for i, f in enumerate(edited):
+        pr = render(f)
+        target = capitals[(i + 7) % len(capitals)].object.label  # another country's capital: a city it can say
+        records.append(EditRecord(pr.question, target, f.object.label, list(pr.paraphrases), retain,
+                                  subject=f.subject.label, claim_prefix=pr.claim_prefix))
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    context = MethodContext(cache_dir=tmp_path, base_fingerprint="tiny-llama4")
+    method = make_method("alphaedit", adapter, context, **LOCATE)
+    base = sequential_baseline(adapter, records)
+    row = run_sequential(adapter, method, base)
+    assert stats_path(tmp_path, "tiny-llama4", method.modules[0], 3000).exists()
+    assert all(torch.equal(v, before[k]) for k, v in adapter.model.state_dict().items())  # restored after
+    scores = {k: round(row[k], 3) for k in ("success_em", "kept_em", "equiv_em", "retain_acc")}
+    assert row["retain_n"] == len(retain) == 290
+    assert row["kept_em"] >= 0.95 and row["retain_acc"] >= 0.97, scores
+    assert row["equiv_em"] >= 0.9, scores

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,23 @@ SEP = "::"
 
 class DeltaError(KbsyncError):
     """A delta that cannot be loaded or does not fit the model."""
+
+
+def save_atomically(tensors: Mapping[str, torch.Tensor], path: Path, tmp: Path, metadata: dict[str, str]) -> str:
+    """Write a safetensors file via tmp and one rename; on failure remove tmp and return why ("" on success).
+
+    A full disk or a failing device must leave no partial file taking what room there is.
+    """
+    try:
+        save_file(dict(tensors), str(tmp), metadata=metadata)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
+    except (OSError, SafetensorError) as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+    return ""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -218,17 +236,9 @@ class Delta:
                 t = t.clone()
             storages.add(ptr)
             tensors[key] = t
-        try:
-            save_file(tensors, str(tmp), metadata={"kbsync": json.dumps(self.meta, default=str)})
-            tmp.replace(path)
-        except (OSError, SafetensorError) as e:
-            # A full disk or a failing device: leave no partial file taking what room there is.
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
-            raise DeltaError(f"cannot write delta file {path}: {why}") from None
+        why = save_atomically(tensors, path, tmp, {"kbsync": json.dumps(self.meta, default=str)})
+        if why:
+            raise DeltaError(f"cannot write delta file {path}: {why}")
         return sha256_file(path)
 
     @classmethod

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from adapters.base import row_kl
-from editor.delta import Delta
+from editor.delta import Delta, save_atomically
 from kbsync.audit.models import Edit
 from kbsync.corpus import FactTable
 from kbsync.facts import Relation, default_relations
@@ -291,8 +291,6 @@ class BaseCache:
         path = self._path(key)
         if path is None:
             return
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
 
         meta, tensors = [], {}
         for i, ((q, p), b) in enumerate(table.items()):
@@ -302,16 +300,12 @@ class BaseCache:
         items = json.dumps(meta)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(tmp), metadata={"items": items, "sha256": self._digest(items, tensors)})
-            os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file
-        except (OSError, SafetensorError) as e:
-            # Only a cache (a full disk must not fail the edit that computed it): kept in memory, and no
-            # partial file is left taking what room there is.
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-            why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+        except OSError as e:
+            why = e.strerror or str(e)
+        else:
+            why = save_atomically(tensors, path, tmp, {"items": items, "sha256": self._digest(items, tensors)})
+        if why:
+            # Only a cache (a full disk must not fail the edit that computed it): kept in memory.
             log.warning("cannot write retain cache file %s (%s); using it from memory", path, why)
             return
         files = sorted(path.parent.glob("*.safetensors"), key=lambda f: f.stat().st_mtime)

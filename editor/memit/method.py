@@ -24,6 +24,9 @@ from editor.methods import EditMethod, EditRequest, EditResult, MethodOptions, r
 from kbsync.errors import BadInput
 
 KEYS = "keys/"  # extras name prefix: the keys an edit wrote, per parameter
+# Extras name prefix: the target vector at that module's output. Later layers are never edited, so
+# it stays a valid target whatever else is applied: a joint re-solve of many edits reuses it.
+TARGET = "target/"
 
 
 @register_method
@@ -90,7 +93,7 @@ class Memit(EditMethod):
         live = dict(self.adapter.model.named_parameters())
         saved = {self.params[m]: live[self.params[m]].detach().clone() for m in self.modules}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        extras: dict[str, torch.Tensor] = {}
+        extras: dict[str, torch.Tensor] = {TARGET + self.z_module: zs.float()}
         try:
             for i, module in enumerate(self.modules):
                 keys = compute_keys(self.adapter, module, requests, self.prefixes, self.options.paraphrases)

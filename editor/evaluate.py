@@ -227,7 +227,7 @@ def sequential_baseline(adapter: Any, records: list[EditRecord], gold: list[tupl
     return SequentialBaseline(records, retain, base_answers, base_tokens, gold, _gold_accuracy(adapter, gold, question))
 
 
-def _score_state(adapter: Any, base: SequentialBaseline, done: list[EditRecord]) -> dict[str, float]:
+def score_stack(adapter: Any, base: SequentialBaseline, done: list[EditRecord]) -> dict[str, float]:
     """The stacked model now: edits so far still answered (each prompt at its last edit), paraphrases, retain, gold."""
     question = base.question
     last = {r.prompt: r for r in done}
@@ -287,7 +287,7 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
             state["seconds"].append(result.seconds)
             state["bytes"].append(delta.nbytes())
             if i + 1 in checkpoints and i + 1 < len(base.records):
-                state["curve"].append({"edits": i + 1, **_score_state(adapter, base, base.records[:i + 1])})
+                state["curve"].append({"edits": i + 1, **score_stack(adapter, base, base.records[:i + 1])})
             if log is not None:
                 delta.save(state_dir / f"{i:05d}.safetensors")
                 tmp = log.with_suffix(".tmp")
@@ -295,7 +295,7 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
                 os.replace(tmp, log)  # the delta first: a state that lists an edit always has its file
             if on_edit:
                 on_edit(name, i)
-        end = _score_state(adapter, base, base.records)
+        end = score_stack(adapter, base, base.records)
     finally:
         with torch.no_grad():
             for n, w in saved.items():

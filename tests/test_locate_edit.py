@@ -11,9 +11,9 @@ import torch
 
 from editor.data import EditRecord
 from editor.delta import Delta
-from editor.evaluate import run_sequential, sequential_baseline
+from editor.evaluate import run_sequential, score_stack, sequential_baseline
 from editor.memit.layer_stats import StatsError, covariances, load_stats, stats_path
-from editor.memit.method import KEYS
+from editor.memit.method import KEYS, TARGET
 from editor.methods import EditRequest, MethodContext, make_method
 from kbsync.config import load_settings
 from kbsync.errors import BadInput
@@ -179,10 +179,26 @@ def test_fifty_stacked_alphaedit_edits_keep_the_edits_and_the_other_facts(llama4
     context = MethodContext(cache_dir=tmp_path, base_fingerprint="tiny-llama4")
     method = make_method("alphaedit", adapter, context, **LOCATE)
     base = sequential_baseline(adapter, records)
-    row = run_sequential(adapter, method, base)
+    row = run_sequential(adapter, method, base, state_dir=tmp_path / "stack")
     assert stats_path(tmp_path, "tiny-llama4", method.modules[0], 3000).exists()
     assert all(torch.equal(v, before[k]) for k, v in adapter.model.state_dict().items())  # restored after
     scores = {k: round(row[k], 3) for k in ("success_em", "kept_em", "equiv_em", "retain_acc")}
     assert row["retain_n"] == len(retain) == 290
     assert row["kept_em"] >= 0.95 and row["retain_acc"] >= 0.97, scores
     assert row["equiv_em"] >= 0.9, scores
+
+    # The same 50 facts written at once from the base weights, from the target vectors the stacked
+    # edits kept in their deltas (what a consolidation does): they hold as the stack did.
+    zs = torch.stack([Delta.load(tmp_path / "stack" / f"{i:05d}.safetensors").extras[TARGET + method.z_module][0]
+                      for i in range(len(records))])
+    requests = [EditRequest(r.prompt, r.target, r.question, paraphrases=tuple(r.paraphrases),
+                            claim_prefix=r.claim_prefix, subject=r.subject) for r in records]
+    joint = method.joint(requests, zs)
+    assert all(torch.equal(v, before[k]) for k, v in adapter.model.state_dict().items())  # proposed, not applied
+    assert all(left.shape[1] == len(records) for left, _ in joint.factors.values())  # one rank per fact
+    joint.apply(adapter.model)
+    try:
+        together = score_stack(adapter, base, records)
+    finally:
+        joint.remove(adapter.model)
+    assert together["kept_em"] >= 0.95 and together["retain_acc"] >= 0.97, together

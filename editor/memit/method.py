@@ -10,6 +10,8 @@ keys as extras (AlphaEdit accumulates them; a revert takes them out again).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -80,16 +82,21 @@ class Memit(EditMethod):
         right = torch.linalg.solve(a, k).T
         return resid.double().T.float(), right.float()
 
-    def edit(self, request: EditRequest) -> EditResult:
-        """Target vector, then per layer: keys, residual share, closed-form update (applied for the next layer)."""
-        start = self.clock()
+    def located(self, request: EditRequest) -> EditRequest:
+        """The request as edited: at the prompt's last token (position last), else checked to name its subject."""
         if self.options.position == "last":
-            request = replace(request, subject="")
-        elif request.subject:  # checked before any work: a one-line error naming the subject
+            return replace(request, subject="")
+        if request.subject:  # checked before any work: a one-line error naming the subject
             self.adapter.subject_positions([request.prompt], request.subject, request.question)
-        requests = [request]
-        z, _init, info = compute_target(self.adapter, request, self.z_module, self.prefixes, self.options)
-        zs = z[None]
+        return request
+
+    @contextmanager
+    def written(self, requests: list[EditRequest], zs: torch.Tensor) -> Iterator[tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]]:
+        """Per layer: keys, residual share, closed-form update, applied for the next layer; live for the block.
+
+        Yields (factors, extras) of the update that moves each request's output at the target layer
+        to its row of zs; the weights are restored when the block ends.
+        """
         live = dict(self.adapter.model.named_parameters())
         saved = {self.params[m]: live[self.params[m]].detach().clone() for m in self.modules}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -107,10 +114,30 @@ class Memit(EditMethod):
                 extras[KEYS + name] = keys.float()
                 with torch.no_grad():
                     live[name].add_(left @ right)
-            ok, pred = self.flipped(request)
+            yield factors, extras
         finally:
             with torch.no_grad():
                 for name, w in saved.items():
                     live[name].copy_(w)
+
+    def edit(self, request: EditRequest) -> EditResult:
+        """Target vector at the last edited layer, then the layer-by-layer write of it."""
+        start = self.clock()
+        request = self.located(request)
+        z, _init, info = compute_target(self.adapter, request, self.z_module, self.prefixes, self.options)
+        with self.written([request], z[None]) as (factors, extras):
+            ok, pred = self.flipped(request)
         delta = Delta({}, {"method": self.name, "layers": self.layers, **info}, factors=factors, extras=extras)
         return EditResult(delta, ok, int(info["z_steps"]), self.clock() - start, pred, info)
+
+    def joint(self, requests: list[EditRequest], zs: torch.Tensor) -> Delta:
+        """One delta writing every request's target vector (rows of zs, from their edits' extras) at once.
+
+        MEMIT's batch solve over the current weights: applied to the base model it replaces a stack
+        of one-at-a-time edits of the same facts by one least-squares write of all of them.
+        """
+        requests = [self.located(r) for r in requests]
+        with self.written(requests, zs.to(torch.float32)) as (factors, extras):
+            pass
+        return Delta({}, {"method": self.name, "layers": self.layers, "joint": len(requests)},
+                     factors=factors, extras=extras)

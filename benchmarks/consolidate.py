@@ -1,0 +1,131 @@
+"""Stacked one-at-a-time edits vs one joint write of the same facts, from the base model.
+
+The daemon knows every fact it has written (the audit log) and each locate-and-edit delta keeps
+its target vector: instead of stacking N rank-one writes, each fitted to the model as the earlier
+ones left it, it can put the base weights back and write all N target vectors in one
+least-squares solve (`Memit.joint`, MEMIT's batch update). This measures whether that holds more.
+
+Reads a stacked run of `benchmarks/locate_sweep.py` (its state folder: every applied delta, with
+the target vector in its extras), and at each count N: base weights, the first N records' target
+vectors written at once by each solver configuration, scored as the stack's curve is (kept and
+paraphrases: greedy answer under the match rules; retain prompts; known facts). Prints the
+stack's curve beside it; writes JSON (resumable: finished rows are skipped).
+
+    python benchmarks/consolidate.py --state benchmarks/out/seq100/alphaedit_shrink_True --limit 100 \\
+        --at 10,25,50,100 --method memit --method alphaedit --grid cov_weight=0,15000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COLUMNS = ("kept_em", "equiv_em", "retain_acc", "retain_tf", "deterioration", "seconds")
+
+
+def targets(state: Path, n: int, module: str) -> Any:
+    """The first n applied edits' target vectors at module, [n, d], from the run's saved deltas."""
+    import torch
+
+    from editor.delta import Delta
+    from editor.memit.method import TARGET
+
+    rows = []
+    for i in range(n):
+        delta = Delta.load(state / f"{i:05d}.safetensors")
+        if TARGET + module not in delta.extras:
+            sys.exit(f"{state}: edit {i}'s delta has no target vector at {module} (a run from before they were kept)")
+        rows.append(delta.extras[TARGET + module].reshape(-1, delta.extras[TARGET + module].shape[-1])[-1])
+    return torch.stack(rows)
+
+
+def main() -> None:
+    """Score a joint write of the first N records for each N and solver; print beside the stack's curve."""
+    from locate_sweep import grid, key
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--state", required=True, help="A locate_sweep configuration's state folder.")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--data", default="counterfact:" + str(ROOT.parent / "shared/data/counterfact-val.json"))
+    ap.add_argument("--limit", type=int, default=100, help="The stacked run's --limit (its retain set).")
+    ap.add_argument("--gold", type=int, default=50)
+    ap.add_argument("--at", default="10,25,50,100", help="Edit counts to write jointly.")
+    ap.add_argument("--method", action="append", help="Solvers (repeatable): memit, alphaedit; default memit.")
+    ap.add_argument("--grid", action="append", default=[], help="name=v1,v2 options of the solvers.")
+    ap.add_argument("--cache-dir")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks/out/consolidate.json"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from editor.data import ground, load_records
+    from editor.evaluate import known_gold, score_stack, sequential_baseline
+    from editor.methods import EditRequest, MethodContext, make_method
+    from kbsync.commands.editor import _setup
+    from kbsync.served import model_fingerprint
+
+    state = Path(args.state)
+    log = json.loads((state / "state.json").read_text())
+    made = len(log["made"])
+    counts = [n for n in (int(c) for c in args.at.split(",") if c) if n <= made]
+    out = Path(args.json)
+    saved = json.loads(out.read_text()) if out.exists() else {"state": str(state), "rows": []}
+    rows: list[dict[str, Any]] = saved["rows"]
+    done = {(r["config"], r["edits"]) for r in rows}
+
+    settings, adapter = _setup(None, args.model)
+    style = adapter.answer_style("auto")
+    records = ground(adapter, load_records(args.data, args.limit, answer_style=style))
+    pool = load_records(args.data, None, answer_style=style)
+    gold = known_gold(adapter, [pair for r in pool for pair in r.retain], args.gold, records[0].question)
+    base = sequential_baseline(adapter, records, gold)
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else settings.store.cache_path
+    context = MethodContext(settings.store.data_path, cache, model_fingerprint(adapter.model))
+    requests = [EditRequest(r.prompt, r.target, r.question, paraphrases=tuple(r.paraphrases), answer=r.answer,
+                            claim_prefix=r.claim_prefix, subject=r.subject) for r in records]
+    for name in args.method or ["memit"]:
+        for options in grid(args.grid):
+            config = key(name, options)
+            method = make_method(name, adapter, context, **options)
+            for n in counts:
+                if (config, n) in done:
+                    continue
+                start = time.perf_counter()
+                delta = method.joint(requests[:n], targets(state, n, method.z_module))
+                delta.apply(adapter.model)
+                try:
+                    scores = score_stack(adapter, base, records[:n])
+                finally:
+                    delta.remove(adapter.model)
+                rows.append({"config": config, "edits": n, **scores, "seconds": time.perf_counter() - start})
+                tmp = out.with_suffix(".tmp")
+                tmp.write_text(json.dumps(saved, indent=1))
+                os.replace(tmp, out)
+                print(json.dumps(rows[-1]), flush=True)
+    curve = {c["edits"]: c for c in log["curve"]}
+    width = max([len(r["config"]) for r in rows] + [len("stacked (the run)")])
+    print(f"{'configuration':<{width}} {'edits':>5} " + " ".join(f"{c[:10]:>10}" for c in COLUMNS))
+    for n in counts:
+        if n in curve:
+            print(f"{'stacked (the run)':<{width}} {n:>5} " + " ".join(f"{curve[n].get(c, float('nan')):>10.3f}" for c in COLUMNS))
+        for r in rows:
+            if r["edits"] == n:
+                print(f"{r['config']:<{width}} {n:>5} " + " ".join(f"{r[c]:>10.3f}" for c in COLUMNS))
+
+
+if __name__ == "__main__":
+    main()

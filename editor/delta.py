@@ -63,11 +63,14 @@ def sha256_file(path: str | Path) -> str:
 def materialise(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """left @ right in float32, bit for bit the same whatever the BLAS library or thread count."""
     left, right = left.detach().float(), right.detach().float()
-    out = torch.zeros(left.shape[0], right.shape[1], dtype=torch.float32, device=left.device)
+    if left.shape[1] == 0:
+        return torch.zeros(left.shape[0], right.shape[1], dtype=torch.float32, device=left.device)
     # One rank-1 term at a time with separate multiply and add (never a BLAS matmul or an
     # FMA): each element is then the same fixed sequence of IEEE roundings everywhere, where a
-    # GEMM's result depends on its kernel, blocking and threads.
-    for k in range(left.shape[1]):
+    # GEMM's result depends on its kernel, blocking and threads. The first term is the start
+    # (not zeros + it): one pass fewer over the matrix, which is most of a rank-one product's cost.
+    out = left[:, 0, None] * right[None, 0, :]
+    for k in range(1, left.shape[1]):
         out.add_(left[:, k, None] * right[None, k, :])
     return out
 
@@ -140,9 +143,16 @@ class Delta:
         for what, _, t in self._stored():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise DeltaError(f"delta for {what} has NaN or inf values")
-        # Finite factors can still overflow when multiplied. Checked product by product without
-        # keeping them: a store of 1,000 factored deltas would otherwise hold every dense update at once.
+        # Finite factors can still overflow when multiplied. Each product element is a sum of rank
+        # terms, each at most max|left| * max|right|: under float32's largest value that bound proves
+        # the product finite without forming it (a start-up with 1,000 deltas would otherwise
+        # materialise every one twice). Only factors that fail the bound are multiplied out.
         for n, (left, right) in self.factors.items():
+            if left.numel() == 0 or right.numel() == 0:
+                continue
+            bound = float(left.detach().abs().max().double()) * float(right.detach().abs().max().double()) * left.shape[1]
+            if bound < torch.finfo(torch.float32).max / 2:
+                continue
             product = self._tensors[n] if self._tensors is not None else materialise(left, right)
             if not bool(torch.isfinite(product).all()):
                 raise DeltaError(f"delta for {n} has NaN or inf values (its factors' product overflows)")

@@ -10,6 +10,7 @@ each configuration, and each row has its curve (the same scores after 10, 25, ..
     python benchmarks/locate_sweep.py --limit 20 --method alphaedit \\
         --grid nullspace_threshold=0.1,0.3,0.5 --grid l2=1,10
     python benchmarks/locate_sweep.py --limit 20 --method memit --grid mom2_weight=1500,15000
+    python benchmarks/locate_sweep.py --limit 100 --grid shrink=true --grid consolidate_every=0,10
 """
 
 from __future__ import annotations
@@ -114,9 +115,11 @@ def main() -> None:
         start = time.perf_counter()
         # Each configuration's applied deltas are kept beside the JSON: a killed run carries on from its last edit.
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in key(method, options))
-        row = run_sequential(adapter, make_method(method, adapter, context, **options), base, key(method, options),
+        # consolidate_every is the run's, not the method's: every N edits all facts so far are written at once.
+        made = {k: v for k, v in options.items() if k != "consolidate_every"}
+        row = run_sequential(adapter, make_method(method, adapter, context, **made), base, key(method, options),
                              checkpoints=tuple(int(c) for c in args.checkpoints.split(",") if c),
-                             state_dir=out.with_suffix("") / slug)
+                             state_dir=out.with_suffix("") / slug, consolidate_every=int(options.get("consolidate_every", 0)))
         row.update(config=key(method, options), options={k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
                    wall_s=time.perf_counter() - start)
         rows.append(row)

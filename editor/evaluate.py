@@ -30,6 +30,7 @@ from adapters.base import row_kl
 from editor.data import EditRecord
 from editor.delta import Delta
 from editor.methods import PRESERVE, SHRINK, EditRequest, MethodContext, make_method
+from kbsync.errors import BadInput
 from kbsync.match import match, normalise
 
 # Gold (prompt, answer) pairs for performance deterioration, asked after every edit.
@@ -250,15 +251,20 @@ def score_stack(adapter: Any, base: SequentialBaseline, done: list[EditRecord]) 
 
 def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: str = "",
                    on_edit: Callable[[str, int], None] | None = None, checkpoints: tuple[int, ...] = (),
-                   state_dir: Path | None = None) -> dict[str, Any]:
+                   state_dir: Path | None = None, consolidate_every: int = 0) -> dict[str, Any]:
     """One prepared method's edits stacked in order, scored against `base`; the weights restored bit for bit after.
 
     checkpoints: edit counts after which the stacked model is scored as at the end (the row's
     "curve"). state_dir: every applied delta and the per-edit results are saved there, and a
     run that finds them replays the deltas (through the method's on_applied) and carries on
-    from the next edit, so a run of hours can stop at any edit.
+    from the next edit, so a run of hours can stop at any edit. consolidate_every: after every
+    that many edits, the base weights are put back and every fact so far written at once
+    (the method's joint(), from the target vectors its deltas kept), as a daemon consolidates.
     """
     name = name or method.name
+    if consolidate_every and not hasattr(method, "joint"):
+        raise BadInput(f"method {method.name} cannot consolidate (no joint write); consolidate_every needs memit or alphaedit")
+    targets: dict[str, torch.Tensor] = {}  # prompt -> its last edit's target vector
     params = dict(adapter.model.named_parameters())
     saved: dict[str, torch.Tensor] = {}
     state: dict[str, Any] = {"made": [], "seconds": [], "bytes": [], "curve": []}
@@ -281,6 +287,11 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
                 saved.setdefault(n, params[n].detach().clone())
             delta.apply(adapter.model)
             method.on_applied(i, delta)  # as the served model tells its methods
+            if consolidate_every:
+                targets[r.prompt] = _target_of(delta, method)
+                if (i + 1) % consolidate_every == 0:
+                    _consolidate(adapter, method, base.records[:i + 1], targets, saved,
+                                 state_dir / f"joint-{i + 1:05d}.safetensors" if state_dir else None)
             if i < len(state["made"]):
                 continue
             state["made"] += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
@@ -307,6 +318,39 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
         "latency_s": mean(state["seconds"]), "bytes_per_edit": mean(state["bytes"]), "retain_n": len(base.retain),
         "gold_n": len(base.gold), "curve": [*state["curve"], {"edits": len(base.records), **end}],
     }
+
+
+def _target_of(delta: Delta, method: Any) -> torch.Tensor:
+    """The target vector an applied locate-and-edit delta kept in its extras, [d]."""
+    from editor.memit.method import TARGET
+
+    z = delta.extras.get(TARGET + method.z_module)
+    if z is None:
+        raise BadInput(f"a {method.name} delta without its target vector cannot be consolidated")
+    return z.reshape(-1, z.shape[-1])[-1]
+
+
+def _consolidate(adapter: Any, method: Any, done: list[EditRecord], targets: dict[str, torch.Tensor],
+                 base_weights: dict[str, torch.Tensor], path: Path | None) -> None:
+    """Base weights back, then one joint write of every prompt's last edit (loaded from path when a run replays)."""
+    params = dict(adapter.model.named_parameters())
+    with torch.no_grad():
+        for n, w in base_weights.items():
+            params[n].copy_(w)
+    method.on_reset()
+    if path is not None and path.exists():
+        joint = Delta.load(path)
+    else:
+        last = {r.prompt: r for r in done}
+        requests = [EditRequest(r.prompt, r.target, r.question, paraphrases=tuple(r.paraphrases), answer=r.answer,
+                                claim_prefix=r.claim_prefix, subject=r.subject) for r in last.values()]
+        joint = method.joint(requests, torch.stack([targets[p] for p in last]))
+        if path is not None:
+            joint.save(path)
+    for n in joint.tensors:
+        base_weights.setdefault(n, params[n].detach().clone())
+    joint.apply(adapter.model)
+    method.on_applied(-1, joint)
 
 
 def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[str],

@@ -202,3 +202,31 @@ def test_fifty_stacked_alphaedit_edits_keep_the_edits_and_the_other_facts(llama4
     finally:
         joint.remove(adapter.model)
     assert together["kept_em"] >= 0.95 and together["retain_acc"] >= 0.97, together
+
+
+def test_consolidating_every_ten_edits_keeps_them_and_a_rerun_replays_it(llama4, tmp_path):
+    """20 capital edits, the base weights put back and all facts so far written at once after every
+    10 (run_sequential's consolidate_every): the edits and other facts hold, the joint deltas are
+    saved beside the edits', and a rerun over the same state replays them to the same scores."""
+    from kbsync.facts import render
+
+    adapter, facts = llama4
+    capitals = [f for f in facts if f.property == "P36"]
+    others = [f for f in facts if f not in capitals[:20]]
+    retain = [(render(f).question, f.object.label) for f in others]
+    records = [EditRecord(render(f).question, capitals[(i + 7) % len(capitals)].object.label, f.object.label,
+                          list(render(f).paraphrases), retain, subject=f.subject.label)
+               for i, f in enumerate(capitals[:20])]
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    method = make_method("alphaedit", adapter, MethodContext(cache_dir=tmp_path, base_fingerprint="tiny-llama4"), **LOCATE)
+    base = sequential_baseline(adapter, records)
+    row = run_sequential(adapter, method, base, state_dir=tmp_path / "run", consolidate_every=10)
+    assert sorted(p.name for p in (tmp_path / "run").glob("joint-*")) == ["joint-00010.safetensors", "joint-00020.safetensors"]
+    joint = Delta.load(tmp_path / "run" / "joint-00020.safetensors")
+    assert joint.factors and all(left.shape[1] == 20 for left, _ in joint.factors.values())  # every fact at once
+    assert row["kept_em"] >= 0.95 and row["retain_acc"] >= 0.97, row
+    again = run_sequential(adapter, method, base, state_dir=tmp_path / "run", consolidate_every=10)
+    assert {k: again[k] for k in ("kept_em", "retain_acc", "retain_tf")} == {k: row[k] for k in ("kept_em", "retain_acc", "retain_tf")}
+    assert all(torch.equal(v, before[k]) for k, v in adapter.model.state_dict().items())
+    with pytest.raises(BadInput, match="cannot consolidate"):
+        run_sequential(adapter, make_method("ft-layer", adapter), base, consolidate_every=10)

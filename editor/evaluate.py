@@ -356,7 +356,8 @@ def _consolidate(adapter: Any, method: Any, done: list[EditRecord], targets: dic
 def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[str],
                         options: dict[str, dict[str, Any]] | None = None, gold: list[tuple[str, str]] | None = None,
                         on_edit: Callable[[str, int], None] | None = None,
-                        context: MethodContext | None = None) -> list[dict[str, float]]:
+                        context: MethodContext | None = None, checkpoints: tuple[int, ...] = (),
+                        state_dir: Path | None = None, consolidate_every: int = 0) -> list[dict[str, float]]:
     """Each method's edits applied one after another, as the daemon stacks them, then scored against the unedited model.
 
     Every edit is proposed on the model as edited so far, conditioned on its answer then.
@@ -365,9 +366,21 @@ def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[s
     the final edits' paraphrases at the end; retain_acc / retain_tf: the records' retain
     prompts (those no record edits) answered as by the unedited model, whole answer / per
     token; deterioration on the gold set at the end. The model is restored bit for bit after
-    each method.
+    each method. checkpoints, state_dir (one folder per method inside) and consolidate_every are
+    run_sequential's.
     """
     options = options or {}
+    made = [make_method(name, adapter, context, **options_for(options, name)) for name in methods]
+    if consolidate_every:  # before any method runs, not after the first of a run of hours
+        for name, method in zip(methods, made):
+            if not hasattr(method, "joint"):
+                raise BadInput(f"method {name} cannot consolidate (no joint write); consolidate_every needs memit or alphaedit")
     base = sequential_baseline(adapter, records, gold)
-    return [run_sequential(adapter, make_method(name, adapter, context, **options_for(options, name)), base, name, on_edit)
-            for name in methods]
+    return [run_sequential(adapter, method, base, name, on_edit, checkpoints,
+                           state_dir / _slug(name) if state_dir else None, consolidate_every)
+            for name, method in zip(methods, made)]
+
+
+def _slug(name: str) -> str:
+    """A method name as a folder name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

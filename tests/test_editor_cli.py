@@ -67,11 +67,20 @@ def test_train_resume_eval_and_figure(tiny_llama_dir, kbsync_env, tmp_path):
 
     # --sequential: the same edits stacked, the end state scored.
     seq = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "3",
-                 "--method", "ft-layer", "--ft-lr", "1e-3", "--sequential", "--json", str(tmp_path / "seq.json"))
+                 "--method", "ft-layer", "--ft-lr", "1e-3", "--sequential", "--json", str(tmp_path / "seq.json"),
+                 "--state-dir", str(tmp_path / "state"), "--checkpoints", "2")
     assert seq.returncode == 0, seq.stderr
     stacked = json.loads((tmp_path / "seq.json").read_text())
     assert stacked["run"]["sequential"] and stacked["rows"][0]["success_em"] == 1.0, stacked
     assert 0 <= stacked["rows"][0]["kept_em"] <= 1 and "kept at end (EM)" in seq.stdout, seq.stdout
+    assert [c["edits"] for c in stacked["rows"][0]["curve"]] == [2, 3]
+    # --state-dir kept every applied delta: a rerun replays them and scores the same end state.
+    saved = tmp_path / "state" / "ft-layer"
+    assert sorted(p.name for p in saved.glob("*.safetensors")) == ["00000.safetensors", "00001.safetensors", "00002.safetensors"]
+    again = kbsync(kbsync_env, "eval", *seq.args[4:])
+    assert again.returncode == 0, again.stderr
+    rerun = json.loads((tmp_path / "seq.json").read_text())["rows"][0]
+    assert {k: rerun[k] for k in ("kept_em", "retain_acc", "latency_s")} == {k: stacked["rows"][0][k] for k in ("kept_em", "retain_acc", "latency_s")}
 
     png = tmp_path / "fig4.png"
     fig = kbsync(kbsync_env, "editor", "figure", "--model", str(tiny_llama_dir), "--limit", "2", "--out", str(png),
@@ -101,7 +110,13 @@ def test_eval_refuses_an_unwritable_json_path_before_editing(tiny_llama_dir, kbs
     assert alone.returncode == 2 and "--resume needs --json" in alone.stderr, alone.stderr
     both = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--sequential", "--resume",
                   "--json", str(tmp_path / "s.json"))
-    assert both.returncode == 2 and "a --sequential run starts afresh" in both.stderr, both.stderr
+    assert both.returncode == 2 and "a --sequential run carries on from --state-dir" in both.stderr, both.stderr
+    loose = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--consolidate-every", "5")
+    assert loose.returncode == 2 and "options of --sequential runs" in loose.stderr, loose.stderr
+    ft = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "2", "--sequential",
+                "--method", "ft-layer", "--consolidate-every", "5")
+    assert ft.returncode == 2 and "method ft-layer cannot consolidate" in ft.stderr, ft.stderr
+    assert len(ft.stderr.strip().splitlines()) == 1 and "kept at end" not in ft.stdout
     (tmp_path / "junk.json").write_text('{"rows": []}')
     junk = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--resume",
                   "--json", str(tmp_path / "junk.json"))

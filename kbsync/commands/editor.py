@@ -152,6 +152,9 @@ def eval_command(
     gold_known: Annotated[bool, typer.Option("--gold-known/--gold-any", help="Gold pairs the unedited model answers correctly (deterioration = share of them an edit breaks), or the data's first pairs whatever the model says (the paper's ratio).")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Carry on the run saved in --json (same settings) from the record it reached; a missing or empty file starts afresh.")] = False,
     sequential: Annotated[bool, typer.Option("--sequential", help="Stack each method's edits one after another, as the daemon does, and score the end state against the unedited model (edits kept, retain, deterioration).")] = False,
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="(--sequential) Keep every applied delta and per-edit result here, one folder per method; a rerun carries on from the last edit.")] = None,
+    checkpoints: Annotated[str, typer.Option(help="(--sequential) Also score the stack after these many edits (a curve in --json).")] = "10,25,50,100,250,500",
+    consolidate_every: Annotated[int, typer.Option(help="(--sequential) Every N edits, put the base weights back and write all facts so far at once (memit, alphaedit); 0: never.")] = 0,
 ) -> None:
     """The paper's Table 1 columns for every --method on the same edits, in one run (or, --sequential, the edits stacked)."""
     from editor.data import ground, load_records
@@ -163,7 +166,15 @@ def eval_command(
     if resume and not json_out:
         raise BadInput("--resume needs --json FILE, the run to carry on")
     if resume and sequential:
-        raise BadInput("--resume carries on a run of single edits; a --sequential run starts afresh")
+        raise BadInput("--resume carries on a run of single edits; a --sequential run carries on from --state-dir")
+    if not sequential and (state_dir or consolidate_every):
+        raise BadInput("--state-dir and --consolidate-every are options of --sequential runs")
+    if consolidate_every < 0:
+        raise BadInput(f"--consolidate-every {consolidate_every}: must be 0 (never) or more")
+    try:
+        marks = tuple(int(c) for c in checkpoints.split(",") if c.strip())
+    except ValueError:
+        raise BadInput(f"--checkpoints {checkpoints!r}: a comma-separated list of edit counts") from None
     earlier = _saved_run(Path(json_out)) if resume and json_out else None
 
     if json_out:  # fail now, not after the first method of a run of hours
@@ -178,7 +189,7 @@ def eval_command(
     run = {"data": data, "model": adapter.name, "limit": limit, "methods": method, "editor": editor, "ft_lr": ft_lr,
            "ft_steps": ft_steps, "loop": loop, "own_answers": own_answers, "answer_style": style, "gold_n": gold_n,
            "gold_known": gold_known, "editor_sha256": _editor_sha256(options["ke"], adapter.name, method),
-           "sequential": sequential}
+           "sequential": sequential, "consolidate_every": consolidate_every}
     # (runs saved before a key existed are not held to it)
     if earlier and (differ := [k for k in run if k in earlier["run"] and earlier["run"][k] != run[k]]):
         raise BadInput(f"--resume: {json_out} is a run with other settings ({', '.join(differ)}); drop --resume to start afresh")
@@ -218,7 +229,8 @@ def eval_command(
         tasks = {m: bar.add_task(m, total=len(records), completed=done) for m in method}
         progress = lambda m, i: bar.update(tasks[m], completed=i + 1)  # noqa: E731
         if sequential:
-            rows = evaluate_sequential(adapter, records, method, options, gold=gold, on_edit=progress, context=context)
+            rows = evaluate_sequential(adapter, records, method, options, gold=gold, on_edit=progress, context=context,
+                                       checkpoints=marks, state_dir=state_dir, consolidate_every=consolidate_every)
             save(rows, {})
         else:
             rows = evaluate(adapter, records, method, options, gold=gold, on_edit=progress, on_row=save,

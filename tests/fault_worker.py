@@ -63,8 +63,8 @@ def arm() -> None:
 
     def half_then_hold(tensors, filename, metadata=None):  # noqa: ANN001, ANN202
         save_file(tensors, filename, metadata=metadata)
-        # The retain cache is written through the same save_file; only a delta carries "kbsync" metadata.
-        if "delta-write" in POINTS and "delta-write" not in _done and "kbsync" in (metadata or {}):
+        # The retain cache and the statistics are written through the same save_file: only a file in deltas/ counts.
+        if "delta-write" in POINTS and "delta-write" not in _done and Path(filename).parent.name == "deltas":
             path = Path(filename)
             data = path.read_bytes()
             path.write_bytes(data[: len(data) // 2])  # what a kill mid-write leaves

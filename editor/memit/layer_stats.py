@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from adapters.hooks import trace
+from editor.delta import save_atomically
 from kbsync.errors import KbsyncError
 
 VERSION = 1  # bump when the corpus or the estimator changes: old files then stop matching
@@ -60,10 +61,11 @@ def load_stats(path: Path) -> tuple[torch.Tensor, int]:
 def save_stats(path: Path, cov: torch.Tensor, tokens: int) -> None:
     """Write C0 with its checksum (temp file + rename: a crash never leaves a half file under the name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     cov = cov.contiguous()
-    save_file({"cov": cov}, str(tmp), metadata={"kbsync": json.dumps({"sha256": _digest(cov), "tokens": tokens})})
-    tmp.replace(path)
+    why = save_atomically({"cov": cov}, path, path.with_name(path.name + ".tmp"),
+                          {"kbsync": json.dumps({"sha256": _digest(cov), "tokens": tokens})})
+    if why:
+        raise StatsError(f"cannot write statistics {path}: {why}")
 
 
 @torch.no_grad()

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
@@ -45,6 +45,14 @@ class EditRequest:
     def taught(self) -> str:
         """What the edit's loss is on: the styled answer, else the target."""
         return self.answer or self.target
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EditRequest:
+        """The request a delta's meta recorded ("request"), tuples restored; ValueError on unknown keys."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, Mapping) or not {"prompt", "target"} <= data.keys() or data.keys() - names:
+            raise ValueError(f"not an edit request: {data!r}"[:200])
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 @dataclass
@@ -124,6 +132,9 @@ class EditMethod(ABC):
             from editor.shrink import shrink
 
             result = shrink(self.adapter, request, result, self.options.shrink_tolerance)
+        # What was taught, exactly (prompt, wordings, styled answer, subject), in the checksummed
+        # delta file: a later joint re-solve of the applied edits rebuilds its requests from it.
+        result.delta.meta.setdefault("request", asdict(request))
         return result
 
     def on_applied(self, edit_id: int, delta: Delta) -> None:

@@ -189,11 +189,11 @@ def test_fifty_stacked_alphaedit_edits_keep_the_edits_and_the_other_facts(llama4
 
     # The same 50 facts written at once from the base weights, from the target vectors the stacked
     # edits kept in their deltas (what a consolidation does): they hold as the stack did.
-    zs = torch.stack([Delta.load(tmp_path / "stack" / f"{i:05d}.safetensors").extras[TARGET + method.z_module][0]
-                      for i in range(len(records))])
-    requests = [EditRequest(r.prompt, r.target, r.question, paraphrases=tuple(r.paraphrases),
-                            claim_prefix=r.claim_prefix, subject=r.subject) for r in records]
-    joint = method.joint(requests, zs)
+    # Everything comes from the saved deltas: what each taught (its meta) and its target vector (extras).
+    saved = [Delta.load(tmp_path / "stack" / f"{i:05d}.safetensors") for i in range(len(records))]
+    requests = [EditRequest.from_dict(d.meta["request"]) for d in saved]
+    assert [(q.prompt, q.target, q.paraphrases) for q in requests] == [(r.prompt, r.target, tuple(r.paraphrases)) for r in records]
+    joint = method.joint(requests, torch.stack([d.extras[TARGET + method.z_module][0] for d in saved]))
     assert all(torch.equal(v, before[k]) for k, v in adapter.model.state_dict().items())  # proposed, not applied
     assert all(left.shape[1] == len(records) for left, _ in joint.factors.values())  # one rank per fact
     joint.apply(adapter.model)

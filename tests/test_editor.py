@@ -391,10 +391,15 @@ def test_checkpoint_for_other_matrices_is_refused(tiny_llama, facts, tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_editor(tiny_llama, facts, tmp_path_factory):
-    """A hyper-network trained for ~2 minutes (1000 steps) on counterfactual edits of the tiny model's facts."""
+    """A hyper-network trained for ~1.5 minutes (750 steps) on counterfactual edits of the tiny model's facts.
+
+    750, not 1000: the fixture is the suite's longest step (CI runs it on one worker while the other
+    does the rest). At 750 the test's claims hold with 0.03-0.04 to spare: ke-loop success 0.938,
+    ke-loop+shrink paraphrases 0.935 vs ft-all 0.756 (+0.15 asserted); at 500 the paraphrase claim fails (0.881).
+    """
     out = tmp_path_factory.mktemp("ke")
     train = from_facts(facts, per_fact=3, seed=0)
-    Trainer(tiny_llama, train, out, TrainConfig(steps=1000, batch=8, lr=1e-3, eval_every=250, checkpoint_every=1000),
+    Trainer(tiny_llama, train, out, TrainConfig(steps=750, batch=8, lr=1e-3, eval_every=250, checkpoint_every=750),
             SMALL).run()
     return out / "editor.safetensors"
 

@@ -35,20 +35,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 COLUMNS = ("kept_em", "equiv_em", "retain_acc", "retain_tf", "deterioration", "seconds")
 
 
-def targets(state: Path, n: int, module: str) -> Any:
-    """The first n applied edits' target vectors at module, [n, d], from the run's saved deltas."""
+def targets(state: Path, n: int, module: str) -> tuple[Any, Any]:
+    """The first n applied edits' target vectors at module, [n, d], and the scales they were applied at, [n]."""
     import torch
 
     from editor.delta import Delta
     from editor.memit.method import TARGET
 
-    rows = []
+    rows, scales = [], []
     for i in range(n):
         delta = Delta.load(state / f"{i:05d}.safetensors")
         if TARGET + module not in delta.extras:
             sys.exit(f"{state}: edit {i}'s delta has no target vector at {module} (a run from before they were kept)")
         rows.append(delta.extras[TARGET + module].reshape(-1, delta.extras[TARGET + module].shape[-1])[-1])
-    return torch.stack(rows)
+        scales.append(float(delta.meta.get("scale", 1.0)))
+    return torch.stack(rows), torch.tensor(scales)
 
 
 def main() -> None:
@@ -75,6 +76,7 @@ def main() -> None:
     from editor.data import ground, load_records
     from editor.evaluate import known_gold, score_stack, sequential_baseline
     from editor.methods import EditRequest, MethodContext, make_method
+    from editor.shrink import shrink_joint
     from kbsync.commands.editor import _setup
     from kbsync.served import model_fingerprint
 
@@ -100,18 +102,26 @@ def main() -> None:
     for name in args.method or ["memit"]:
         for options in grid(args.grid):
             config = key(name, options)
-            method = make_method(name, adapter, context, **options)
+            # Pseudo-options of the joint write: applied_scales (each fact at the scale its edit was
+            # shrunk to, from its delta's meta) and shrink (the joint delta bisected to the smallest
+            # scale keeping every prompt it holds).
+            scaled, shrunk = bool(options.get("applied_scales")), bool(options.get("shrink"))
+            method = make_method(name, adapter, context, **{k: v for k, v in options.items() if k not in ("applied_scales", "shrink")})
             for n in counts:
                 if (config, n) in done:
                     continue
                 start = time.perf_counter()
-                delta = method.joint(requests[:n], targets(state, n, method.z_module))
+                zs, scales = targets(state, n, method.z_module)
+                delta = method.joint(requests[:n], zs, scales if scaled else None)
+                if shrunk:
+                    delta, _ = shrink_joint(adapter, requests[:n], delta)
                 delta.apply(adapter.model)
                 try:
                     scores = score_stack(adapter, base, records[:n])
                 finally:
                     delta.remove(adapter.model)
-                rows.append({"config": config, "edits": n, **scores, "seconds": time.perf_counter() - start})
+                rows.append({"config": config, "edits": n, **scores, "scale": float(delta.meta.get("scale", 1.0)),
+                             "seconds": time.perf_counter() - start})
                 tmp = out.with_suffix(".tmp")
                 tmp.write_text(json.dumps(saved, indent=1))
                 os.replace(tmp, out)

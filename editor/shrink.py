@@ -54,7 +54,38 @@ def shrink(adapter: Any, request: EditRequest, result: EditResult, tolerance: fl
         else:
             lo = mid
     delta = result.delta.scaled(hi) if hi < 1.0 else result.delta
+    delta.meta["scale"] = hi  # in the delta file too: a joint re-solve writes each fact at the size it was applied
     took = EditMethod.clock() - start
     return replace(result, delta=delta, seconds=result.seconds + took,
                    info={**result.info, "scale": hi, "scale_below": lo, "shrink_probes": probes,
                          "shrink_seconds": took})
+
+
+def holding_all(adapter: Any, requests: list[EditRequest], delta: Delta) -> frozenset[tuple[int, int]]:
+    """(request, prompt) pairs that answer their target with delta applied (prompt 0: the request's prompt)."""
+    delta.apply(adapter.model)
+    try:
+        out = set()
+        for r, request in enumerate(requests):
+            preds = adapter.predict([request.prompt, *request.paraphrases], question=request.question)
+            out |= {(r, i) for i, p in enumerate(preds) if match(p, request.target, request.aliases, request.claim_prefix).ok}
+    finally:
+        delta.remove(adapter.model)
+    return frozenset(out)
+
+
+def shrink_joint(adapter: Any, requests: list[EditRequest], delta: Delta, tolerance: float = 0.05) -> tuple[Delta, float]:
+    """The joint delta at the smallest scale in (0, 1] keeping every prompt it holds at full scale; and that scale."""
+    want = holding_all(adapter, requests, delta)
+    lo, hi = 0.0, 1.0
+    while hi - lo > tolerance and want:
+        mid = (lo + hi) / 2
+        if holding_all(adapter, requests, delta.scaled(mid)) >= want:
+            hi = mid
+        else:
+            lo = mid
+    if hi >= 1.0:
+        return delta, 1.0
+    out = delta.scaled(hi)
+    out.meta["scale"] = hi
+    return out, hi

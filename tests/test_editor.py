@@ -520,7 +520,7 @@ def test_claim_records_carry_the_claim_prefix_for_the_match_rules():
 def test_shrink_finds_the_smallest_scale_that_keeps_the_edit(tiny_llama, facts):
     from dataclasses import replace
 
-    from editor.shrink import holding, shrink
+    from editor.shrink import holding, holding_all, shrink, shrink_joint
     from kbsync.facts import render
 
     fact = facts[0]
@@ -538,7 +538,12 @@ def test_shrink_finds_the_smallest_scale_that_keeps_the_edit(tiny_llama, facts):
     assert all(torch.equal(out.delta.tensors[n], t * scale) for n, t in big.delta.tensors.items())
     # make_method's NAME+shrink and the shrink option: the same shrunk proposal through propose()
     proposed = make_method("ft-layer+shrink", tiny_llama, lr=1e-3, max_steps=60).propose(req)
-    assert proposed.success and 0 < proposed.info["scale"] <= 1 and out.delta.meta == big.delta.meta
+    assert proposed.success and 0 < proposed.info["scale"] <= 1 and out.delta.meta == {**big.delta.meta, "scale": scale}
+    # The delta file says at what scale it was applied and what it taught (a joint re-solve reads both).
+    assert proposed.delta.meta["scale"] == proposed.info["scale"] and EditRequest.from_dict(proposed.delta.meta["request"]) == req
+    # A joint delta of several facts: one scale for all, the smallest keeping every prompt it holds.
+    together, joint_scale = shrink_joint(tiny_llama, [req], big.delta)
+    assert joint_scale == scale and together.meta["scale"] == scale and (0, 0) in holding_all(tiny_llama, [req], together)
     unshrunk = make_method("ft-layer", tiny_llama, lr=1e-3, max_steps=60, shrink="false").propose(req)
     assert "scale" not in unshrunk.info
     # an edit that did not flip is returned as it is

@@ -193,7 +193,12 @@ def test_fifty_stacked_alphaedit_edits_keep_the_edits_and_the_other_facts(llama4
     saved = [Delta.load(tmp_path / "stack" / f"{i:05d}.safetensors") for i in range(len(records))]
     requests = [EditRequest.from_dict(d.meta["request"]) for d in saved]
     assert [(q.prompt, q.target, q.paraphrases) for q in requests] == [(r.prompt, r.target, tuple(r.paraphrases)) for r in records]
-    joint = method.joint(requests, torch.stack([d.extras[TARGET + method.z_module][0] for d in saved]))
+    zs = torch.stack([d.extras[TARGET + method.z_module][0] for d in saved])
+    joint = method.joint(requests, zs)
+    # Each fact written at the scale its edit was applied at (here half): the first layer's share of the move halves.
+    half = method.joint(requests, zs, torch.full((len(requests),), 0.5))
+    first = method.params[method.modules[0]]
+    assert torch.allclose(half.factors[first][0], 0.5 * joint.factors[first][0], rtol=1e-3, atol=1e-6)
     assert all(torch.equal(v, before[k]) for k, v in adapter.model.state_dict().items())  # proposed, not applied
     assert all(left.shape[1] == len(records) for left, _ in joint.factors.values())  # one rank per fact
     joint.apply(adapter.model)

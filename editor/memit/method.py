@@ -130,14 +130,20 @@ class Memit(EditMethod):
         delta = Delta({}, {"method": self.name, "layers": self.layers, **info}, factors=factors, extras=extras)
         return EditResult(delta, ok, int(info["z_steps"]), self.clock() - start, pred, info)
 
-    def joint(self, requests: list[EditRequest], zs: torch.Tensor) -> Delta:
+    def joint(self, requests: list[EditRequest], zs: torch.Tensor, scales: torch.Tensor | None = None) -> Delta:
         """One delta writing every request's target vector (rows of zs, from their edits' extras) at once.
 
         MEMIT's batch solve over the current weights: applied to the base model it replaces a stack
         of one-at-a-time edits of the same facts by one least-squares write of all of them.
+        scales: per request, the share of the move from the current output to z to write (the
+        scale each edit was shrunk to when applied; default all of it).
         """
         requests = [self.located(r) for r in requests]
-        with self.written(requests, zs.to(torch.float32)) as (factors, extras):
+        zs = zs.to(torch.float32)
+        if scales is not None:
+            now = current_outputs(self.adapter, self.z_module, requests)
+            zs = now + scales.to(torch.float32)[:, None] * (zs - now)
+        with self.written(requests, zs) as (factors, extras):
             pass
         return Delta({}, {"method": self.name, "layers": self.layers, "joint": len(requests)},
                      factors=factors, extras=extras)

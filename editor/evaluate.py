@@ -262,8 +262,8 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
     (the method's joint(), from the target vectors its deltas kept), as a daemon consolidates.
     """
     name = name or method.name
-    if consolidate_every and not hasattr(method, "joint"):
-        raise BadInput(f"method {method.name} cannot consolidate (no joint write); consolidate_every needs memit or alphaedit")
+    if consolidate_every:
+        _can_consolidate(name, method)
     targets: dict[str, torch.Tensor] = {}  # prompt -> its last edit's target vector
     params = dict(adapter.model.named_parameters())
     saved: dict[str, torch.Tensor] = {}
@@ -320,6 +320,12 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
     }
 
 
+def _can_consolidate(name: str, method: Any) -> None:
+    """BadInput unless the method can write many facts at once (a joint write from kept target vectors)."""
+    if not hasattr(method, "joint"):
+        raise BadInput(f"method {name} cannot consolidate (no joint write); consolidate_every needs memit or alphaedit")
+
+
 def _target_of(delta: Delta, method: Any) -> torch.Tensor:
     """The target vector an applied locate-and-edit delta kept in its extras, [d]."""
     from editor.memit.method import TARGET
@@ -373,8 +379,7 @@ def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[s
     made = [make_method(name, adapter, context, **options_for(options, name)) for name in methods]
     if consolidate_every:  # before any method runs, not after the first of a run of hours
         for name, method in zip(methods, made):
-            if not hasattr(method, "joint"):
-                raise BadInput(f"method {name} cannot consolidate (no joint write); consolidate_every needs memit or alphaedit")
+            _can_consolidate(name, method)
     base = sequential_baseline(adapter, records, gold)
     return [run_sequential(adapter, method, base, name, on_edit, checkpoints,
                            state_dir / _slug(name) if state_dir else None, consolidate_every)

@@ -115,6 +115,19 @@ def test_edit_list_revert_through_the_api(api: ApiServer) -> None:
     assert status == 400 and "only applied edits" in err["error"]
 
 
+def test_an_edit_that_fell_back_reports_its_earlier_attempts(api: ApiServer) -> None:
+    """The daemon's answer names the methods of the fallback list tried first (kbsync edit prints them)."""
+    s = api.engine.pipeline.settings
+    s.editor.method, s.editor.fallback = "zhu", ["ft-layer"]
+    # zhu held to no change never takes; fine-tuning then does.
+    s.editor.options = {"zhu": {"linf": 0.0, "max_steps": 2, "lr": 1e-3}, "ft-layer": dict(FAST_FT)}
+    status, out = call(f"{api.url}/edits", "POST", {"phrase": "capital of Nigeria", "target": "Lagos"}, token=TOKEN)
+    assert status == 200 and out["status"] == "applied" and out["method"] == "ft-layer", out
+    [zhu] = out["earlier_attempts"]
+    assert zhu["method"] == "zhu" and zhu["reasons"][-1] == "falling back to ft-layer", zhu
+    assert call(f"{api.url}/edits/{zhu['id']}")[1]["status"] == "rejected"
+
+
 def test_client_edits_a_prompt_and_reports_errors(api: ApiServer) -> None:
     client = DaemonClient(api.url, TOKEN)
     out = client.edit(prompt="What is the capital of Japan?", target="Osaka")

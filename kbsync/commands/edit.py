@@ -139,6 +139,9 @@ def _show_daemon(out: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps({**out, "via": "daemon"}, indent=2))
         return
+    for earlier in out.get("earlier_attempts") or []:  # methods of the fallback list tried first
+        label = f"edit {earlier['id']}" if earlier.get("id") is not None else "not recorded (dry run)"
+        console.print(esc(f"{earlier['method']}: rejected ({label}): {'; '.join(earlier['reasons'])}"))
     console.print(esc(f"via the running daemon: edit {out.get('edit_id')} {out.get('status')} "
                       f"({out.get('method')}): {out.get('before')!r} -> {out.get('after')!r}"))
     for r in out.get("reasons") or []:

@@ -13,6 +13,7 @@ stack's curve beside it; writes JSON (resumable: finished rows are skipped).
 
     python benchmarks/consolidate.py --state benchmarks/out/seq100/alphaedit_shrink_True --limit 100 \\
         --at 10,25,50,100 --method memit --method alphaedit --grid cov_weight=0,15000
+    python benchmarks/consolidate.py ... --method alphaedit --anchors 200 --grid anchor_weight=1,10
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--at", default="10,25,50,100", help="Edit counts to write jointly.")
     ap.add_argument("--method", action="append", help="Solvers (repeatable): memit, alphaedit; default memit.")
     ap.add_argument("--grid", action="append", default=[], help="name=v1,v2 options of the solvers.")
+    ap.add_argument("--anchors", type=int, default=0,
+                    help="(alphaedit) Also keep the outputs at the subject keys of this many other records (those after "
+                         "--limit): facts a knowledge base says are there, the neighbours a write must not move.")
     ap.add_argument("--cache-dir")
     ap.add_argument("--json", default=str(ROOT / "benchmarks/out/consolidate.json"))
     ap.add_argument("--threads", type=int, default=1)
@@ -76,6 +80,9 @@ def main() -> None:
     from editor.data import ground, load_records
     from editor.evaluate import known_gold, score_stack, sequential_baseline
     from editor.methods import EditRequest, MethodContext, make_method
+    from editor.delta import Delta
+    from editor.memit.compute_ks import compute_keys
+    from editor.memit.method import KEYS
     from editor.shrink import shrink_joint
     from kbsync.commands.editor import _setup
     from kbsync.served import model_fingerprint
@@ -99,19 +106,36 @@ def main() -> None:
     context = MethodContext(settings.store.data_path, cache, model_fingerprint(adapter.model))
     requests = [EditRequest(r.prompt, r.target, r.question, paraphrases=tuple(r.paraphrases), answer=r.answer,
                             claim_prefix=r.claim_prefix, subject=r.subject) for r in records]
+    scored = {p for r in records for p in (r.prompt, *r.paraphrases, *(q for q, _ in r.retain))}
+    anchors = [EditRequest(r.prompt, r.target, r.question, subject=r.subject)
+               for r in load_records(args.data, args.limit + args.anchors, answer_style=style)[args.limit:]
+               if r.prompt not in scored] if args.anchors else []
     for name in args.method or ["memit"]:
         for options in grid(args.grid):
             config = key(name, options)
             # Pseudo-options of the joint write: applied_scales (each fact at the scale its edit was
             # shrunk to, from its delta's meta) and shrink (the joint delta bisected to the smallest
             # scale keeping every prompt it holds).
+            # anchor_weight: how much each anchor's key counts in the solve, as an edit's own key counts 1.
             scaled, shrunk = bool(options.get("applied_scales")), bool(options.get("shrink"))
-            method = make_method(name, adapter, context, **{k: v for k, v in options.items() if k not in ("applied_scales", "shrink")})
+            weight = float(options.get("anchor_weight", 1.0))
+            pseudo = ("applied_scales", "shrink", "anchor_weight")
+            method = make_method(name, adapter, context, **{k: v for k, v in options.items() if k not in pseudo})
+            if args.anchors:
+                if not hasattr(method, "applied_keys"):
+                    sys.exit(f"--anchors needs a method that keeps keys (alphaedit), not {name}")
+                config += f" anchors={args.anchors}"
+                # Read once, on the base weights (every joint write below starts from them).
+                anchor_keys = {m: compute_keys(adapter, m, anchors, method.prefixes, False) * weight ** 0.5
+                               for m in method.modules}
             for n in counts:
                 if (config, n) in done:
                     continue
                 start = time.perf_counter()
                 zs, scales = targets(state, n, method.z_module)
+                method.on_reset()
+                if args.anchors:  # their keys join the applied keys the solve keeps
+                    method.on_applied(-1, Delta({}, {}, extras={KEYS + method.params[m]: k for m, k in anchor_keys.items()}))
                 delta = method.joint(requests[:n], zs, scales if scaled else None)
                 if shrunk:
                     delta, _ = shrink_joint(adapter, requests[:n], delta)

@@ -104,8 +104,7 @@ def main() -> None:
     base = sequential_baseline(adapter, records, gold)
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else settings.store.cache_path
     context = MethodContext(settings.store.data_path, cache, model_fingerprint(adapter.model))
-    requests = [EditRequest(r.prompt, r.target, r.question, paraphrases=tuple(r.paraphrases), answer=r.answer,
-                            claim_prefix=r.claim_prefix, subject=r.subject) for r in records]
+    requests = [r.request() for r in records]
     scored = {p for r in records for p in (r.prompt, *r.paraphrases, *(q for q, _ in r.retain))}
     anchors = [EditRequest(r.prompt, r.target, r.question, subject=r.subject)
                for r in load_records(args.data, args.limit + args.anchors, answer_style=style)[args.limit:]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from editor.methods import EditRequest
 from kbsync.errors import BadInput, NotFound
 from kbsync.facts import Fact, render
 from kbsync.match import normalise
@@ -32,6 +33,12 @@ class EditRecord:
     def taught(self) -> str:
         """What the edit's loss is on: the styled answer, else the target."""
         return self.answer or self.target
+
+    def request(self, original: str | None = None) -> EditRequest:
+        """The edit as a method takes it; original: the answer it replaces (default the record's)."""
+        return EditRequest(self.prompt, self.target, self.question, original=self.original if original is None else original,
+                           paraphrases=tuple(self.paraphrases), answer=self.answer, claim_prefix=self.claim_prefix,
+                           subject=self.subject)
 
 
 def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: int = 1,

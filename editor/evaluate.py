@@ -29,7 +29,7 @@ import torch
 from adapters.base import row_kl
 from editor.data import EditRecord
 from editor.delta import Delta
-from editor.methods import PRESERVE, SHRINK, EditRequest, MethodContext, make_method
+from editor.methods import PRESERVE, SHRINK, MethodContext, make_method
 from kbsync.errors import BadInput
 from kbsync.match import match, normalise
 
@@ -87,9 +87,7 @@ def _gold_accuracy(adapter: Any, gold: list[tuple[str, str]], question: bool) ->
 def _score(adapter: Any, method: Any, r: EditRecord, scores: MethodScores, gold: list[tuple[str, str]],
            base_retain: list[str], question: bool) -> None:
     """Edit one record on the unedited model, append its scores, and take the edit back."""
-    req = EditRequest(r.prompt, r.target, r.question, original=r.original, paraphrases=tuple(r.paraphrases), subject=r.subject,
-                      answer=r.answer, claim_prefix=r.claim_prefix)
-    result = method.propose(req)
+    result = method.propose(r.request())
     result.delta.apply(adapter.model)
     try:
         scores.n += 1
@@ -279,9 +277,7 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
                 delta = Delta.load(state_dir / f"{i:05d}.safetensors")
             else:
                 now = adapter.predict([r.prompt], question=r.question)[0]
-                req = EditRequest(r.prompt, r.target, r.question, original=now, paraphrases=tuple(r.paraphrases),
-                                  answer=r.answer, claim_prefix=r.claim_prefix, subject=r.subject)
-                result = method.propose(req)
+                result = method.propose(r.request(original=now))
                 delta = result.delta
             for n in delta.tensors:
                 saved.setdefault(n, params[n].detach().clone())
@@ -348,8 +344,7 @@ def _consolidate(adapter: Any, method: Any, done: list[EditRecord], targets: dic
         joint = Delta.load(path)
     else:
         last = {r.prompt: r for r in done}
-        requests = [EditRequest(r.prompt, r.target, r.question, paraphrases=tuple(r.paraphrases), answer=r.answer,
-                                claim_prefix=r.claim_prefix, subject=r.subject) for r in last.values()]
+        requests = [r.request() for r in last.values()]
         joint = method.joint(requests, torch.stack([targets[p] for p in last]))
         if path is not None:
             joint.save(path)

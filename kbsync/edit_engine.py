@@ -51,12 +51,10 @@ class EditOutcome:
     earlier_attempts: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def of(cls, row: Edit, dry_run: bool = False, earlier: list[Edit] | None = None) -> EditOutcome:
-        """From an audit row and the rows of earlier attempts (a dry run's rows are never saved: no ids)."""
+    def of(cls, row: Edit, dry_run: bool = False, earlier: list[dict[str, Any]] | None = None) -> EditOutcome:
+        """From an audit row (a dry run's row is never saved, so it has no id) and the earlier attempts' data."""
         return cls(row.status, None if dry_run else row.id, row.before_answer or "", row.after_answer or "",
-                   list(row.reasons or []), row.method or "",
-                   [{"id": None if dry_run else e.id, "method": e.method, "reasons": list(e.reasons or [])}
-                    for e in earlier or []])
+                   list(row.reasons or []), row.method or "", list(earlier or []))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON answers."""
@@ -169,7 +167,7 @@ class Engine:
         with self.edit_lock, self._options(options):
             out = self.pipeline.edit_fact(fact, target, method=method, force=force, dry_run=dry_run,
                                           source=source, actor=actor or default_actor(), kb_revision=kb_revision)
-        return EditOutcome.of(out.edit, dry_run, out.earlier)
+        return EditOutcome.of(out.edit, dry_run, out.earlier_attempts())
 
     def edit_prompt(self, prompt: str, target: str, *, method: str | None = None, force: bool = False,
                     dry_run: bool = False, source: str = "api", actor: str = "",
@@ -178,7 +176,7 @@ class Engine:
         with self.edit_lock, self._options(options):
             out = self.pipeline.edit_fact(prompt, target, method=method, force=force, dry_run=dry_run,
                                           source=source, actor=actor or default_actor())
-        return EditOutcome.of(out.edit, dry_run, out.earlier)
+        return EditOutcome.of(out.edit, dry_run, out.earlier_attempts())
 
     @contextlib.contextmanager
     def _options(self, options: dict[str, Any] | None) -> Iterator[None]:

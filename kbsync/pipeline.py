@@ -57,12 +57,16 @@ class EditOutcome:
         """applied | rejected | noop (what it would have been, on a dry run)."""
         return self.edit.status
 
+    def earlier_attempts(self) -> list[dict[str, Any]]:
+        """The rejected earlier attempts as plain data: id (None on a dry run: never saved), method, reasons."""
+        return [{"id": e.id, "method": e.method, "reasons": list(e.reasons or [])} for e in self.earlier]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain data for --json."""
         return {
             "id": self.edit.id, "status": self.status, "dry_run": self.dry_run, "forced": self.edit.forced,
             "reasons": list(self.edit.reasons), "method": self.edit.method,
-            "earlier_attempts": [{"id": e.id, "method": e.method, "reasons": list(e.reasons)} for e in self.earlier],
+            "earlier_attempts": self.earlier_attempts(),
             "fact": {"subject": self.edit.subject_label, "property": self.edit.property,
                      "object": self.edit.object_label, "question": self.edit.question},
             "before": [r.to_dict() for r in self.before], "after": [r.to_dict() for r in self.after],

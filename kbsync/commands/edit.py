@@ -103,9 +103,7 @@ def _show(out: Any) -> None:
         console.print(f"{esc(what)}: the model already answers [green]{esc(e.before_answer)}[/]; nothing to edit"
                       + ("" if out.dry_run else f" (recorded noop as edit {e.id})"))
         return
-    for earlier in out.earlier:  # methods of the fallback list tried first
-        label = f"edit {earlier.id}" if earlier.id is not None else "not recorded (dry run)"
-        console.print(esc(f"{earlier.method}: rejected ({label}): {'; '.join(earlier.reasons)}"))
+    _show_earlier(out.earlier_attempts())
     table = Table(title=esc(f"{what} -> {e.object_label} ({e.method})"))
     for col in ("kind", "prompt", "before", "after", "ok"):
         table.add_column(col)
@@ -134,14 +132,19 @@ def _show(out: Any) -> None:
         console.print(f"edit {e.id} {verdict}[/]" + (f" (delta {esc(e.delta_path)}, sequence {e.sequence})" if e.status == "applied" else ""))
 
 
+def _show_earlier(attempts: list[dict[str, Any]]) -> None:
+    """One line per method of the fallback list that was tried first and rejected."""
+    for earlier in attempts:
+        label = f"edit {earlier['id']}" if earlier.get("id") is not None else "not recorded (dry run)"
+        console.print(esc(f"{earlier['method']}: rejected ({label}): {'; '.join(earlier['reasons'])}"))
+
+
 def _show_daemon(out: dict[str, Any], as_json: bool) -> None:
     """The daemon's answer to an edit request (the audit log has the full record: kbsync show ID)."""
     if as_json:
         print(json.dumps({**out, "via": "daemon"}, indent=2))
         return
-    for earlier in out.get("earlier_attempts") or []:  # methods of the fallback list tried first
-        label = f"edit {earlier['id']}" if earlier.get("id") is not None else "not recorded (dry run)"
-        console.print(esc(f"{earlier['method']}: rejected ({label}): {'; '.join(earlier['reasons'])}"))
+    _show_earlier(out.get("earlier_attempts") or [])
     console.print(esc(f"via the running daemon: edit {out.get('edit_id')} {out.get('status')} "
                       f"({out.get('method')}): {out.get('before')!r} -> {out.get('after')!r}"))
     for r in out.get("reasons") or []:

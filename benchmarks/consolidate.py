@@ -36,19 +36,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 COLUMNS = ("kept_em", "equiv_em", "retain_acc", "retain_tf", "deterioration", "seconds")
 
 
-def targets(state: Path, n: int, module: str) -> tuple[Any, Any]:
-    """The first n applied edits' target vectors at module, [n, d], and the scales they were applied at, [n]."""
+def targets(state: Path, n: int, method: Any) -> tuple[Any, Any]:
+    """The first n applied edits' target vectors, [n, d], and the scales they were applied at, [n]."""
     import torch
 
     from editor.delta import Delta
-    from editor.memit.method import TARGET
 
     rows, scales = [], []
     for i in range(n):
         delta = Delta.load(state / f"{i:05d}.safetensors")
-        if TARGET + module not in delta.extras:
-            sys.exit(f"{state}: edit {i}'s delta has no target vector at {module} (a run from before they were kept)")
-        rows.append(delta.extras[TARGET + module].reshape(-1, delta.extras[TARGET + module].shape[-1])[-1])
+        z = method.kept_target(delta)
+        if z is None:
+            sys.exit(f"{state}: edit {i}'s delta has no target vector at {method.z_module} (a run from before they were kept)")
+        rows.append(z)
         scales.append(float(delta.meta.get("scale", 1.0)))
     return torch.stack(rows), torch.tensor(scales)
 
@@ -131,7 +131,7 @@ def main() -> None:
                 if (config, n) in done:
                     continue
                 start = time.perf_counter()
-                zs, scales = targets(state, n, method.z_module)
+                zs, scales = targets(state, n, method)
                 method.on_reset()
                 if args.anchors:  # their keys join the applied keys the solve keeps
                     method.on_applied(-1, Delta({}, {}, extras={KEYS + method.params[m]: k for m, k in anchor_keys.items()}))

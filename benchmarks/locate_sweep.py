@@ -82,7 +82,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from editor.data import ground, load_records
-    from editor.evaluate import known_gold, run_sequential, sequential_baseline
+    from editor.evaluate import known_gold, run_sequential, sequential_baseline, slug
     from editor.methods import MethodContext, make_method
     from kbsync.commands.editor import _setup
     from kbsync.served import model_fingerprint
@@ -114,12 +114,11 @@ def main() -> None:
     for method, options in todo:
         start = time.perf_counter()
         # Each configuration's applied deltas are kept beside the JSON: a killed run carries on from its last edit.
-        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in key(method, options))
         # consolidate_every is the run's, not the method's: every N edits all facts so far are written at once.
         made = {k: v for k, v in options.items() if k != "consolidate_every"}
         row = run_sequential(adapter, make_method(method, adapter, context, **made), base, key(method, options),
                              checkpoints=tuple(int(c) for c in args.checkpoints.split(",") if c),
-                             state_dir=out.with_suffix("") / slug, consolidate_every=int(options.get("consolidate_every", 0)))
+                             state_dir=out.with_suffix("") / slug(key(method, options)), consolidate_every=int(options.get("consolidate_every", 0)))
         row.update(config=key(method, options), options={k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
                    wall_s=time.perf_counter() - start)
         rows.append(row)

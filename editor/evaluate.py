@@ -324,12 +324,10 @@ def _can_consolidate(name: str, method: Any) -> None:
 
 def _target_of(delta: Delta, method: Any) -> torch.Tensor:
     """The target vector an applied locate-and-edit delta kept in its extras, [d]."""
-    from editor.memit.method import TARGET
-
-    z = delta.extras.get(TARGET + method.z_module)
+    z = method.kept_target(delta)
     if z is None:
         raise BadInput(f"a {method.name} delta without its target vector cannot be consolidated")
-    return z.reshape(-1, z.shape[-1])[-1]
+    return z
 
 
 def _consolidate(adapter: Any, method: Any, done: list[EditRecord], targets: dict[str, torch.Tensor],
@@ -377,10 +375,10 @@ def evaluate_sequential(adapter: Any, records: list[EditRecord], methods: list[s
             _can_consolidate(name, method)
     base = sequential_baseline(adapter, records, gold)
     return [run_sequential(adapter, method, base, name, on_edit, checkpoints,
-                           state_dir / _slug(name) if state_dir else None, consolidate_every)
+                           state_dir / slug(name) if state_dir else None, consolidate_every)
             for name, method in zip(methods, made)]
 
 
-def _slug(name: str) -> str:
-    """A method name as a folder name."""
+def slug(name: str) -> str:
+    """A method or configuration name as a folder name."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

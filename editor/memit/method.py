@@ -130,6 +130,11 @@ class Memit(EditMethod):
         delta = Delta({}, {"method": self.name, "layers": self.layers, **info}, factors=factors, extras=extras)
         return EditResult(delta, ok, int(info["z_steps"]), self.clock() - start, pred, info)
 
+    def kept_target(self, delta: Delta) -> torch.Tensor | None:
+        """The target vector [d] a delta of this method kept (its last request's), or None if it has none."""
+        z = delta.extras.get(TARGET + self.z_module)
+        return None if z is None else z.reshape(-1, z.shape[-1])[-1]
+
     def joint(self, requests: list[EditRequest], zs: torch.Tensor, scales: torch.Tensor | None = None) -> Delta:
         """One delta writing every request's target vector (rows of zs, from their edits' extras) at once.
 

@@ -3,8 +3,10 @@
 A delta holds, per parameter, either a dense additive update or low-rank factors (param +=
 left @ right, as locate-and-edit methods produce: ~8 KB instead of ~3.5 MB per matrix), plus
 "extras": tensors that travel with the delta (e.g. an edit's key vectors) but are never added
-to the model. `tensors` always gives the dense update of every parameter, materialising factors
-once, so callers that only add or inspect updates need not know how they are stored.
+to the model, and "gates" (editor/gate.py): vectors added to a module's output only at the tokens
+that name a subject, fired by the model's gate bank while the delta is applied. `tensors` always
+gives the dense update of every parameter, materialising factors once, so callers that only add
+or inspect updates need not know how they are stored (gates are not in it: see editor/gate.py).
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from editor.gate import GateSet, bank_for
 from kbsync.errors import KbsyncError
 
 # File keys. Parameter names never contain "::", so a key with it is never a dense update.
 LEFT = "factor.left::"
 RIGHT = "factor.right::"
 EXTRA = "extra::"
+GATE_VECTORS = "gate.vectors::"
+GATE_IDS = "gate.ids::"
+GATE_ROWS = "gate.rows::"
 SEP = "::"
 
 
@@ -85,8 +91,15 @@ class Delta:
         *,
         factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         extras: Mapping[str, torch.Tensor] | None = None,
+        gates: Mapping[str, GateSet] | None = None,
     ) -> None:
         self.dense: dict[str, torch.Tensor] = dict(tensors or {})
+        self.gates: dict[str, GateSet] = dict(gates or {})
+        for name, g in self.gates.items():
+            if (g.vectors.ndim != 2 or g.ids.ndim != 2 or g.rows.ndim != 1 or g.ids.shape[0] != g.rows.shape[0]
+                    or bool((g.rows < 0).any()) or bool((g.rows >= g.vectors.shape[0]).any())):
+                raise DeltaError(f"gates for {name} are malformed: vectors {tuple(g.vectors.shape)}, "
+                                 f"patterns {tuple(g.ids.shape)}, rows {tuple(g.rows.shape)}")
         # The caller's dict itself, as before factors existed (callers update result.delta.meta).
         self.meta: dict[str, Any] = meta if isinstance(meta, dict) else dict(meta or {})
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -106,7 +119,7 @@ class Delta:
 
     def __repr__(self) -> str:
         return (f"Delta(dense={sorted(self.dense)}, factors={sorted(self.factors)}, "
-                f"extras={sorted(self.extras)}, meta={self.meta!r})")
+                f"extras={sorted(self.extras)}, gates={sorted(self.gates)}, meta={self.meta!r})")
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -133,6 +146,10 @@ class Delta:
             yield n, RIGHT + n, right
         for k, t in self.extras.items():
             yield f"extra {k}", EXTRA + k, t
+        for m, g in self.gates.items():
+            yield f"gate {m}", GATE_VECTORS + m, g.vectors
+            yield f"gate {m}", GATE_IDS + m, g.ids
+            yield f"gate {m}", GATE_ROWS + m, g.rows
 
     def nbytes(self) -> int:
         """Bytes of what is stored: dense updates, factors and extras (not materialised copies)."""
@@ -171,13 +188,15 @@ class Delta:
             # ||L R||^2 = sum((L^T L) * (R R^T)): r x r products instead of the out x in matrix.
             lf, rf = left.detach().float().double(), right.detach().float().double()
             total += ((lf.T @ lf) * (rf @ rf.T)).sum().clamp(min=0).cpu()
+        for g in self.gates.values():
+            total += (g.vectors.detach().double() ** 2).sum().cpu()
         return float(torch.sqrt(total))
 
     def scaled(self, factor: float) -> Delta:
-        """A copy with every update multiplied by factor (factored: left only); extras unchanged."""
+        """A copy with every update multiplied by factor (factored: left only; gated: the vectors); extras unchanged."""
         return Delta({k: v * factor for k, v in self.dense.items()}, dict(self.meta),
                      factors={n: (left * factor, right) for n, (left, right) in self.factors.items()},
-                     extras=self.extras)
+                     extras=self.extras, gates={m: g.scaled(factor) for m, g in self.gates.items()})
 
     def __add__(self, other: Delta) -> Delta:
         """The sum of two deltas: factored + factored stays factored (ranks concatenated), else dense."""
@@ -199,7 +218,10 @@ class Delta:
         extras = dict(self.extras)
         for k, t in other.extras.items():
             extras[k] = torch.cat([extras[k], t], dim=0) if k in extras else t
-        return Delta(dense, {**self.meta, **other.meta}, factors=factors, extras=extras)
+        gates = dict(self.gates)
+        for m, g in other.gates.items():
+            gates[m] = gates[m] + g if m in gates else g
+        return Delta(dense, {**self.meta, **other.meta}, factors=factors, extras=extras, gates=gates)
 
     def _params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         params = dict(model.named_parameters())
@@ -220,6 +242,8 @@ class Delta:
         self._backup = {n: params[n].detach().clone() for n in self.tensors}
         for name, t in self.tensors.items():
             params[name].add_(t.to(device=params[name].device, dtype=params[name].dtype))
+        if self.gates:
+            bank_for(model).add(self, self.gates)
 
     @torch.no_grad()
     def remove(self, model: torch.nn.Module) -> None:
@@ -229,6 +253,8 @@ class Delta:
         params = self._params(model)
         for name, old in self._backup.items():
             params[name].copy_(old)
+        if self.gates:
+            bank_for(model).remove(self)
         self._backup = None
 
     def save(self, path: str | Path) -> str:
@@ -274,6 +300,7 @@ class Delta:
         lefts: dict[str, torch.Tensor] = {}
         rights: dict[str, torch.Tensor] = {}
         extras: dict[str, torch.Tensor] = {}
+        gate_parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in stored.items():
             if SEP not in key:
                 dense[key] = t
@@ -283,9 +310,17 @@ class Delta:
                 rights[key[len(RIGHT):]] = t
             elif key.startswith(EXTRA):
                 extras[key[len(EXTRA):]] = t
+            elif key.startswith((GATE_VECTORS, GATE_IDS, GATE_ROWS)):
+                kind, _, module = key.partition(SEP)
+                gate_parts.setdefault(module, {})[kind] = t
             else:
                 raise DeltaError(f"unknown key {key!r}")
         for name in sorted(lefts.keys() ^ rights.keys()):
             raise DeltaError(f"factor for {name} has a {'left' if name in lefts else 'right'} "
                              f"but no {'right' if name in lefts else 'left'}")
-        return cls(dense, meta, factors={n: (lefts[n], rights[n]) for n in lefts}, extras=extras)
+        gates = {}
+        for module, parts in gate_parts.items():
+            if len(parts) != 3:
+                raise DeltaError(f"gates for {module} lack {', '.join(sorted({'gate.vectors', 'gate.ids', 'gate.rows'} - parts.keys()))}")
+            gates[module] = GateSet(parts["gate.vectors"], parts["gate.ids"].long(), parts["gate.rows"].long())
+        return cls(dense, meta, factors={n: (lefts[n], rights[n]) for n in lefts}, extras=extras, gates=gates)

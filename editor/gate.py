@@ -1,0 +1,205 @@
+"""Subject gates: a vector added to one layer's output at the tokens that name a subject, nowhere else.
+
+A locate-and-edit weight update fires on every input whose key resembles the edited subject's,
+so stacked edits move their neighbours ("Rome" edited, "Milan" moves with it): on SmolLM2 that,
+not forgetting, is what limits 100 stacked AlphaEdit edits (benchmarks/RESULTS.md). A gate makes
+the match exact: the edit's target-vector change (MEMIT's z - h at the subject's last token) is
+added only where the input holds one of the subject's token patterns, as the served tokenizer
+writes it. Inputs that do not name the subject run the base model bit for bit.
+
+One GateBank per model holds the gates of every applied delta; a forward pre-hook on the model
+reads the input ids, and a forward hook per gated module adds the vectors at the matched tokens.
+Matching is on the ids the model is given in that call: a full forward (teacher forcing, the
+prompt of a generation) sees every occurrence; a cached decoding step sees its new token only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from adapters.hooks import get_module
+
+PAD = -1  # pads a shorter pattern in GateSet.ids
+
+
+@dataclass
+class GateSet:
+    """Gated vectors of one module: vectors [n, d]; patterns ids [p, L] (PAD-padded), rows [p] -> vector."""
+
+    vectors: torch.Tensor
+    ids: torch.Tensor
+    rows: torch.Tensor
+
+    def patterns(self) -> list[tuple[tuple[int, ...], int]]:
+        """(token ids, vector row) per pattern, padding dropped."""
+        return [(tuple(int(t) for t in row if int(t) != PAD), int(r)) for row, r in zip(self.ids, self.rows)]
+
+    def scaled(self, factor: float) -> GateSet:
+        """The same patterns with every vector times factor."""
+        return GateSet(self.vectors * factor, self.ids, self.rows)
+
+    def __add__(self, other: GateSet) -> GateSet:
+        """Both sets' vectors and patterns (the other's rows shifted past this one's vectors)."""
+        width = max(self.ids.shape[1], other.ids.shape[1])
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=PAD)  # noqa: E731
+        return GateSet(torch.cat([self.vectors, other.vectors]), torch.cat([pad(self.ids), pad(other.ids)]),
+                       torch.cat([self.rows, other.rows + self.vectors.shape[0]]))
+
+    @classmethod
+    def of(cls, vectors: torch.Tensor, patterns: list[tuple[list[int], int]]) -> GateSet:
+        """A set from vectors [n, d] and (token ids, vector row) pairs."""
+        width = max(len(p) for p, _ in patterns)
+        ids = torch.full((len(patterns), width), PAD, dtype=torch.long)
+        for i, (p, _) in enumerate(patterns):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        return cls(vectors, ids, torch.tensor([r for _, r in patterns], dtype=torch.long))
+
+
+class GateBank:
+    """The gates applied to one model, keyed by who added them (a delta), with the hooks that fire them."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.entries: dict[Any, dict[str, GateSet]] = {}
+        self.paused = 0
+        self._ids: torch.Tensor | None = None
+        self._index: dict[str, tuple[torch.Tensor, dict[int, list[tuple[tuple[int, ...], int]]]]] | None = None
+        self._hooks: dict[str, Any] = {}
+        self._pre = model.register_forward_pre_hook(self._read_ids, with_kwargs=True)
+
+    def _read_ids(self, _m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._ids = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None
+
+    def add(self, key: Any, gates: Mapping[str, GateSet]) -> None:
+        """Fire these gates from now on (a key already present is replaced)."""
+        if not gates:
+            return
+        self.entries[key] = dict(gates)
+        for module in gates:
+            if module not in self._hooks:
+                self._hooks[module] = get_module(self.model, module).register_forward_hook(self._hook_for(module))
+        self._index = None
+
+    def remove(self, key: Any) -> None:
+        """Stop firing the gates added under key (nothing if there are none)."""
+        if self.entries.pop(key, None) is not None:
+            self._index = None
+
+    def clear(self) -> None:
+        """No gates at all: the model is its weights again."""
+        self.entries.clear()
+        self._index = None
+
+    def __len__(self) -> int:
+        return sum(s.vectors.shape[0] for g in self.entries.values() for s in g.values())
+
+    @contextmanager
+    def off(self) -> Iterator[None]:
+        """No gate fires inside the block (statistics and caches of the base model)."""
+        self.paused += 1
+        try:
+            yield
+        finally:
+            self.paused -= 1
+
+    def _built(self) -> dict[str, tuple[torch.Tensor, dict[int, list[tuple[tuple[int, ...], int]]]]]:
+        # Per module: every vector stacked, and the patterns indexed by their last token, so one pass
+        # over the input's tokens finds every match.
+        if self._index is None:
+            index: dict[str, tuple[list[torch.Tensor], dict[int, list[tuple[tuple[int, ...], int]]]]] = {}
+            for gates in self.entries.values():
+                for module, s in gates.items():
+                    vecs, by_last = index.setdefault(module, ([], {}))
+                    base = sum(v.shape[0] for v in vecs)
+                    vecs.append(s.vectors.detach().float())
+                    for pattern, row in s.patterns():
+                        by_last.setdefault(pattern[-1], []).append((pattern, base + row))
+            self._index = {m: (torch.cat(v), b) for m, (v, b) in index.items()}
+        return self._index
+
+    def matches(self, ids: torch.Tensor, module: str) -> tuple[list[int], list[int], list[int]]:
+        """(batch rows, token positions, vector rows) where a pattern of module's gates ends in ids [b, t]."""
+        built = self._built().get(module)
+        rows: list[int] = []
+        cols: list[int] = []
+        which: list[int] = []
+        if built is None:
+            return rows, cols, which
+        _, by_last = built
+        for b, seq in enumerate(ids.tolist()):
+            for t, tok in enumerate(seq):
+                fired: set[int] = set()  # a vector fires once per token, however many of its patterns end there
+                for pattern, v in by_last.get(tok, ()):
+                    n = len(pattern)
+                    if v not in fired and t + 1 >= n and tuple(seq[t + 1 - n:t + 1]) == pattern:
+                        fired.add(v)
+                        rows.append(b)
+                        cols.append(t)
+                        which.append(v)
+        return rows, cols, which
+
+    def _hook_for(self, module: str) -> Any:
+        def hook(_m: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
+            if self.paused or self._ids is None or not self.entries:
+                return None
+            h = output[0] if isinstance(output, tuple) else output
+            rows, cols, which = self.matches(self._ids, module)
+            if not rows or h.shape[:2] != self._ids.shape:
+                return None
+            vecs = self._built()[module][0].to(device=h.device, dtype=h.dtype)
+            h = h.index_put((torch.tensor(rows), torch.tensor(cols)), vecs[torch.tensor(which)], accumulate=True)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return hook
+
+
+def bank_for(model: torch.nn.Module) -> GateBank:
+    """The model's gate bank, made (hooks installed) on first use."""
+    bank = model.__dict__.get("_kbsync_gates")
+    if bank is None:
+        bank = GateBank(model)
+        model.__dict__["_kbsync_gates"] = bank
+    return bank
+
+
+@contextmanager
+def gates_off(model: torch.nn.Module) -> Iterator[None]:
+    """No gate fires on this model inside the block (nothing to do when it has none)."""
+    bank = model.__dict__.get("_kbsync_gates")
+    if bank is None:
+        yield
+        return
+    with bank.off():
+        yield
+
+
+@contextmanager
+def gated(model: torch.nn.Module, gates: Mapping[str, GateSet]) -> Iterator[None]:
+    """These gates fire on the model for the block only (a proposed delta judged without applying it)."""
+    if not gates:
+        yield
+        return
+    bank = bank_for(model)
+    key = object()
+    bank.add(key, gates)
+    try:
+        yield
+    finally:
+        bank.remove(key)
+
+
+@contextmanager
+def restoring(model: torch.nn.Module) -> Iterator[None]:
+    """The gates firing at the block's start are exactly those firing after it (a run that applies and resets)."""
+    bank = bank_for(model)
+    saved = dict(bank.entries)
+    try:
+        yield
+    finally:
+        bank.entries = saved
+        bank._index = None

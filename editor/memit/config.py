@@ -1,4 +1,4 @@
-"""MEMIT's options: the edited layers, the target-vector optimisation and the statistics' weight."""
+"""MEMIT's options: the target-vector optimisation (shared with the gated method), the edited layers and the statistics' weight."""
 
 from __future__ import annotations
 
@@ -8,12 +8,9 @@ from editor.methods import MethodOptions
 
 
 @dataclass
-class MemitOptions(MethodOptions):
-    """Locate-and-edit settings; every default is scale-free so that it transfers between models."""
+class TargetOptions(MethodOptions):
+    """The target vector's settings (compute_z), shared by MEMIT's family and the subject-gated method."""
 
-    # MLP output matrices written (negative: from the end). Empty: the band at 13-27% of the depth
-    # where MEMIT and AlphaEdit edit GPT-J and Llama-3 (layers 4-8 of SmolLM2's 30).
-    layers: tuple[int, ...] = ()
     # Where the fact is read and written: "subject", the subject's last token (ROME/MEMIT: real LMs
     # recall a subject's attributes there), or "last", the prompt's last token (models that route
     # the subject to the answer position in their first layer, like the tiny test models).
@@ -35,6 +32,18 @@ class MemitOptions(MethodOptions):
     # Also optimise the target vector (and average the keys) over the request's paraphrases: the
     # update then answers how people ask, not one wording.
     paraphrases: bool = True
+    # Weight of the KL that keeps the answers to the request's `keep` prompts (the subject's other
+    # facts) where they were, with the changed vector at the subject there too (0: off).
+    keep_weight: float = 1.0
+
+
+@dataclass
+class MemitOptions(TargetOptions):
+    """Locate-and-edit settings; every default is scale-free so that it transfers between models."""
+
+    # MLP output matrices written (negative: from the end). Empty: the band at 13-27% of the depth
+    # where MEMIT and AlphaEdit edit GPT-J and Llama-3 (layers 4-8 of SmolLM2's 30).
+    layers: tuple[int, ...] = ()
     # MEMIT's preservation weight: the solve is (K K^T + mom2_weight * C0)^-1 with C0 = E[k k^T]
     # over the statistics corpus (one corpus token's worth is 1).
     mom2_weight: float = 15000.0

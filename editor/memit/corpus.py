@@ -81,3 +81,11 @@ def stats_texts(adapter: Any, tokens: int, seed: int = 0, progress: Callable[[in
     n_facts = min(len(facts), max(1, tokens // 2 // per_fact))
     n_gen = max(1, (tokens - n_facts * per_fact) // 64)
     return facts[:n_facts] + generated_texts(adapter, n_gen, seed=seed, progress=progress)
+
+
+def context_prefixes(adapter: Any, n: int, tokens: int) -> list[str]:
+    """Short texts the model writes itself, put before a prompt (MEMIT's context templates); seeded."""
+    if n <= 0:
+        return []
+    texts = generated_texts(adapter, n, tokens=tokens, seed=1)
+    return [" ".join(t.replace("\n", " ").split()) + "." for t in texts][:n] if texts else list(SEEDS[:n])

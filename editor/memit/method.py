@@ -19,6 +19,7 @@ import torch
 
 from editor.delta import Delta
 from editor.memit.compute_ks import compute_keys, current_outputs
+from editor.memit.corpus import context_prefixes
 from editor.memit.compute_z import compute_target
 from editor.memit.config import MemitOptions, default_layers
 from editor.memit.layer_stats import covariances_for
@@ -56,22 +57,13 @@ class Memit(EditMethod):
         self.params = {m: m + ".weight" for m in self.modules}
         self.z_module = self.adapter.layer_module(self.layers[-1])
         self.cov = self.statistics(self.modules)
-        self.prefixes = [""] + self._prefixes(opts.prefixes, opts.prefix_tokens)
+        self.prefixes = [""] + context_prefixes(self.adapter, opts.prefixes, opts.prefix_tokens)
         super().prepare()
 
     def statistics(self, modules: list[str]) -> dict[str, torch.Tensor]:
         """C0 per module, cached under the base model's fingerprint (computed on base weights if missing)."""
         return covariances_for(self.adapter, self.context, modules, self.options.stats_tokens,
                                compute=self.options.compute_stats)
-
-    def _prefixes(self, n: int, tokens: int) -> list[str]:
-        """Short texts the model writes itself, put before a prompt (MEMIT's context templates); seeded."""
-        if n <= 0:
-            return []
-        from editor.memit.corpus import SEEDS, generated_texts
-
-        texts = generated_texts(self.adapter, n, tokens=tokens, seed=1)
-        return [" ".join(t.replace("\n", " ").split()) + "." for t in texts][:n] if texts else list(SEEDS[:n])
 
     # --- the update ---------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ class EditRecord:
     answer: str = ""  # the target in the model's answer style (see EditRequest.answer); empty: the bare target
     claim_prefix: str = ""  # "The capital of Peru is": an answer echoing it is judged on the rest
     subject: str = ""  # the entity the prompt is about, as it occurs there (locate-and-edit reads its last token)
+    keep: list[str] = field(default_factory=list)  # the subject's other questions, whose answers must stay (EditRequest.keep)
 
     @property
     def taught(self) -> str:
@@ -38,7 +39,7 @@ class EditRecord:
         """The edit as a method takes it; original: the answer it replaces (default the record's)."""
         return EditRequest(self.prompt, self.target, self.question, original=self.original if original is None else original,
                            paraphrases=tuple(self.paraphrases), answer=self.answer, claim_prefix=self.claim_prefix,
-                           subject=self.subject)
+                           subject=self.subject, keep=tuple(self.keep))
 
 
 def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: int = 1,

@@ -40,6 +40,10 @@ class EditRequest:
     # The entity the fact is about, as it occurs in the prompt ("Namibia"); locate-and-edit
     # methods read the model at its last token. Empty: the prompt's last token stands in.
     subject: str = ""
+    # Other questions about the subject whose answers must not change (its other facts in the KB:
+    # "What currency does Namibia use?" beside an edit of its capital). Methods that change what
+    # the model holds about the subject (the target vector) keep these prompts' current answers.
+    keep: tuple[str, ...] = ()
 
     @property
     def taught(self) -> str:
@@ -237,6 +241,7 @@ def register_method(cls: type[EditMethod]) -> type[EditMethod]:
 def _builtins() -> None:
     import editor.alphaedit  # noqa: F401  (registers alphaedit)
     import editor.finetune  # noqa: F401  (registers ft-layer, ft-all, zhu)
+    import editor.gated  # noqa: F401  (registers gated)
     import editor.ke  # noqa: F401  (registers ke, ke-loop)
     import editor.memit  # noqa: F401  (registers memit)
 

@@ -17,12 +17,27 @@ import torch.nn.functional as F
 
 from adapters.hooks import edit_output
 from editor.memit.compute_ks import contexts
-from editor.memit.config import MemitOptions
+from editor.memit.config import TargetOptions
 from editor.methods import EditRequest
 
 
+def _kept(adapter: Any, request: EditRequest) -> tuple[Any, torch.Tensor] | None:
+    """(encoded keep prompts with the live model's answers, the subject's position in each), or None if none apply."""
+    subject = request.subject.strip()
+    prompts = [p for p in request.keep if subject and subject.lower() in p.lower()]
+    if not prompts:
+        return None
+    answers = adapter.predict(prompts, question=request.question)
+    pairs = [(p, a) for p, a in zip(prompts, answers) if a.strip()]
+    if not pairs:
+        return None
+    ps = [p for p, _ in pairs]
+    batch = adapter.encode(ps, [a for _, a in pairs], question=request.question)
+    return batch, torch.tensor(adapter.subject_positions(ps, subject, request.question))
+
+
 def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefixes: list[str],
-                   opts: MemitOptions) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                   opts: TargetOptions) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """(z, the current vector it replaces, info): both [d] at the bare prompt's subject token."""
     prompts = contexts(request, prefixes, opts.paraphrases)
     batch = adapter.encode(prompts, [request.taught] * len(prompts), question=request.question)
@@ -31,6 +46,8 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
     essence_prompt = f"{request.subject} is a" if request.subject else request.prompt
     ess_ids = torch.tensor([adapter._prompt_ids(essence_prompt, False)])
     ess_pos = torch.tensor(adapter.subject_positions([essence_prompt], request.subject, False))
+
+    kept = _kept(adapter, request) if opts.keep_weight > 0 else None
 
     where: dict[str, Any] = {}
     delta = torch.zeros(adapter.model.config.hidden_size, requires_grad=True)
@@ -55,6 +72,10 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
         with torch.no_grad(), trace(adapter.model, [layer_module]) as tr:
             adapter.model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1], use_cache=False)
             init = tr[layer_module].output[0, pos[0]].clone()
+        if kept is not None:
+            with torch.no_grad():
+                k_logits, _, k_mask = adapter.answer_logits(kept[0])
+                base_keep = F.log_softmax(k_logits.float(), -1)
         with edit_output(adapter.model, layer_module, add):
             with torch.no_grad():
                 base_ess = essence_logp()
@@ -73,8 +94,15 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
                 # argmax, so the greedy answer is the target there, without pushing the mean loss to 0.
                 worst = float(tok[mask.bool()].max().detach()) if mask.any() else 0.0
                 kl = F.kl_div(essence_logp(), base_ess, log_target=True, reduction="sum")
+                keep_kl = torch.zeros(())
+                if kept is not None:
+                    # The subject's other answers, token by token, with the changed vector there too.
+                    where.update(rows=torch.arange(len(kept[1])), pos=kept[1])
+                    new_keep = F.log_softmax(adapter.answer_logits(kept[0])[0].float(), -1)
+                    per_tok = (base_keep.exp() * (base_keep - new_keep)).sum(-1)
+                    keep_kl = (per_tok * k_mask).sum() / k_mask.sum().clamp(min=1)
                 wd = opts.v_weight_decay * delta.norm() ** 2 / init.norm() ** 2
-                loss = nll + opts.kl_factor * kl + wd
+                loss = nll + opts.kl_factor * kl + opts.keep_weight * keep_kl + wd
                 if float(nll.detach()) < opts.v_loss_stop or (opts.v_token_prob and worst < -math.log(opts.v_token_prob)):
                     break
                 opt.zero_grad()

@@ -29,6 +29,7 @@ import torch
 from adapters.base import row_kl
 from editor.data import EditRecord
 from editor.delta import Delta
+from editor.gate import gated, restoring
 from editor.methods import PRESERVE, SHRINK, MethodContext, make_method
 from kbsync.errors import BadInput
 from kbsync.match import match, normalise
@@ -114,7 +115,8 @@ def _score(adapter: Any, method: Any, r: EditRecord, scores: MethodScores, gold:
             base_logp, mask = adapter.log_probs(rb)
             params = {n: p.detach() + result.delta.tensors[n] for n, p in adapter.model.named_parameters()
                       if n in result.delta.tensors}
-            new_logp, _ = adapter.log_probs(rb, params)  # one edited pass for both the KL and TF
+            with gated(adapter.model, result.delta.gates):
+                new_logp, _ = adapter.log_probs(rb, params)  # one edited pass for both the KL and TF
             rows_of = mask.nonzero()[:, 0]
             scores.retain_kl += row_kl(base_logp[mask], new_logp[mask], rows_of, len(r.retain)).tolist()
             same = (base_logp.argmax(-1) == new_logp.argmax(-1)) & mask
@@ -271,43 +273,44 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
         state_dir.mkdir(parents=True, exist_ok=True)
         if log.exists():
             state = json.loads(log.read_text())
-    try:
-        for i, r in enumerate(base.records):
-            if i < len(state["made"]):  # done in an earlier run: replay its delta
-                delta = Delta.load(state_dir / f"{i:05d}.safetensors")
-            else:
-                now = adapter.predict([r.prompt], question=r.question)[0]
-                result = method.propose(r.request(original=now))
-                delta = result.delta
-            for n in delta.tensors:
-                saved.setdefault(n, params[n].detach().clone())
-            delta.apply(adapter.model)
-            method.on_applied(i, delta)  # as the served model tells its methods
-            if consolidate_every:
-                targets[r.prompt] = _target_of(delta, method)
-                if (i + 1) % consolidate_every == 0:
-                    _consolidate(adapter, method, base.records[:i + 1], targets, saved,
-                                 state_dir / f"joint-{i + 1:05d}.safetensors" if state_dir else None)
-            if i < len(state["made"]):
-                continue
-            state["made"] += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
-            state["seconds"].append(result.seconds)
-            state["bytes"].append(delta.nbytes())
-            if i + 1 in checkpoints and i + 1 < len(base.records):
-                state["curve"].append({"edits": i + 1, **score_stack(adapter, base, base.records[:i + 1])})
-            if log is not None:
-                delta.save(state_dir / f"{i:05d}.safetensors")
-                tmp = log.with_suffix(".tmp")
-                tmp.write_text(json.dumps(state))
-                os.replace(tmp, log)  # the delta first: a state that lists an edit always has its file
-            if on_edit:
-                on_edit(name, i)
-        end = score_stack(adapter, base, base.records)
-    finally:
-        with torch.no_grad():
-            for n, w in saved.items():
-                params[n].copy_(w)
-        method.on_reset()
+    with restoring(adapter.model):  # gates the run's deltas added go with them
+        try:
+            for i, r in enumerate(base.records):
+                if i < len(state["made"]):  # done in an earlier run: replay its delta
+                    delta = Delta.load(state_dir / f"{i:05d}.safetensors")
+                else:
+                    now = adapter.predict([r.prompt], question=r.question)[0]
+                    result = method.propose(r.request(original=now))
+                    delta = result.delta
+                for n in delta.tensors:
+                    saved.setdefault(n, params[n].detach().clone())
+                delta.apply(adapter.model)
+                method.on_applied(i, delta)  # as the served model tells its methods
+                if consolidate_every:
+                    targets[r.prompt] = _target_of(delta, method)
+                    if (i + 1) % consolidate_every == 0:
+                        _consolidate(adapter, method, base.records[:i + 1], targets, saved,
+                                     state_dir / f"joint-{i + 1:05d}.safetensors" if state_dir else None)
+                if i < len(state["made"]):
+                    continue
+                state["made"] += _em(adapter, [r.prompt], r.target, r.question, r.claim_prefix)
+                state["seconds"].append(result.seconds)
+                state["bytes"].append(delta.nbytes())
+                if i + 1 in checkpoints and i + 1 < len(base.records):
+                    state["curve"].append({"edits": i + 1, **score_stack(adapter, base, base.records[:i + 1])})
+                if log is not None:
+                    delta.save(state_dir / f"{i:05d}.safetensors")
+                    tmp = log.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(state))
+                    os.replace(tmp, log)  # the delta first: a state that lists an edit always has its file
+                if on_edit:
+                    on_edit(name, i)
+            end = score_stack(adapter, base, base.records)
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    params[n].copy_(w)
+            method.on_reset()
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     return {
         "method": name, "n": len(base.records), "success_em": mean(state["made"]), **end,

@@ -27,6 +27,7 @@ SMALL: dict[str, dict] = {
     "ke-loop": {"loop": 2},
     "memit": {"stats_tokens": 2000, "prefixes": 0, "v_steps": 5, "layers": (0,)},
     "alphaedit": {"stats_tokens": 2000, "prefixes": 0, "v_steps": 5, "layers": (0,)},
+    "gated": {"prefixes": 0, "v_steps": 5, "embeddings": True},
 }
 
 
@@ -68,14 +69,26 @@ def test_every_registered_method_keeps_the_contract(name, model, editor_checkpoi
     assert all(torch.equal(after[k], v) for k, v in before.items()), f"{name}: propose() changed the live model"
     delta = result.delta
     live = dict(model.model.named_parameters())
-    assert delta.tensors and all(n in live and t.shape == live[n].shape for n, t in delta.tensors.items())
+    # A delta changes weights, or adds gated vectors at modules the model has (editor/gate.py).
+    assert delta.tensors or delta.gates
+    assert all(n in live and t.shape == live[n].shape for n, t in delta.tensors.items())
     assert all(torch.isfinite(t).all() for t in delta.tensors.values())
+    hidden = model.model.config.hidden_size
+    assert all(g.vectors.shape[1] == hidden and torch.isfinite(g.vectors).all() for g in delta.gates.values())
     assert result.seconds >= 0 and isinstance(result.success, bool)
+    batch = model.encode([request.prompt], [request.target])
+    with torch.no_grad():
+        logits_before = model.model(input_ids=batch["input_ids"]).logits
     delta.apply(model.model)
     method.on_applied(1, delta)
-    assert any(not torch.equal(model.model.state_dict()[n], before[n]) for n in delta.tensors)
+    with torch.no_grad():
+        logits_applied = model.model(input_ids=batch["input_ids"]).logits
+    assert not torch.equal(logits_applied, logits_before), f"{name}: the applied delta does not change the model"
+    assert not delta.tensors or any(not torch.equal(model.model.state_dict()[n], before[n]) for n in delta.tensors)
     delta.remove(model.model)
     method.on_reset()
     assert all(torch.equal(model.model.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        assert torch.equal(model.model(input_ids=batch["input_ids"]).logits, logits_before)
     with pytest.raises(BadInput, match="unknown option"):
         make_method(name, model, context, **options_for(name, editor_checkpoint), no_such_option=1)

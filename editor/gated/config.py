@@ -1,0 +1,22 @@
+"""The gated method's options: where the vector is added, and the target-vector optimisation it shares with MEMIT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from editor.memit.config import TargetOptions
+
+
+@dataclass
+class GatedOptions(TargetOptions):
+    """One layer's output at the subject's last token; the target vector as MEMIT's (compute_z)."""
+
+    # The layer whose output gets the vector (negative: from the end). None: the last layer of the
+    # band MEMIT edits (27% of the depth: layer 8 of SmolLM2's 30), where its target vector sits.
+    layer: int | None = None
+    # Add the vector to the subject's token embedding (the first layer's input) instead: for models
+    # that carry the subject to the answer position in their first attention layer, as the tiny test
+    # models do (a vector at a later layer's subject token flips none of 50 there).
+    embeddings: bool = False
+    # Also fire on the subject written in lower case ("namibia"): people type that.
+    lowercase: bool = True

@@ -1,0 +1,71 @@
+"""The gated method: MEMIT's target vector at one layer, added only at the tokens that name the subject.
+
+MEMIT optimises a change of the residual stream at the subject's last token that makes the model
+answer the new target (compute_z), then writes it into MLP weights by least squares, where it
+also fires for every subject with a similar key. Here the change itself is the edit: a gate
+(editor/gate.py) adds it to that layer's output wherever the input holds one of the subject's
+token patterns. Other subjects run the base model exactly, so edits of different subjects never
+interfere, whatever their number; no statistics are needed. The cost: an input that names the
+subject otherwise (an alias the patterns lack, a pronoun) does not get the edit, and an export as
+plain weights cannot carry it (kbsync export refuses gated edits).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from editor.delta import Delta
+from editor.gate import GateSet, gated
+from editor.gated.config import GatedOptions
+from editor.gated.patterns import subject_patterns
+from editor.memit.compute_z import compute_target
+from editor.memit.config import default_layers
+from editor.memit.corpus import context_prefixes
+from editor.methods import EditMethod, EditRequest, EditResult, MethodOptions, register_method
+from kbsync.errors import BadInput
+
+
+@register_method
+class Gated(EditMethod):
+    """Subject-gated target vector: exact scope, no interference between edits of different subjects."""
+
+    name: ClassVar[str] = "gated"
+    description: ClassVar[str] = "MEMIT's target vector, added only at the tokens that name the subject"
+    options_cls: ClassVar[type[MethodOptions]] = GatedOptions
+
+    def prepare(self) -> None:
+        """Resolve the layer and the context prefixes (nothing to compute: no statistics)."""
+        opts: Any = self.options
+        if not hasattr(self.adapter, "subject_positions") or self.adapter.family != "causal-lm":
+            raise BadInput(f"{self.name} edits causal LMs; this model is a {self.adapter.family}")
+        if opts.position != "subject":
+            raise BadInput(f"option position of method {self.name} must be 'subject' (the gate fires at the subject)")
+        n = self.adapter.num_layers()
+        layer = opts.layer if opts.layer is not None else default_layers(n)[-1]
+        self.layer = self.adapter.resolve_layer(layer)
+        if self.layer >= n - 1:
+            raise BadInput(f"{self.name}: layer {self.layer} must leave at least one layer after it (the model has {n})")
+        self.module = self.adapter.layer_module(self.layer)
+        if opts.embeddings:
+            self.layer = -1
+            self.module = self.embedding_module()
+        self.prefixes = [""] + context_prefixes(self.adapter, opts.prefixes, opts.prefix_tokens)
+        super().prepare()
+
+    def embedding_module(self) -> str:
+        """The name of the model's input embedding module."""
+        emb = self.adapter.model.get_input_embeddings()
+        return next(n for n, m in self.adapter.model.named_modules() if m is emb)
+
+    def edit(self, request: EditRequest) -> EditResult:
+        """The target vector at the subject (the live model's gates firing), kept as a gate on its patterns."""
+        start = self.clock()
+        if not request.subject.strip():
+            raise BadInput(f"method {self.name} needs the fact's subject; this request has none")
+        patterns = subject_patterns(self.adapter, request, self.prefixes, self.options.lowercase)
+        z, init, info = compute_target(self.adapter, request, self.module, self.prefixes, self.options)
+        gates = {self.module: GateSet.of((z - init)[None].float(), [(p, 0) for p in patterns])}
+        with gated(self.adapter.model, gates):
+            ok, pred = self.flipped(request)
+        meta = {"method": self.name, "layer": self.layer, "subject": request.subject, "patterns": len(patterns), **info}
+        return EditResult(Delta({}, meta, gates=gates), ok, int(info["z_steps"]), self.clock() - start, pred, info)

@@ -3,10 +3,10 @@
 A delta holds, per parameter, either a dense additive update or low-rank factors (param +=
 left @ right, as locate-and-edit methods produce: ~8 KB instead of ~3.5 MB per matrix), plus
 "extras": tensors that travel with the delta (e.g. an edit's key vectors) but are never added
-to the model, and "gates" (editor/gate.py): vectors added to a module's output only at the tokens
+to the model, and "gates" (adapters/gates.py): vectors added to a module's output only at the tokens
 that name a subject, fired by the model's gate bank while the delta is applied. `tensors` always
 gives the dense update of every parameter, materialising factors once, so callers that only add
-or inspect updates need not know how they are stored (gates are not in it: see editor/gate.py).
+or inspect updates need not know how they are stored (gates are not in it: see adapters/gates.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from editor.gate import GateSet, bank_for
+from adapters.gates import GateSet, bank_for
 from kbsync.errors import KbsyncError
 
 # File keys. Parameter names never contain "::", so a key with it is never a dense update.

@@ -29,7 +29,7 @@ import torch
 from adapters.base import row_kl
 from editor.data import EditRecord
 from editor.delta import Delta
-from editor.gate import gated, restoring
+from adapters.gates import gated, restoring
 from editor.methods import PRESERVE, SHRINK, MethodContext, make_method
 from kbsync.errors import BadInput
 from kbsync.match import match, normalise

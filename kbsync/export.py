@@ -201,6 +201,11 @@ def write_export(served: Any, edits: list[Any], dest: str | Path, base_model: st
     check_writable(dest)
     if [e.id for e in edits] != list(served.edit_ids):
         raise ExportError(f"internal: the model holds edits {served.edit_ids}, not {[e.id for e in edits]}")
+    gated = [i for i in served.edit_ids if served.pushed[i].gates]
+    if gated:
+        # A gate fires only where the input names its subject: plain weights cannot say that.
+        raise ExportError(f"edit(s) {', '.join(map(str, gated))} are subject-gated (method gated) and cannot be "
+                          f"exported as plain weights; serve them with kbsync, or revert them and edit with alphaedit")
     model = served.adapter.model
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     result = ExportResult(

@@ -35,6 +35,7 @@ import torch
 
 from adapters.base import row_kl
 from editor.delta import Delta, save_atomically
+from adapters.gates import gated
 from kbsync.audit.models import Edit
 from kbsync.corpus import FactTable
 from kbsync.facts import Relation, default_relations
@@ -332,7 +333,7 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
     changed, at most REGENERATE of them (worst KL first; the rest keep after == "").
     """
     before = [b.answer for b in base]
-    if not all(bool(torch.isfinite(t).all()) for t in delta.tensors.values()):
+    if not all(bool(torch.isfinite(t).all()) for t in [*delta.tensors.values(), *(g.vectors for g in delta.gates.values())]):
         # A NaN or inf weight poisons every output (peft's safe_merge refuses such merges too):
         # every item counts as changed with KL inf, and the model is not run with it.
         return RetainReport([RetainCheck(items[i], before[i], "", math.inf, False) for i in range(len(items))])
@@ -340,6 +341,26 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
     edited = {n: live[n] + t.to(live[n].dtype) for n, t in delta.tensors.items()}
     kls = [0.0] * len(items)
     same = [True] * len(items)
+    with gated(adapter.model, delta.gates):  # a gated delta changes outputs, not parameters
+        _score_items(adapter, items, base, edited, tie_margin, kls, same)
+    after = [b.answer for b in base]
+    changed = [i for i in range(len(items)) if not same[i]]
+    for i in changed:
+        after[i] = ""
+    changed = sorted(changed, key=lambda i: -kls[i])[:REGENERATE]
+    if changed:
+        delta.apply(adapter.model)
+        try:
+            for i, a in zip(changed, answers(adapter, [items[i] for i in changed])):
+                after[i] = a
+        finally:
+            delta.remove(adapter.model)
+    return RetainReport([RetainCheck(items[i], before[i], after[i], kls[i], same[i]) for i in range(len(items))])
+
+
+def _score_items(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem], edited: dict[str, torch.Tensor],
+                 tie_margin: float, kls: list[float], same: list[bool]) -> None:
+    """Fill kls and same per item: KL(base || edited) on the answer tokens and whether no clear top-1 flipped."""
     for question, idx in _grouped(items):
         for part in _chunks(idx, CHUNK):
             batch = adapter.encode([items[i].prompt for i in part], [base[i].answer for i in part], question=question)
@@ -365,19 +386,6 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
                     kls[i], same[i] = max(0.0, value), not bool(bad[j])
                 else:
                     kls[i], same[i] = math.inf, False
-    after = [b.answer for b in base]
-    changed = [i for i in range(len(items)) if not same[i]]
-    for i in changed:
-        after[i] = ""
-    changed = sorted(changed, key=lambda i: -kls[i])[:REGENERATE]
-    if changed:
-        delta.apply(adapter.model)
-        try:
-            for i, a in zip(changed, answers(adapter, [items[i] for i in changed])):
-                after[i] = a
-        finally:
-            delta.remove(adapter.model)
-    return RetainReport([RetainCheck(items[i], before[i], after[i], kls[i], same[i]) for i in range(len(items))])
 
 
 def check_dict(c: RetainCheck) -> dict[str, Any]:

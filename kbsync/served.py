@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from editor.delta import Delta, DeltaError
+from adapters.gates import bank_for, gates_off
 from kbsync.audit.log import AuditLog
 from kbsync.audit.models import Edit
 from kbsync.store import DeltaStore
@@ -69,6 +70,11 @@ class ServedModel:
         for name, shape in delta.shapes().items():
             if name not in params or tuple(params[name].shape) != shape:
                 raise DeltaError(f"edit {edit_id}: delta does not fit the model at parameter {name}")
+        modules = dict(self.adapter.model.named_modules())
+        hidden = getattr(self.adapter.model.config, "hidden_size", None)
+        for module, g in delta.gates.items():
+            if module not in modules or (hidden is not None and g.vectors.shape[1] != hidden):
+                raise DeltaError(f"edit {edit_id}: delta's gate does not fit the model at module {module}")
         try:
             delta.check_finite()
         except DeltaError as e:
@@ -94,22 +100,25 @@ class ServedModel:
             # match a process that used apply().
             params[name].add_(t.to(device=params[name].device, dtype=params[name].dtype))
         delta.release()  # a factored delta's dense products are in the weights now; keep only its factors
+        if delta.gates:
+            bank_for(self.adapter.model).add(edit_id, delta.gates)
         self.edit_ids.append(edit_id)
-        record = Delta({}, dict(delta.meta), extras=delta.extras)
+        record = Delta({}, dict(delta.meta), extras=delta.extras, gates=delta.gates)
         self.pushed[edit_id] = record
         for obj in list(self._listeners):
             _call(obj, "on_applied", edit_id, record)
 
     @contextmanager
     def as_base(self) -> Iterator[None]:
-        """The base weights in place for the block (statistics are computed on the base model), then the deltas again."""
+        """The base weights in place and no gate firing for the block (statistics are of the base model), then the deltas again."""
         params = self._params()
         current = {n: params[n].detach().clone() for n in self._base}
         try:
             with torch.no_grad():
                 for name, base in self._base.items():
                     params[name].copy_(base)
-            yield
+            with gates_off(self.adapter.model):
+                yield
         finally:
             with torch.no_grad():
                 for name, w in current.items():
@@ -121,6 +130,8 @@ class ServedModel:
         params = self._params()
         for name, base in self._base.items():
             params[name].copy_(base)
+        for edit_id in self.edit_ids:
+            bank_for(self.adapter.model).remove(edit_id)
         self.edit_ids = []
         self.pushed = {}
         for obj in list(self._listeners):

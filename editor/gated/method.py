@@ -3,7 +3,7 @@
 MEMIT optimises a change of the residual stream at the subject's last token that makes the model
 answer the new target (compute_z), then writes it into MLP weights by least squares, where it
 also fires for every subject with a similar key. Here the change itself is the edit: a gate
-(editor/gate.py) adds it to that layer's output wherever the input holds one of the subject's
+(adapters/gates.py) adds it to that layer's output wherever the input holds one of the subject's
 token patterns. Other subjects run the base model exactly, so edits of different subjects never
 interfere, whatever their number; no statistics are needed. The cost: an input that names the
 subject otherwise (an alias the patterns lack, a pronoun) does not get the edit, and an export as
@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from editor.delta import Delta
-from editor.gate import GateSet, gated
+from adapters.gates import GateSet, gated
 from editor.gated.config import GatedOptions
 from editor.gated.patterns import subject_patterns
 from editor.memit.compute_z import compute_target

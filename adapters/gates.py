@@ -145,17 +145,42 @@ class GateBank:
         return rows, cols, which
 
     def _hook_for(self, module: str) -> Any:
-        def hook(_m: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
-            if self.paused or self._ids is None or not self.entries:
-                return None
-            h = output[0] if isinstance(output, tuple) else output
-            rows, cols, which = self.matches(self._ids, module)
-            if not rows or h.shape[:2] != self._ids.shape:
-                return None
-            vecs = self._built()[module][0].to(device=h.device, dtype=h.dtype)
-            h = h.index_put((torch.tensor(rows), torch.tensor(cols)), vecs[torch.tensor(which)], accumulate=True)
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-        return hook
+        return _Fire(self, module)
+
+    def fire(self, module: str, output: Any) -> Any:
+        """The module's output with the vectors added at the tokens matched in this call's ids (None: unchanged)."""
+        if self.paused or self._ids is None or not self.entries:
+            return None
+        h = output[0] if isinstance(output, tuple) else output
+        rows, cols, which = self.matches(self._ids, module)
+        if not rows or h.shape[:2] != self._ids.shape:
+            return None
+        vecs = self._built()[module][0].to(device=h.device, dtype=h.dtype)
+        h = h.index_put((torch.tensor(rows), torch.tensor(cols)), vecs[torch.tensor(which)], accumulate=True)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+
+class _Fire:
+    """A module's forward hook: an object, not a closure, so a deep copy of the model (hooks, bank and
+    all) fires its own copy of the bank rather than the original's."""
+
+    def __init__(self, bank: GateBank, module: str) -> None:
+        self.bank, self.module = bank, module
+
+    def __call__(self, _m: torch.nn.Module, _inputs: tuple, output: Any) -> Any:
+        return self.bank.fire(self.module, output)
+
+
+def hash_gates(model: torch.nn.Module, h: Any) -> None:
+    """Feed the gates firing on the model, in the order they were added, to a hashlib object (none: nothing)."""
+    bank = model.__dict__.get("_kbsync_gates")
+    if bank is None or bank.paused:
+        return
+    for gates in bank.entries.values():
+        for module, g in sorted(gates.items()):
+            h.update(module.encode())
+            for t in (g.vectors.detach().float(), g.ids, g.rows):
+                h.update(t.contiguous().cpu().numpy().tobytes())
 
 
 def bank_for(model: torch.nn.Module) -> GateBank:

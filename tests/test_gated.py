@@ -1,0 +1,179 @@
+"""The gated method and the gate bank on the tiny Llamas: edits that fire only where the subject is named.
+
+The tiny models carry the subject to the answer position in their first attention layer, so
+their gated vectors sit on the subject's token embedding (option embeddings); SmolLM2's sit at
+layer 8's output (benchmarks/RESULTS.md, "Gated edits").
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adapters.gates import GateSet, bank_for, gated
+from editor.data import EditRecord
+from editor.delta import Delta, DeltaError
+from editor.evaluate import run_sequential, sequential_baseline
+from editor.methods import EditRequest, MethodContext, make_method
+from kbsync.errors import BadInput
+
+TINY = {"embeddings": True, "prefixes": 0}
+
+
+@pytest.fixture(scope="module")
+def llama4():
+    """The 4-layer tiny Llama trained on the capital and currency of 60 countries (as test_locate_edit's)."""
+    from adapters.tiny import PRESETS, build_tiny, tiny_facts
+
+    facts = tiny_facts(n=60)
+    return build_tiny(PRESETS["llama4"], facts), facts
+
+
+def logits(adapter, prompt: str) -> torch.Tensor:
+    ids = torch.tensor([adapter._prompt_ids(prompt, True)])
+    with torch.no_grad():
+        return adapter.model(input_ids=ids).logits
+
+
+def test_a_gate_fires_at_the_subjects_tokens_only(tiny_llama):
+    adapter = copy.deepcopy(tiny_llama)
+    emb = next(n for n, m in adapter.model.named_modules() if m is adapter.model.get_input_embeddings())
+    pattern = adapter.tokenizer(" India", add_special_tokens=False)["input_ids"]
+    vec = torch.randn(1, adapter.model.config.hidden_size)
+    gates = {emb: GateSet.of(vec, [(pattern, 0)])}
+    named, other = "What is the capital of India?", "What is the capital of Peru?"
+    before = {p: logits(adapter, p) for p in (named, other)}
+    ids = torch.tensor([adapter._prompt_ids(named, True)])
+    rows, cols, which = bank_for(adapter.model).matches(ids, emb)
+    assert rows == []  # nothing applied yet
+    with gated(adapter.model, gates):
+        rows, cols, which = bank_for(adapter.model).matches(ids, emb)
+        assert rows == [0] and which == [0] and ids[0, cols[0]].item() == pattern[-1]
+        assert not torch.equal(logits(adapter, named), before[named])
+        assert torch.equal(logits(adapter, other), before[other])  # another subject: the base model, bit for bit
+        # The positions before the subject are untouched (a causal model: only later ones see it).
+        assert torch.equal(logits(adapter, named)[0, :cols[0]], before[named][0, :cols[0]])
+    assert torch.equal(logits(adapter, named), before[named]) and len(bank_for(adapter.model)) == 0
+
+
+def test_a_gated_delta_saves_loads_and_applies_exactly(tiny_llama, tmp_path):
+    adapter = copy.deepcopy(tiny_llama)
+    method = make_method("gated", adapter, MethodContext(), v_steps=5, **TINY)
+    request = EditRequest("What is the capital of India?", "Paris", subject="India",
+                          paraphrases=("Which city is the capital of India?",))
+    delta = method.propose(request).delta
+    assert not delta.tensors and list(delta.gates) == [method.module]
+    assert delta.meta["request"]["subject"] == "India" and delta.nbytes() < 4096
+    sha = delta.save(tmp_path / "d.safetensors")
+    back = Delta.load(tmp_path / "d.safetensors", sha256=sha)
+    g, h = delta.gates[method.module], back.gates[method.module]
+    assert torch.equal(g.vectors, h.vectors) and g.patterns() == h.patterns()
+    before = logits(adapter, request.prompt)
+    back.apply(adapter.model)
+    applied = logits(adapter, request.prompt)
+    assert not torch.equal(applied, before)
+    back.remove(adapter.model)
+    assert torch.equal(logits(adapter, request.prompt), before)
+    half = back.scaled(0.5)  # shrink scales the vectors
+    assert torch.equal(half.gates[method.module].vectors, 0.5 * h.vectors)
+
+
+def test_a_delta_file_with_half_a_gate_is_corrupt(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"gate.vectors::model.embed_tokens": torch.zeros(1, 4)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(DeltaError, match="corrupt: gates for model.embed_tokens lack gate.ids, gate.rows"):
+        Delta.load(tmp_path / "bad.safetensors")
+    with pytest.raises(DeltaError, match="malformed"):
+        Delta({}, gates={"m": GateSet(torch.zeros(1, 4), torch.zeros(1, 2, dtype=torch.long), torch.tensor([3]))})
+
+
+def test_bad_requests_are_one_line_errors(tiny_llama):
+    method = make_method("gated", copy.deepcopy(tiny_llama), MethodContext(), v_steps=2, **TINY)
+    with pytest.raises(BadInput, match="needs the fact's subject"):
+        method.propose(EditRequest("What is the capital of India?", "Paris"))
+    with pytest.raises(BadInput, match="subject 'Peru' does not occur in its prompt"):
+        method.propose(EditRequest("What is the capital of India?", "Paris", subject="Peru"))
+    with pytest.raises(BadInput, match="must be 'subject'"):
+        make_method("gated", tiny_llama, MethodContext(), position="last")
+    with pytest.raises(BadInput, match="outside the model"):
+        make_method("gated", tiny_llama, MethodContext(), layer=40)
+
+
+def test_fifty_stacked_gated_edits_keep_the_edits_and_every_other_fact(llama4):
+    """50 capitals moved one after another, each told its country's currency question (the KB's other
+    fact about the subject, EditRequest.keep): >= 95% of the edits and their paraphrases still answered
+    at the end, >= 97% of the other 70 facts (10 capitals; the 60 currencies, 50 of edited countries),
+    each judged on the greedy answer, question and paraphrases alike.
+
+    Measured on the preset's seed: 50/50 kept, paraphrases 50/50, every other prompt unchanged. Without
+    the currency question the edits hold as well but only 34% of the other prompts do (a vector on a
+    country's token embedding moves everything the model knows about the country).
+    """
+    from kbsync.facts import render
+
+    adapter, facts = llama4
+    capitals = [f for f in facts if f.property == "P36"]
+    edited = capitals[:50]
+    others = [f for f in facts if f not in edited]
+    retain = [(q, f.object.label) for f in others for q in (render(f).question, *render(f).paraphrases)]
+    records = []
+    for i, f in enumerate(edited):
+        pr = render(f)
+        keep = [render(g).question for g in facts if g.subject.id == f.subject.id and g.property != f.property]
+        records.append(EditRecord(pr.question, capitals[(i + 7) % len(capitals)].object.label, f.object.label,
+                                  list(pr.paraphrases), retain, subject=f.subject.label,
+                                  claim_prefix=pr.claim_prefix, keep=keep))
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    method = make_method("gated", adapter, MethodContext(), **TINY)
+    base = sequential_baseline(adapter, records)
+    row = run_sequential(adapter, method, base)
+    assert all(torch.equal(v, before[k]) for k, v in adapter.model.state_dict().items())  # weights never touched
+    assert len(bank_for(adapter.model)) == 0  # and the run's gates are gone with it
+    scores = {k: round(row[k], 3) for k in ("success_em", "kept_em", "equiv_em", "retain_acc")}
+    assert row["retain_n"] == len(retain) == 290
+    assert row["kept_em"] >= 0.95 and row["equiv_em"] >= 0.9 and row["retain_acc"] >= 0.97, scores
+    assert row["bytes_per_edit"] < 4096
+
+
+def test_gated_edits_through_the_pipeline_pass_the_check_survive_a_restart_and_revert(tmp_path, llama4):
+    """Two gated edits by the pipeline at the default regression limits (no force): applied, the other
+    subjects' answers bit for bit the base model's, the gates back after a restart (from the delta
+    files), a revert takes one edit's gate out, and an export as plain weights is refused in one line."""
+    from kbsync.config import load_settings
+    from kbsync.export import ExportError, export_store
+    from kbsync.pipeline import EditPipeline, fact_from_phrase
+
+    s = load_settings(environ={})
+    s.store.data_dir, s.store.cache_dir = str(tmp_path / "data"), str(tmp_path / "cache")
+    s.store.db = f"sqlite:///{tmp_path / 'audit.db'}"
+    s.editor.method, s.editor.fallback = "gated", []
+    s.editor.options = {"gated": TINY}
+    s.regression.retain_size = 20
+    base = llama4[0]
+    other = "What is the capital of Peru?"
+    p = EditPipeline(s, adapter=copy.deepcopy(base))
+    try:
+        a = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
+        b = p.edit_fact(fact_from_phrase("capital of Japan", "Lima"))
+        assert a.status == b.status == "applied", (a.edit.reasons, b.edit.reasons)
+        # The pipeline told the method the subject's other facts in the fact table (its currency, ...).
+        assert p.store.load(a.edit).meta["request"]["keep"]
+        assert p.adapter.predict(["What is the capital of India?", "What is the capital of Japan?"]) == ["Paris", "Lima"]
+        assert torch.equal(logits(p.adapter, other), logits(base, other))
+        assert p.adapter.fingerprint() != base.fingerprint()  # same weights, different model: caches must not mix
+        with pytest.raises(ExportError, match=f"edit\\(s\\) {a.edit.id}, {b.edit.id} are subject-gated"):
+            export_store(s, tmp_path / "export", adapter=copy.deepcopy(base))
+        assert not (tmp_path / "export").exists()
+    finally:
+        p.close()
+    q = EditPipeline(s, adapter=copy.deepcopy(base))  # a restart: the store's deltas, gates and all
+    try:
+        assert q.adapter.predict(["What is the capital of India?", "What is the capital of Japan?"]) == ["Paris", "Lima"]
+        q.revert(a.edit.id)
+        assert q.adapter.predict(["What is the capital of India?"]) == base.predict(["What is the capital of India?"])
+        assert q.adapter.predict(["What is the capital of Japan?"]) == ["Lima"]
+    finally:
+        q.close()

@@ -78,8 +78,9 @@ def from_facts(facts: list[Fact], n_retain: int = 4, seed: int = 0, per_fact: in
             picked += rng.sample(others, min(n_retain - len(picked), len(others)))
             retain = [(render(o).question, o.object.label) for o in picked]
             answer = get_relation(f.property).state(f.subject.label, target) if answer_style == "claim" else ""
+            keep = [render(f2).question for f2 in facts if f2.subject.id == f.subject.id and f2.property != f.property]
             out.append(EditRecord(pr.question, target, f.object.label, list(pr.paraphrases), retain, True, choices,
-                                  answer, pr.claim_prefix, f.subject.label))
+                                  answer, pr.claim_prefix, f.subject.label, keep))
     return out
 
 

@@ -47,6 +47,10 @@ class FactTable:
             raise NotFound(f"no {get_relation(pid).label} fact for {subject!r} in the fact table")
         return found
 
+    def about(self, subject_id: str) -> list[Fact]:
+        """Every fact whose subject has this id, in table order (none for an empty id)."""
+        return [f for f in self.facts if subject_id and f.subject.id == subject_id]
+
     def by_property(self, *pids: str) -> list[Fact]:
         """The facts of the given properties, in table order."""
         return [f for f in self.facts if f.property in pids]

@@ -29,6 +29,10 @@ from kbsync.retain import BaseCache, RetainReport, check_dict, is_question, meas
 from kbsync.served import BASE_FINGERPRINT, ServedModel
 from kbsync.store import DeltaStore
 
+# At most this many of the subject's other facts are kept (EditRequest.keep): each costs the
+# target-vector optimisation one more prompt per step.
+KEEP_MAX = 6
+
 
 def default_actor() -> str:
     """$USER, or the login name, for the audit record."""
@@ -158,7 +162,8 @@ class EditPipeline:
             request = EditRequest(items[0].prompt, items[0].expected, question=question,
                                   paraphrases=prompts.paraphrases if question else (),
                                   aliases=prompts.aliases, claim_prefix=prompts.claim_prefix,
-                                  answer=prompts.claim if styled else "", subject=fact.subject.label)
+                                  answer=prompts.claim if styled else "", subject=fact.subject.label,
+                                  keep=self._keep(fact, question))
             return _Target(items, request, row, fact.key, prompts.aliases, prompts.claim_prefix)
         prompt, target = (fact or "").strip(), (target or "").strip()
         if not prompt:
@@ -170,6 +175,12 @@ class EditPipeline:
                    kb_revision=kb_revision)
         return _Target([Probe("question" if q else "prompt", prompt, target, question=q)],
                        EditRequest(prompt, target, question=q), row, None, (), "")
+
+    def _keep(self, fact: Fact, question: bool) -> tuple[str, ...]:
+        """The subject's other facts in the fact table, asked as the edit is (question or claim): their answers must stay."""
+        others = [f for f in (self.table or default_fact_table()).about(fact.subject.id) if f.property != fact.property]
+        asked = [render(f).question if question else render(f).claim_prefix for f in others[:KEEP_MAX]]
+        return tuple(dict.fromkeys(asked))
 
     def edit_fact(self, fact: Fact | str, target: str | None = None, *, method: str | None = None,
                   force: bool = False, dry_run: bool = False, source: str = "cli", actor: str = "",

@@ -69,7 +69,7 @@ def test_every_registered_method_keeps_the_contract(name, model, editor_checkpoi
     assert all(torch.equal(after[k], v) for k, v in before.items()), f"{name}: propose() changed the live model"
     delta = result.delta
     live = dict(model.model.named_parameters())
-    # A delta changes weights, or adds gated vectors at modules the model has (editor/gate.py).
+    # A delta changes weights, or adds gated vectors at modules the model has (adapters/gates.py).
     assert delta.tensors or delta.gates
     assert all(n in live and t.shape == live[n].shape for n, t in delta.tensors.items())
     assert all(torch.isfinite(t).all() for t in delta.tensors.values())

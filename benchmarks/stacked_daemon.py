@@ -10,6 +10,7 @@ as before?). Prints a table and writes benchmarks/out/stacked_daemon.json.
 
     python benchmarks/stacked_daemon.py --limit 10                        # ke-loop and ft, limits on and off
     python benchmarks/stacked_daemon.py --method ft --checks on --limit 20
+    python benchmarks/stacked_daemon.py --method default --checks on --limit 100 --state-dir /tmp/stack  # resumable
 """
 
 from __future__ import annotations
@@ -74,21 +75,33 @@ def run_one(args: argparse.Namespace, method: str, checks: str, edits: list[tupl
     settings = load_settings()
     settings.model.path = args.model
     editors = settings.store.data_path / "editors"
-    settings.store.data_dir = tempfile.mkdtemp(prefix="kbsync-stack-")
+    if args.state_dir:  # kept: a killed run carries on from its last edit (the audit log has the rest)
+        settings.store.data_dir = str(Path(args.state_dir) / f"{method}-{checks}")
+        Path(settings.store.data_dir).mkdir(parents=True, exist_ok=True)
+    else:
+        settings.store.data_dir = tempfile.mkdtemp(prefix="kbsync-stack-")
     settings.store.db = ""
-    if editors.is_dir():  # the trained KnowledgeEditor where `kbsync edit` looks for it
+    if editors.is_dir() and not (settings.store.data_path / "editors").exists():  # the trained KnowledgeEditor
         (settings.store.data_path / "editors").symlink_to(editors)
     if checks == "off":
         limits_off(settings)
+    log = settings.store.data_path / "rows.json"
+    rows: list[dict[str, Any]] = json.loads(log.read_text()) if log.exists() else []
     pipeline = EditPipeline(settings)
-    rows, start = [], time.perf_counter()
+    start = time.perf_counter() - sum(r.get("seconds", 0.0) for r in rows)
     try:
         for i, (fact, target) in enumerate(edits):
-            out = pipeline.edit_fact(fact, target, method=method, actor="benchmark")
+            if i < len(rows):
+                continue
+            t0 = time.perf_counter()
+            # "default": the configured method and its fallback list, as the daemon edits.
+            out = pipeline.edit_fact(fact, target, method=None if method == "default" else method, actor="benchmark")
             m = out.edit.metrics or {}
             rows.append({"i": i, "question": out.edit.question, "target": target, "status": out.status,
-                         "reasons": out.edit.reasons, "mean_kl": m.get("mean_kl"), "unchanged": m.get("unchanged")})
-            print(f"  {method} checks {checks} {i + 1}/{len(edits)}: {out.status} {out.edit.question!r} -> {target}"
+                         "method": out.edit.method, "reasons": out.edit.reasons, "mean_kl": m.get("mean_kl"),
+                         "unchanged": m.get("unchanged"), "seconds": time.perf_counter() - t0})
+            log.write_text(json.dumps(rows, default=str))
+            print(f"  {method} checks {checks} {i + 1}/{len(edits)}: {out.status} ({out.edit.method}) {out.edit.question!r} -> {target}"
                   + (f" ({'; '.join(out.edit.reasons)})" if out.status == "rejected" else ""), flush=True)
         applied = [Fact(f.subject, f.property, Entity("", t), f.revision)
                    for (f, t), r in zip(edits, rows) if r["status"] == "applied"]
@@ -101,7 +114,9 @@ def run_one(args: argparse.Namespace, method: str, checks: str, edits: list[tupl
     reasons = collections.Counter(why.split(":")[0].split(" (")[0].rstrip("0123456789.%<> ")
                                   for r in rows if r["status"] == "rejected" for why in r["reasons"])
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+    by_method = collections.Counter(r.get("method", method) for r in rows if r["status"] == "applied")
     return {"method": method, "checks": checks, "edits": len(rows), "applied": counts["applied"],
+            "applied_by": dict(by_method),
             "rejected": counts["rejected"], "noop": counts["noop"], "kept": mean(kept), "kept_n": sum(kept),
             "gold_kept": mean(gold_ok), "gold_n": len(gold), "reject_reasons": dict(reasons),
             "seconds": time.perf_counter() - start, "rows": rows}
@@ -111,12 +126,15 @@ def main() -> None:
     """Run every (method, regression setting) pair and print the end-state table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default", help="model directory, or 'default' (embedded SmolLM2)")
-    ap.add_argument("--method", action="append", default=None, help="edit method (repeatable; default ke-loop and ft)")
+    ap.add_argument("--method", action="append", default=None,
+                    help="edit method (repeatable; 'default': the configured method and its fallbacks; default ke-loop and ft)")
     ap.add_argument("--checks", action="append", choices=("on", "off"), default=None,
                     help="regression limits as configured (on) or off (repeatable; default both)")
     ap.add_argument("--limit", type=int, default=10, help="edits stacked per run")
     ap.add_argument("--gold", type=int, default=50, help="known facts (never edited) asked at the end")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "stacked_daemon.json"))
+    ap.add_argument("--state-dir", help="keep each run's data directory here and resume a killed run from its last edit")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
     import torch
@@ -128,6 +146,7 @@ def main() -> None:
     from kbsync.config import load_settings
 
     quiet_transformers()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     # One pass over the table: the first `limit` records are the edits, the rest the gold pool.
     candidates = table_edits(args.limit + 40 * args.gold)
@@ -151,11 +170,12 @@ def main() -> None:
                for c in (args.checks or ["on", "off"])]
     table = Table(title=f"{args.limit} table edits stacked through `kbsync edit` ({args.model}); "
                         f"end state vs {len(gold)} known facts no edit touches")
-    for col in ("method", "regression limits", "applied", "rejected", "noop", "applied & kept at end",
+    for col in ("method", "regression limits", "applied", "applied by", "rejected", "noop", "applied & kept at end",
                 "known facts kept", "rejected for", "minutes"):
-        table.add_column(col, justify="left" if col in ("method", "regression limits", "rejected for") else "right")
+        table.add_column(col, justify="left" if col in ("method", "regression limits", "applied by", "rejected for") else "right")
     for r in results:
-        table.add_row(r["method"], r["checks"], str(r["applied"]), str(r["rejected"]), str(r["noop"]),
+        table.add_row(r["method"], r["checks"], str(r["applied"]), " ".join(f"{k} {v}" for k, v in r["applied_by"].items()) or "-",
+                      str(r["rejected"]), str(r["noop"]),
                       f"{r['kept_n']}/{r['applied']}", f"{r['gold_kept']:.2f}",
                       ", ".join(f"{k} x{v}" for k, v in r["reject_reasons"].items()) or "-", f"{r['seconds'] / 60:.1f}")
     Console(width=200).print(table)

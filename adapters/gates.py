@@ -70,10 +70,19 @@ class GateBank:
         self._ids: torch.Tensor | None = None
         self._index: dict[str, tuple[torch.Tensor, dict[int, list[tuple[tuple[int, ...], int]]]]] | None = None
         self._hooks: dict[str, Any] = {}
-        self._pre = model.register_forward_pre_hook(self._read_ids, with_kwargs=True)
+        # The ids are read where every path turns them into vectors, the input embedding (adapters call
+        # the whole model or only its body); a call that starts from vectors (inputs_embeds) has no ids,
+        # so each entry point forgets the last call's first and no gate fires on stale ids.
+        body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+        entries = [model] + ([body] if isinstance(body, torch.nn.Module) and body is not model else [])
+        self._pre = [m.register_forward_pre_hook(self._forget) for m in entries]
+        self._pre.append(model.get_input_embeddings().register_forward_pre_hook(self._read_ids))
 
-    def _read_ids(self, _m: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
+    def _forget(self, _m: torch.nn.Module, _args: tuple) -> None:
+        self._ids = None
+
+    def _read_ids(self, _m: torch.nn.Module, args: tuple) -> None:
+        ids = args[0] if args else None
         self._ids = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None
 
     def add(self, key: Any, gates: Mapping[str, GateSet]) -> None:

@@ -177,3 +177,22 @@ def test_gated_edits_through_the_pipeline_pass_the_check_survive_a_restart_and_r
         assert q.adapter.predict(["What is the capital of Japan?"]) == ["Lima"]
     finally:
         q.close()
+
+
+def test_gates_fire_on_every_path_into_the_model_and_never_on_stale_ids(tiny_llama):
+    """The whole model, its body alone (answer_logits, the retain check) and generation all fire the
+    gate; a call that starts from embeddings fires nothing, whatever ran before it."""
+    adapter = copy.deepcopy(tiny_llama)
+    emb = next(n for n, m in adapter.model.named_modules() if m is adapter.model.get_input_embeddings())
+    pattern = adapter.tokenizer(" India", add_special_tokens=False)["input_ids"]
+    gates = {emb: GateSet.of(torch.randn(1, adapter.model.config.hidden_size) * 3, [(pattern, 0)])}
+    batch = adapter.encode(["What is the capital of India?"], ["Paris"])
+    plain = adapter.answer_logits(batch)[0]
+    embeds = adapter.model.get_input_embeddings()(batch["input_ids"]).detach()
+    with torch.no_grad():
+        from_embeds = adapter.model(inputs_embeds=embeds).logits
+    with gated(adapter.model, gates):
+        assert not torch.equal(adapter.answer_logits(batch)[0], plain)  # the body-only path
+        with torch.no_grad():
+            adapter.model(input_ids=batch["input_ids"])  # ids with the subject, then a call without ids
+            assert torch.equal(adapter.model(inputs_embeds=embeds).logits, from_embeds)

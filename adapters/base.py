@@ -260,13 +260,14 @@ class Adapter(ABC):
 
         raise BadInput(f"locate-and-edit methods need a causal LM; this model is a {self.family}")
 
-    def fingerprint(self) -> str:
-        """A short hash of the editable weights and firing gates: identifies the exact model state edits stack on."""
+    def fingerprint(self, gates: bool = True) -> str:
+        """A short hash of the editable weights and (gates) firing gates: identifies the exact model state edits stack on."""
         import hashlib
 
         h = hashlib.sha256()
         for name, p in sorted(self.editable().items()):
             h.update(name.encode())
             h.update(p.detach().contiguous().cpu().numpy().tobytes())
-        hash_gates(self.model, h)  # gated edits change outputs without changing a weight
+        if gates:
+            hash_gates(self.model, h)  # gated edits change outputs without changing a weight
         return h.hexdigest()[:16]

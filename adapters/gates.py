@@ -15,6 +15,7 @@ prompt of a generation) sees every occurrence; a cached decoding step sees its n
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -190,6 +191,32 @@ def hash_gates(model: torch.nn.Module, h: Any) -> None:
             h.update(module.encode())
             for t in (g.vectors.detach().float(), g.ids, g.rows):
                 h.update(t.contiguous().cpu().numpy().tobytes())
+
+
+def active(model: torch.nn.Module) -> bool:
+    """Whether any gate can fire on the model now."""
+    bank = model.__dict__.get("_kbsync_gates")
+    return bank is not None and not bank.paused and bool(bank.entries)
+
+
+def firing(model: torch.nn.Module, ids: torch.Tensor) -> str:
+    """A digest of the gates that fire on ids [1, t] (where and what they add); "" when none does.
+
+    Equal digests and equal weights mean equal outputs for these ids: a cache of what the model
+    said about an input stays valid across gated edits that do not fire on it.
+    """
+    if not active(model):
+        return ""
+    bank = model.__dict__["_kbsync_gates"]
+    h, fired = hashlib.sha256(), False
+    for module in sorted(bank._built()):
+        rows, cols, which = bank.matches(ids, module)
+        vecs = bank._built()[module][0]
+        for b, t, v in sorted(zip(rows, cols, which)):
+            fired = True
+            h.update(f"{module}\0{b}\0{t}\0".encode())
+            h.update(vecs[v].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16] if fired else ""
 
 
 def bank_for(model: torch.nn.Module) -> GateBank:

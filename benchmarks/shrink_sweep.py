@@ -57,7 +57,7 @@ def main() -> None:
                **dict(parse_option(o) for o in args.option), "shrink": False}
     result = make_method(args.method, adapter, **options).propose(tgt.request)
     items = pipeline._retain_items(tgt.exclude_key)
-    base = pipeline.retain_cache.get(adapter, items, adapter.fingerprint())
+    base = pipeline.retain_cache.get(adapter, items)
     rows = []
     for scale in args.scales:
         delta = result.delta.scaled(scale)

@@ -257,7 +257,7 @@ class EditPipeline:
                 editor = self.method(name)
                 row.parent_fingerprint = adapter.fingerprint()
                 with clock("regression"):
-                    base = self.retain_cache.get(adapter, items, row.parent_fingerprint)
+                    base = self.retain_cache.get(adapter, items)
             with self.model_lock, clock("edit"):
                 tgt.request.original = before[0].prediction
                 result = editor.propose(tgt.request)
@@ -346,7 +346,7 @@ class EditPipeline:
         """The prepared method for the served model under the current [editor] settings (created once)."""
         ed = self.settings.editor
         defaults = {"loop": ed.loop, "shrink": ed.shrink, "preserve": ed.preserve}
-        options = method_options(ed.options, name)
+        options = method_options(ed.options, name, (name, ed.method, *ed.fallback))
         key = (canonical(name), repr(sorted({**defaults, **options}.items())))
         if key not in self._methods:
             served = self.load_served_model()
@@ -386,7 +386,7 @@ class EditPipeline:
                     break  # an edit landed in between: this pass is stale
                 fingerprint = now
                 misses = self.retain_cache.misses
-                self.retain_cache.get(adapter, items[i:i + chunk], fingerprint)
+                self.retain_cache.get(adapter, items[i:i + chunk])
                 done += self.retain_cache.misses - misses
         return done
 
@@ -427,12 +427,26 @@ class EditPipeline:
         return row
 
 
-def method_options(options: dict[str, Any], name: str) -> dict[str, Any]:
-    """[editor.options] for one method: its flat keys, then its own table ([editor.options.ft-layer])."""
+def method_options(options: dict[str, Any], name: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """[editor.options] for one method: the flat keys it has, then its own table ([editor.options.ft-layer]).
+
+    Flat keys serve every method of the chain (the method and its fallbacks), each taking those it
+    has; a flat key that no method of the chain has is an error (a typo must not pass silently).
+    """
+    import dataclasses
+
     from editor.methods import method_class
 
     cls, _ = method_class(name)
     flat = {k: v for k, v in options.items() if not isinstance(v, dict)}
+    known = {f.name for f in dataclasses.fields(cls.options_cls)}
+    if chain:
+        anywhere = set().union(*({f.name for f in dataclasses.fields(method_class(m)[0].options_cls)} for m in chain))
+        unknown = sorted(set(flat) - anywhere)
+        if unknown:
+            raise BadInput(f"unknown option(s) {', '.join(unknown)} in [editor.options]: no method of "
+                           f"{', '.join(chain)} has them")
+        flat = {k: v for k, v in flat.items() if k in known}
     return {**flat, **options.get(cls.name, {})}
 
 

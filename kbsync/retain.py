@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from adapters.base import row_kl
+from adapters.gates import active, firing, gated
 from editor.delta import Delta, save_atomically
-from adapters.gates import gated
 from kbsync.audit.models import Edit
 from kbsync.corpus import FactTable
 from kbsync.facts import Relation, default_relations
@@ -191,6 +191,8 @@ class BaseItem:
     answer: str
     states: torch.Tensor
     labels: torch.Tensor
+    # adapters.gates.firing over (prompt, answer) when computed: "" when no gated edit fired on it.
+    gates: str = ""
 
 
 def base_side(adapter: Any, items: Sequence[RetainItem]) -> list[BaseItem]:
@@ -205,8 +207,14 @@ def base_side(adapter: Any, items: Sequence[RetainItem]) -> list[BaseItem]:
                 states, labels, rows = adapter.answer_states(batch)
                 for j, i in enumerate(part):
                     sel = rows == j
-                    out[i] = BaseItem(before[i], states[sel].clone(), labels[sel].clone())
+                    out[i] = BaseItem(before[i], states[sel].clone(), labels[sel].clone(),
+                                      _firing(adapter, items[i], before[i]))
     return out  # type: ignore[return-value]
+
+
+def _firing(adapter: Any, item: RetainItem, answer: str) -> str:
+    """The gates that fire on the item's prompt and answer (adapters.gates.firing)."""
+    return firing(adapter.model, adapter.encode([item.prompt], [answer], question=item.question)["input_ids"])
 
 
 class BaseCache:
@@ -217,7 +225,9 @@ class BaseCache:
     identity and generation settings, and within that by item (question flag, prompt): the
     sampled set differs a little per edit (the edited slot is left out), so items are shared
     across edits on the same weights. An applied or reverted edit changes the fingerprint, so
-    stale entries are never looked up. On disk: <dir>/<fingerprint>-<settings hash>.safetensors
+    stale entries are never looked up. Gated edits (adapters/gates.py) change no weight: an item
+    stays valid while the gates firing on its prompt and answer are those it was computed under
+    (BaseItem.gates), so a gated edit recomputes only the items that name its subject. On disk: <dir>/<fingerprint>-<settings hash>.safetensors
     (states and labels per item, answers and prompts in the metadata), a few MB for 200 items.
     The metadata holds a sha256 of the items and tensors: a file that fails it (a flipped bit
     read as NaN once passed as "unchanged") or cannot be read is deleted and recomputed.
@@ -235,7 +245,7 @@ class BaseCache:
         """fingerprint-settingshash: what the base side of any item depends on besides its prompt."""
         ident = json.dumps([adapter.family, adapter.name, type(adapter).__name__, adapter.chat,
                             adapter.max_new_tokens, adapter.num_beams], default=str)
-        return f"{fingerprint or adapter.fingerprint()}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+        return f"{fingerprint or adapter.fingerprint(gates=False)}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
     def get(self, adapter: Any, items: Sequence[RetainItem], fingerprint: str | None = None) -> list[BaseItem]:
         """The base side of every item, computing (and storing) only the ones not cached for this state."""
@@ -246,7 +256,10 @@ class BaseCache:
         self._mem[key] = table  # most recently used last
         while len(self._mem) > self.KEEP:
             self._mem.pop(next(iter(self._mem)))
-        missing = [it for it in dict.fromkeys(items) if (it.question, it.prompt) not in table]
+        now = active(adapter.model)  # with no gate anywhere every item's signature is ""
+        missing = [it for it in dict.fromkeys(items) if (it.question, it.prompt) not in table
+                   or table[(it.question, it.prompt)].gates != (_firing(adapter, it, table[(it.question, it.prompt)].answer)
+                                                              if now else "")]
         self.hits += len(items) - len(missing)
         self.misses += len(missing)
         if missing:
@@ -281,7 +294,8 @@ class BaseCache:
             if metadata.get("sha256") != self._digest(items, tensors):
                 raise ValueError("its checksum does not match")
             meta = json.loads(items)
-            return {(bool(q), p): BaseItem(a, tensors[f"s{i}"], tensors[f"l{i}"]) for i, (q, p, a) in enumerate(meta)}
+            return {(bool(m[0]), m[1]): BaseItem(m[2], tensors[f"s{i}"], tensors[f"l{i}"], m[3] if len(m) > 3 else "")
+                    for i, m in enumerate(meta)}
         except Exception as e:  # corrupt, partial or from an older version: never trust it
             log.warning("retain cache file %s is unreadable (%s: %s); discarding and recomputing it",
                         path, type(e).__name__, e)
@@ -295,7 +309,7 @@ class BaseCache:
 
         meta, tensors = [], {}
         for i, ((q, p), b) in enumerate(table.items()):
-            meta.append([q, p, b.answer])
+            meta.append([q, p, b.answer, b.gates])
             tensors[f"s{i}"], tensors[f"l{i}"] = b.states.contiguous(), b.labels.contiguous()
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         items = json.dumps(meta)

@@ -196,3 +196,37 @@ def test_gates_fire_on_every_path_into_the_model_and_never_on_stale_ids(tiny_lla
         with torch.no_grad():
             adapter.model(input_ids=batch["input_ids"])  # ids with the subject, then a call without ids
             assert torch.equal(adapter.model(inputs_embeds=embeds).logits, from_embeds)
+
+
+def test_a_gated_edit_invalidates_only_the_retain_items_that_name_its_subject(tiny_llama, tmp_path):
+    """The retain cache after a gated edit: weights unchanged, so every item that does not name the
+    subject (in its prompt or its answer) is reused; those that do are recomputed, and every reused
+    or recomputed item is what a fresh computation under the gate gives."""
+    from kbsync.corpus import default_fact_table
+    from kbsync.retain import BaseCache, base_side, sample_retain
+
+    adapter = copy.deepcopy(tiny_llama)
+    items = sample_retain(default_fact_table(), [], 40, 0)
+    # A subject the sample asks about (one item or a few), so most items do not name it.
+    subject = next(f.subject.label for f in default_fact_table().facts
+                   if 0 < sum(f" {f.subject.label}" in it.prompt for it in items) <= 3)
+    naming = [it for it in items if f" {subject}" in it.prompt]
+    cache = BaseCache(tmp_path / "rc")
+    cache.get(adapter, items)
+    emb = next(n for n, m in adapter.model.named_modules() if m is adapter.model.get_input_embeddings())
+    pattern = adapter.tokenizer(f" {subject}", add_special_tokens=False)["input_ids"]
+    delta = Delta({}, gates={emb: GateSet.of(torch.randn(1, adapter.model.config.hidden_size) * 3, [(pattern, 0)])})
+    delta.apply(adapter.model)
+    try:
+        misses = cache.misses
+        got = cache.get(adapter, items)
+        recomputed = cache.misses - misses
+        assert len(naming) <= recomputed < len(items)
+        fresh = base_side(adapter, items)
+        assert [g.answer for g in got] == [f.answer for f in fresh]
+        assert all(torch.allclose(g.states, f.states, atol=1e-5) for g, f in zip(got, fresh))
+    finally:
+        delta.remove(adapter.model)
+    misses = cache.misses
+    cache.get(adapter, items)  # the gate gone: the items naming it are recomputed again, nothing else
+    assert cache.misses - misses == recomputed

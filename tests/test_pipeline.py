@@ -23,7 +23,7 @@ def settings(tmp_path, url, **regression):
     s.store.data_dir = str(tmp_path / "data")
     s.store.db = url
     s.store.lock_timeout = 30
-    s.editor.method = "ft-layer"
+    s.editor.method, s.editor.fallback = "ft-layer", []  # one method per edit: fallbacks have their own test
     s.editor.options = {"lr": 1e-3, "max_steps": 50}
     s.regression.retain_size = 50  # in-process tests: fewer retain facts, same code path
     for k, v in {**LOOSE, **regression}.items():

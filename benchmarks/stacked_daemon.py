@@ -155,16 +155,25 @@ def main() -> None:
     # Gold: held-out facts the unedited model answers, from further down the same shuffled table.
     settings = load_settings()
     settings.model.path = args.model
-    base = load_adapter(settings)
     pool = [f for f, _ in candidates[args.limit:] if (f.subject.id, f.property) not in edited]
-    gold: list[Any] = []
-    for i in range(0, len(pool), 32):
-        part = pool[i:i + 32]
-        gold += [f for f, ok in zip(part, ask(base, part)) if ok]
-        if len(gold) >= args.gold:
-            break
-    gold = gold[:args.gold]
-    del base
+    saved = Path(args.state_dir) / "gold.json" if args.state_dir else None
+    if saved is not None and saved.exists():  # a resumed run asks the same known facts
+        keys = [tuple(k) for k in json.loads(saved.read_text())]
+        by_key = {(f.subject.id, f.property): f for f in pool}
+        gold = [by_key[k] for k in keys]
+    else:
+        base = load_adapter(settings)
+        gold = []
+        for i in range(0, len(pool), 32):
+            part = pool[i:i + 32]
+            gold += [f for f, ok in zip(part, ask(base, part)) if ok]
+            if len(gold) >= args.gold:
+                break
+        gold = gold[:args.gold]
+        del base
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps([[f.subject.id, f.property] for f in gold]))
 
     results = [run_one(args, m, c, edits, gold) for m in (args.method or ["ke-loop", "ft"])
                for c in (args.checks or ["on", "off"])]

@@ -284,6 +284,8 @@ class EditPipeline:
             row.reasons = [*row.reasons, f"falling back to {fallback}"]
         # Which base model the edit was made (and judged) on; its delta carries it too.
         row.metrics[BASE_FINGERPRINT] = served.base_fingerprint
+        if "fires_on" in result.delta.meta:  # a gated edit's scope, for the reviewer (kbsync show)
+            row.metrics["fires_on"] = list(result.delta.meta["fires_on"])
         checks = _checks(before, after, retain)
         if dry_run:
             return

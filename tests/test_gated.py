@@ -161,6 +161,9 @@ def test_gated_edits_through_the_pipeline_pass_the_check_survive_a_restart_and_r
         assert a.status == b.status == "applied", (a.edit.reasons, b.edit.reasons)
         # The pipeline told the method the subject's other facts in the fact table (its currency, ...).
         assert p.store.load(a.edit).meta["request"]["keep"]
+        # The audit row says exactly what the edit fires on (kbsync show prints the metrics).
+        scope = p.audit.get(a.edit.id).metrics["fires_on"]
+        assert " India" in scope and "india" in scope and all("India" in t or "india" in t for t in scope)
         assert p.adapter.predict(["What is the capital of India?", "What is the capital of Japan?"]) == ["Paris", "Lima"]
         assert torch.equal(logits(p.adapter, other), logits(base, other))
         assert p.adapter.fingerprint() != base.fingerprint()  # same weights, different model: caches must not mix

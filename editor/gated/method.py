@@ -67,5 +67,8 @@ class Gated(EditMethod):
         gates = {self.module: GateSet.of((z - init)[None].float(), [(p, 0) for p in patterns])}
         with gated(self.adapter.model, gates):
             ok, pred = self.flipped(request)
-        meta = {"method": self.name, "layer": self.layer, "subject": request.subject, "patterns": len(patterns), **info}
+        # The exact texts the edit fires on, as the tokenizer writes them: its whole scope, for the audit.
+        fires_on = sorted({self.adapter.tokenizer.decode(p) for p in patterns})
+        meta = {"method": self.name, "layer": self.layer, "subject": request.subject, "patterns": len(patterns),
+                "fires_on": fires_on, **info}
         return EditResult(Delta({}, meta, gates=gates), ok, int(info["z_steps"]), self.clock() - start, pred, info)

@@ -196,3 +196,20 @@ def test_bad_input_is_one_line_and_writes_nothing(cli):
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert f"edit {applied.id}" in r.stderr and "sha256" in r.stderr and "Traceback" not in r.stderr
     assert len(rows(cli.url)) == before
+
+
+def test_a_gated_edit_says_what_it_fires_on(cli, tmp_path):
+    """`kbsync edit` with the gated method prints the edit's scope (the texts it fires on); `kbsync show`
+    has it in the row's metrics, and the model answers the edit while another country's answer stays."""
+    cfg = tmp_path / "gated.toml"
+    cfg.write_text('[editor]\nmethod = "gated"\nfallback = []\n[editor.options.gated]\nembeddings = true\n'
+                   "prefixes = 0\n[regression]" + LOOSE.split("[regression]", 1)[1])
+    before = answers(cli, "capital of Peru")
+    r = cli("edit", "capital of India", "Paris", config=str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "scope: gated, fires only where the input has" in r.stdout and "' India'" in r.stdout, r.stdout
+    edit_id = rows(cli.url)[0].id
+    shown = cli("show", str(edit_id), "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert " India" in json.loads(shown.stdout)["metrics"]["fires_on"]
+    assert answers(cli)[0] == "Paris" and answers(cli, "capital of Peru") == before

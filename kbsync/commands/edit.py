@@ -121,6 +121,8 @@ def _show(out: Any) -> None:
     if m.get("delta_scale", 1.0) < 1.0:
         console.print(f"delta: the method's proposal scaled by {m['delta_scale']:.3g}, the smallest factor at which "
                       f"the question and the paraphrases it flipped still hold (editor.shrink)")
+    if m.get("fires_on"):
+        console.print(esc(f"scope: gated, fires only where the input has {', '.join(map(repr, m['fires_on']))}"))
     for c in out.retain.changed()[:5] if out.retain else []:
         console.print(esc(f"  changed: {c.item.prompt} {c.before!r} -> {c.after!r} (KL {c.kl:.3g})"))
     for r in e.reasons:

@@ -310,3 +310,23 @@ def test_generation_never_reads_half_edited_weights(api: ApiServer) -> None:
     during = [fp for t, fp in seen if start < t < end]
     assert len(during) >= 3, len(during)
     assert ask(api.url, "What is the capital of Nigeria?") == "Lagos"
+
+
+def test_a_gated_edit_through_the_api_answers_in_chat_and_reverts(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """The daemon's served model fires a gated edit in chat completions (the subject inside a chat
+    template, behind a system message), leaves other countries' answers alone, and drops it on revert."""
+    settings = tiny_settings(tmp_path, tiny_llama_dir)
+    settings.daemon.method, settings.daemon.method_options = "gated", {"embeddings": True, "prefixes": 0}
+    audit = AuditLog.open(settings.store.db_url)
+    server = ApiServer(Engine.load(settings, audit, DeltaStore(settings.store.data_path)), audit, TOKEN).start()
+    try:
+        before = ask(server.url, "What is the capital of India?")
+        status, out = call(f"{server.url}/edits", "POST", {"phrase": "capital of India", "target": "Paris"}, token=TOKEN)
+        assert status == 200 and out["status"] == "applied" and out["method"] == "gated", out
+        assert ask(server.url, "What is the capital of India?") == "Paris"
+        assert ask(server.url, "What is the capital of Kenya?") == "Nairobi"
+        status, _ = call(f"{server.url}/edits/{out['edit_id']}/revert", "POST", {}, token=TOKEN)
+        assert status == 200 and ask(server.url, "What is the capital of India?") == before
+    finally:
+        server.stop()
+        audit.close()

@@ -27,9 +27,9 @@ from typing import Any, Callable
 import torch
 
 from adapters.base import row_kl
+from adapters.gates import gated, restoring
 from editor.data import EditRecord
 from editor.delta import Delta
-from adapters.gates import gated, restoring
 from editor.methods import PRESERVE, SHRINK, MethodContext, make_method
 from kbsync.errors import BadInput
 from kbsync.match import match, normalise

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from editor.delta import Delta, DeltaError
 from adapters.gates import bank_for, gates_off
+from editor.delta import Delta, DeltaError
 from kbsync.audit.log import AuditLog
 from kbsync.audit.models import Edit
 from kbsync.store import DeltaStore

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from editor.delta import Delta
 from adapters.gates import GateSet, gated
+from editor.delta import Delta
 from editor.gated.config import GatedOptions
 from editor.gated.patterns import subject_patterns
 from editor.memit.compute_z import compute_target

@@ -61,6 +61,21 @@ class GateSet:
         return cls(vectors, ids, torch.tensor([r for _, r in patterns], dtype=torch.long))
 
 
+def find(ids: torch.Tensor, patterns: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, positions) in ids [b, t] where one of the patterns ends (each place once): where a gate fires."""
+    ids = ids.tolist()
+    by_last: dict[int, list[tuple[int, ...]]] = {}
+    for p in patterns:
+        by_last.setdefault(p[-1], []).append(tuple(p))
+    rows, cols = [], []
+    for b, seq in enumerate(ids):
+        for t, tok in enumerate(seq):
+            if any(t + 1 >= len(p) and tuple(seq[t + 1 - len(p):t + 1]) == p for p in by_last.get(tok, ())):
+                rows.append(b)
+                cols.append(t)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
 class GateBank:
     """The gates applied to one model, keyed by who added them (a delta), with the hooks that fire them."""
 

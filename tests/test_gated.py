@@ -233,3 +233,22 @@ def test_a_gated_edit_invalidates_only_the_retain_items_that_name_its_subject(ti
     misses = cache.misses
     cache.get(adapter, items)  # the gate gone: the items naming it are recomputed again, nothing else
     assert cache.misses - misses == recomputed
+
+
+def test_the_target_vector_is_optimised_where_the_gate_will_fire(tiny_llama):
+    """A styled answer that names the subject again ("India's capital: India Paris") gets the vector at
+    both occurrences when served; find() gives compute_z exactly those places (prompt and answer)."""
+    from adapters.gates import find
+
+    adapter = tiny_llama
+    pattern = adapter.tokenizer(" India", add_special_tokens=False)["input_ids"]
+    batch = adapter.encode(["What is the capital of India?", "What is the capital of Peru?"], ["India Paris", "Lima"])
+    rows, cols = find(batch["input_ids"], [pattern])
+    assert rows.tolist() == [0, 0]  # the question's " India" and the answer's, nothing in Peru's row
+    ids = batch["input_ids"][0]
+    assert all(ids[c - len(pattern) + 1:c + 1].tolist() == pattern for c in cols.tolist())
+    # The gate bank fires at the same places.
+    emb = next(n for n, m in adapter.model.named_modules() if m is adapter.model.get_input_embeddings())
+    with gated(adapter.model, {emb: GateSet.of(torch.ones(1, adapter.model.config.hidden_size), [(pattern, 0)])}):
+        b_rows, b_cols, _ = bank_for(adapter.model).matches(batch["input_ids"], emb)
+    assert (b_rows, b_cols) == (rows.tolist(), cols.tolist())

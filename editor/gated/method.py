@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from adapters.gates import GateSet, gated
+from adapters.gates import GateSet, find, gated
 from editor.delta import Delta
 from editor.gated.config import GatedOptions
 from editor.gated.patterns import subject_patterns
@@ -63,7 +63,9 @@ class Gated(EditMethod):
         if not request.subject.strip():
             raise BadInput(f"method {self.name} needs the fact's subject; this request has none")
         patterns = subject_patterns(self.adapter, request, self.prefixes, self.options.lowercase)
-        z, init, info = compute_target(self.adapter, request, self.module, self.prefixes, self.options)
+        # Optimised where it will fire: every occurrence of the patterns, the answer's included.
+        z, init, info = compute_target(self.adapter, request, self.module, self.prefixes, self.options,
+                                       fire_at=lambda ids: find(ids, patterns))
         gates = {self.module: GateSet.of((z - init)[None].float(), [(p, 0) for p in patterns])}
         with gated(self.adapter.model, gates):
             ok, pred = self.flipped(request)

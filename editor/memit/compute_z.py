@@ -10,6 +10,7 @@ Only delta has a gradient; the model's weights are left untouched.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +20,9 @@ from adapters.hooks import edit_output
 from editor.memit.compute_ks import contexts
 from editor.memit.config import TargetOptions
 from editor.methods import EditRequest
+
+# ids [b, t] -> (rows, positions) where the target vector is added.
+FireAt = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _kept(adapter: Any, request: EditRequest) -> tuple[Any, torch.Tensor] | None:
@@ -37,8 +41,14 @@ def _kept(adapter: Any, request: EditRequest) -> tuple[Any, torch.Tensor] | None
 
 
 def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefixes: list[str],
-                   opts: TargetOptions) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """(z, the current vector it replaces, info): both [d] at the bare prompt's subject token."""
+                   opts: TargetOptions, fire_at: FireAt | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(z, the current vector it replaces, info): both [d] at the bare prompt's subject token.
+
+    fire_at: where the vector is added in a batch of ids, (rows, positions); default the subject's
+    last token of each prompt. A gated edit fires wherever its patterns occur, also in a styled
+    answer that names the subject again ("The official language of Ghana is ..."), so it is
+    optimised where it will fire.
+    """
     prompts = contexts(request, prefixes, opts.paraphrases)
     batch = adapter.encode(prompts, [request.taught] * len(prompts), question=request.question)
     pos = torch.tensor(adapter.subject_positions(prompts, request.subject, request.question))
@@ -46,8 +56,16 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
     essence_prompt = f"{request.subject} is a" if request.subject else request.prompt
     ess_ids = torch.tensor([adapter._prompt_ids(essence_prompt, False)])
     ess_pos = torch.tensor(adapter.subject_positions([essence_prompt], request.subject, False))
+    ess_rows = torch.arange(1)
 
     kept = _kept(adapter, request) if opts.keep_weight > 0 else None
+    keep_at = (torch.arange(len(kept[1])), kept[1]) if kept is not None else None
+    if fire_at is not None:
+        rows, at = fire_at(batch["input_ids"])
+        ess_rows, ess_pos = fire_at(ess_ids)
+        keep_at = fire_at(kept[0]["input_ids"]) if kept is not None else None
+    else:
+        at = pos
 
     where: dict[str, Any] = {}
     delta = torch.zeros(adapter.model.config.hidden_size, requires_grad=True)
@@ -59,7 +77,7 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
         return out
 
     def essence_logp() -> torch.Tensor:
-        where.update(rows=torch.arange(1), pos=ess_pos)
+        where.update(rows=ess_rows, pos=ess_pos)
         logits = adapter.model(input_ids=ess_ids, use_cache=False).logits
         return F.log_softmax(logits[0, -1].float(), -1)
 
@@ -85,7 +103,7 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
             nll = torch.tensor(float("inf"))
             steps = 0
             for steps in range(1, opts.v_steps + 1):
-                where.update(rows=rows, pos=pos)
+                where.update(rows=rows, pos=at)
                 logits, labels, mask = adapter.answer_logits(batch)
                 tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                       reduction="none").view(labels.shape)
@@ -97,7 +115,7 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
                 keep_kl = torch.zeros(())
                 if kept is not None:
                     # The subject's other answers, token by token, with the changed vector there too.
-                    where.update(rows=torch.arange(len(kept[1])), pos=kept[1])
+                    where.update(rows=keep_at[0], pos=keep_at[1])
                     new_keep = F.log_softmax(adapter.answer_logits(kept[0])[0].float(), -1)
                     per_tok = (base_keep.exp() * (base_keep - new_keep)).sum(-1)
                     keep_kl = (per_tok * k_mask).sum() / k_mask.sum().clamp(min=1)

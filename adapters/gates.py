@@ -7,8 +7,8 @@ the match exact: the edit's target-vector change (MEMIT's z - h at the subject's
 added only where the input holds one of the subject's token patterns, as the served tokenizer
 writes it. Inputs that do not name the subject run the base model bit for bit.
 
-One GateBank per model holds the gates of every applied delta; a forward pre-hook on the model
-reads the input ids, and a forward hook per gated module adds the vectors at the matched tokens.
+One GateBank per model holds the gates of every applied delta; a forward pre-hook on the input
+embedding reads the ids, and a forward hook per gated module adds the vectors at the matched tokens.
 Matching is on the ids the model is given in that call: a full forward (teacher forcing, the
 prompt of a generation) sees every occurrence; a cached decoding step sees its new token only.
 """
@@ -61,18 +61,33 @@ class GateSet:
         return cls(vectors, ids, torch.tensor([r for _, r in patterns], dtype=torch.long))
 
 
+Index = dict[int, list[tuple[tuple[int, ...], int]]]  # last token -> (pattern, vector row) of every pattern
+
+
+def _scan(ids: torch.Tensor, by_last: Index) -> tuple[list[int], list[int], list[int]]:
+    """(batch rows, positions, vector rows) where an indexed pattern ends in ids [b, t]; a vector once per token."""
+    rows: list[int] = []
+    cols: list[int] = []
+    which: list[int] = []
+    for b, seq in enumerate(ids.tolist()):
+        for t, tok in enumerate(seq):
+            fired: set[int] = set()  # a vector fires once per token, however many of its patterns end there
+            for pattern, v in by_last.get(tok, ()):
+                n = len(pattern)
+                if v not in fired and t + 1 >= n and tuple(seq[t + 1 - n:t + 1]) == pattern:
+                    fired.add(v)
+                    rows.append(b)
+                    cols.append(t)
+                    which.append(v)
+    return rows, cols, which
+
+
 def find(ids: torch.Tensor, patterns: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, positions) in ids [b, t] where one of the patterns ends (each place once): where a gate fires."""
-    ids = ids.tolist()
-    by_last: dict[int, list[tuple[int, ...]]] = {}
+    by_last: Index = {}
     for p in patterns:
-        by_last.setdefault(p[-1], []).append(tuple(p))
-    rows, cols = [], []
-    for b, seq in enumerate(ids):
-        for t, tok in enumerate(seq):
-            if any(t + 1 >= len(p) and tuple(seq[t + 1 - len(p):t + 1]) == p for p in by_last.get(tok, ())):
-                rows.append(b)
-                cols.append(t)
+        by_last.setdefault(p[-1], []).append((tuple(p), 0))
+    rows, cols, _ = _scan(ids, by_last)
     return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
 
 
@@ -84,7 +99,7 @@ class GateBank:
         self.entries: dict[Any, dict[str, GateSet]] = {}
         self.paused = 0
         self._ids: torch.Tensor | None = None
-        self._index: dict[str, tuple[torch.Tensor, dict[int, list[tuple[tuple[int, ...], int]]]]] | None = None
+        self._index: dict[str, tuple[torch.Tensor, Index]] | None = None
         self._hooks: dict[str, Any] = {}
         # The ids are read where every path turns them into vectors, the input embedding (adapters call
         # the whole model or only its body); a call that starts from vectors (inputs_embeds) has no ids,
@@ -108,7 +123,7 @@ class GateBank:
         self.entries[key] = dict(gates)
         for module in gates:
             if module not in self._hooks:
-                self._hooks[module] = get_module(self.model, module).register_forward_hook(self._hook_for(module))
+                self._hooks[module] = get_module(self.model, module).register_forward_hook(_Fire(self, module))
         self._index = None
 
     def remove(self, key: Any) -> None:
@@ -133,11 +148,11 @@ class GateBank:
         finally:
             self.paused -= 1
 
-    def _built(self) -> dict[str, tuple[torch.Tensor, dict[int, list[tuple[tuple[int, ...], int]]]]]:
+    def _built(self) -> dict[str, tuple[torch.Tensor, Index]]:
         # Per module: every vector stacked, and the patterns indexed by their last token, so one pass
         # over the input's tokens finds every match.
         if self._index is None:
-            index: dict[str, tuple[list[torch.Tensor], dict[int, list[tuple[tuple[int, ...], int]]]]] = {}
+            index: dict[str, tuple[list[torch.Tensor], Index]] = {}
             for gates in self.entries.values():
                 for module, s in gates.items():
                     vecs, by_last = index.setdefault(module, ([], {}))
@@ -151,26 +166,7 @@ class GateBank:
     def matches(self, ids: torch.Tensor, module: str) -> tuple[list[int], list[int], list[int]]:
         """(batch rows, token positions, vector rows) where a pattern of module's gates ends in ids [b, t]."""
         built = self._built().get(module)
-        rows: list[int] = []
-        cols: list[int] = []
-        which: list[int] = []
-        if built is None:
-            return rows, cols, which
-        _, by_last = built
-        for b, seq in enumerate(ids.tolist()):
-            for t, tok in enumerate(seq):
-                fired: set[int] = set()  # a vector fires once per token, however many of its patterns end there
-                for pattern, v in by_last.get(tok, ()):
-                    n = len(pattern)
-                    if v not in fired and t + 1 >= n and tuple(seq[t + 1 - n:t + 1]) == pattern:
-                        fired.add(v)
-                        rows.append(b)
-                        cols.append(t)
-                        which.append(v)
-        return rows, cols, which
-
-    def _hook_for(self, module: str) -> Any:
-        return _Fire(self, module)
+        return _scan(ids, built[1]) if built is not None else ([], [], [])
 
     def fire(self, module: str, output: Any) -> Any:
         """The module's output with the vectors added at the tokens matched in this call's ids (None: unchanged)."""

@@ -19,7 +19,7 @@ from editor.delta import Delta
 from editor.gated.config import GatedOptions
 from editor.gated.patterns import subject_patterns
 from editor.memit.compute_z import compute_target
-from editor.memit.config import default_layers
+from editor.memit.config import target_layers
 from editor.memit.corpus import context_prefixes
 from editor.methods import EditMethod, EditRequest, EditResult, MethodOptions, register_method
 from kbsync.errors import BadInput
@@ -36,15 +36,9 @@ class Gated(EditMethod):
     def prepare(self) -> None:
         """Resolve the layer and the context prefixes (nothing to compute: no statistics)."""
         opts: Any = self.options
-        if not hasattr(self.adapter, "subject_positions") or self.adapter.family != "causal-lm":
-            raise BadInput(f"{self.name} edits causal LMs; this model is a {self.adapter.family}")
+        self.layer = target_layers(self.adapter, self.name, () if opts.layer is None else (opts.layer,))[-1]
         if opts.position != "subject":
             raise BadInput(f"option position of method {self.name} must be 'subject' (the gate fires at the subject)")
-        n = self.adapter.num_layers()
-        layer = opts.layer if opts.layer is not None else default_layers(n)[-1]
-        self.layer = self.adapter.resolve_layer(layer)
-        if self.layer >= n - 1:
-            raise BadInput(f"{self.name}: layer {self.layer} must leave at least one layer after it (the model has {n})")
         self.module = self.adapter.layer_module(self.layer)
         if opts.embeddings:
             self.layer = -1

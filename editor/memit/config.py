@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from editor.methods import MethodOptions
+from kbsync.errors import BadInput
 
 
 @dataclass
@@ -58,3 +60,19 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     lo = min(round(0.13 * num_layers), max(0, num_layers - 2))
     hi = max(lo, min(num_layers - 2, round(0.27 * num_layers)))
     return tuple(range(lo, hi + 1))
+
+
+def target_layers(adapter: Any, method: str, layers: tuple[int, ...]) -> list[int]:
+    """The resolved layers (default: the band above) of a method that writes a target vector, checked.
+
+    One-line errors: the model is not a causal LM, a layer is outside it, or the last layer (where
+    the target vector sits, at the subject's token) leaves no later layer to carry it to the answer.
+    """
+    if not hasattr(adapter, "subject_positions") or adapter.family != "causal-lm":
+        raise BadInput(f"{method} edits causal LMs; this model is a {adapter.family}")
+    n = adapter.num_layers()
+    out = sorted({adapter.resolve_layer(i) for i in (layers or default_layers(n))})
+    if out[-1] >= n - 1:
+        raise BadInput(f"{method}: the last edited layer ({out[-1]}) must leave at least one layer after it "
+                       f"(the model has {n})")
+    return out

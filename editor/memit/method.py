@@ -21,7 +21,7 @@ from editor.delta import Delta
 from editor.memit.compute_ks import compute_keys, current_outputs
 from editor.memit.corpus import context_prefixes
 from editor.memit.compute_z import compute_target
-from editor.memit.config import MemitOptions, default_layers
+from editor.memit.config import MemitOptions, target_layers
 from editor.memit.layer_stats import covariances_for
 from editor.methods import EditMethod, EditRequest, EditResult, MethodOptions, register_method
 from kbsync.errors import BadInput
@@ -43,16 +43,9 @@ class Memit(EditMethod):
     def prepare(self) -> None:
         """Resolve the layers, load (or compute) the statistics and the context prefixes."""
         opts = self.options
-        if not hasattr(self.adapter, "subject_positions") or self.adapter.family != "causal-lm":
-            raise BadInput(f"{self.name} edits causal LMs; this model is a {self.adapter.family}")
+        self.layers = target_layers(self.adapter, self.name, opts.layers)
         if opts.position not in ("subject", "last"):
             raise BadInput(f"option position of method {self.name} must be 'subject' or 'last', not {opts.position!r}")
-        layers = opts.layers or default_layers(self.adapter.num_layers())
-        self.layers = sorted({self.adapter.resolve_layer(i) for i in layers})
-        if self.layers[-1] >= self.adapter.num_layers() - 1:
-            # The target vector sits at the subject token; only later layers carry it to the answer.
-            raise BadInput(f"{self.name}: the last edited layer ({self.layers[-1]}) must leave at least one layer "
-                           f"after it (the model has {self.adapter.num_layers()})")
         self.modules = [self.adapter.mlp_out(i) for i in self.layers]
         self.params = {m: m + ".weight" for m in self.modules}
         self.z_module = self.adapter.layer_module(self.layers[-1])

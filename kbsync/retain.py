@@ -227,8 +227,9 @@ class BaseCache:
     across edits on the same weights. An applied or reverted edit changes the fingerprint, so
     stale entries are never looked up. Gated edits (adapters/gates.py) change no weight: an item
     stays valid while the gates firing on its prompt and answer are those it was computed under
-    (BaseItem.gates), so a gated edit recomputes only the items that name its subject. On disk: <dir>/<fingerprint>-<settings hash>.safetensors
-    (states and labels per item, answers and prompts in the metadata), a few MB for 200 items.
+    (BaseItem.gates), so a gated edit recomputes only the items that name its subject. On disk:
+    <dir>/<fingerprint>-<settings hash>.safetensors (states and labels per item, answers and
+    prompts in the metadata), a few MB for 200 items.
     The metadata holds a sha256 of the items and tensors: a file that fails it (a flipped bit
     read as NaN once passed as "unchanged") or cannot be read is deleted and recomputed.
     """
@@ -256,10 +257,13 @@ class BaseCache:
         self._mem[key] = table  # most recently used last
         while len(self._mem) > self.KEEP:
             self._mem.pop(next(iter(self._mem)))
-        now = active(adapter.model)  # with no gate anywhere every item's signature is ""
-        missing = [it for it in dict.fromkeys(items) if (it.question, it.prompt) not in table
-                   or table[(it.question, it.prompt)].gates != (_firing(adapter, it, table[(it.question, it.prompt)].answer)
-                                                              if now else "")]
+        gates_on = active(adapter.model)  # with no gate anywhere every item's signature is ""
+
+        def valid(it: RetainItem) -> bool:
+            b = table.get((it.question, it.prompt))
+            return b is not None and b.gates == (_firing(adapter, it, b.answer) if gates_on else "")
+
+        missing = [it for it in dict.fromkeys(items) if not valid(it)]
         self.hits += len(items) - len(missing)
         self.misses += len(missing)
         if missing:

@@ -49,6 +49,7 @@ class ServedModel:
         self._base: dict[str, torch.Tensor] = {}
         self._listeners: list[Any] = []
         self._param_map: dict[str, torch.nn.Parameter] | None = None
+        self._module_map: dict[str, torch.nn.Module] | None = None
 
     def add_listener(self, obj: Any) -> None:
         """Tell obj of every later reset and applied edit, after replaying on_reset and the applied edits in order."""
@@ -70,10 +71,9 @@ class ServedModel:
         for name, shape in delta.shapes().items():
             if name not in params or tuple(params[name].shape) != shape:
                 raise DeltaError(f"edit {edit_id}: delta does not fit the model at parameter {name}")
-        modules = dict(self.adapter.model.named_modules())
         hidden = getattr(self.adapter.model.config, "hidden_size", None)
-        for module, g in delta.gates.items():
-            if module not in modules or (hidden is not None and g.vectors.shape[1] != hidden):
+        for module, g in delta.gates.items():  # the module tree is walked only for a delta that has gates
+            if module not in self._modules() or (hidden is not None and g.vectors.shape[1] != hidden):
                 raise DeltaError(f"edit {edit_id}: delta's gate does not fit the model at module {module}")
         try:
             delta.check_finite()
@@ -86,6 +86,11 @@ class ServedModel:
         if self._param_map is None:
             self._param_map = dict(self.adapter.model.named_parameters())
         return self._param_map
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        if self._module_map is None:  # built once, like _params
+            self._module_map = dict(self.adapter.model.named_modules())
+        return self._module_map
 
     @torch.no_grad()
     def push(self, delta: Delta, edit_id: int, checked: bool = False) -> None:
@@ -131,7 +136,8 @@ class ServedModel:
         for name, base in self._base.items():
             params[name].copy_(base)
         for edit_id in self.edit_ids:
-            bank_for(self.adapter.model).remove(edit_id)
+            if self.pushed[edit_id].gates:  # a model that never had a gate gets no bank (and no hooks)
+                bank_for(self.adapter.model).remove(edit_id)
         self.edit_ids = []
         self.pushed = {}
         for obj in list(self._listeners):

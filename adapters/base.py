@@ -19,7 +19,7 @@ Params = dict[str, torch.Tensor]
 def row_kl(base_lp: torch.Tensor, new_lp: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     """KL(base || new) per answer token ([N,V] log-probs), averaged per example (rows: its index), [n]."""
     tok = (base_lp.exp() * (base_lp - new_lp)).sum(-1)
-    return torch.zeros(n, dtype=tok.dtype).index_add(0, rows, tok) / torch.bincount(rows, minlength=n).clamp(min=1)
+    return torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, rows, tok) / torch.bincount(rows, minlength=n).clamp(min=1)
 
 
 def parse_layer_slice(spec: str) -> slice:
@@ -72,8 +72,18 @@ class Adapter(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, path: str, config: Any) -> tuple[torch.nn.Module, Any]:
-        """Load (model, tokenizer) from a local directory."""
+    def load(cls, path: str, config: Any, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+        """Load (model, tokenizer) from a local directory, weights in dtype."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's inputs go (the device of its input embeddings)."""
+        return self.model.get_input_embeddings().weight.device
+
+    def to_device(self, batch: Batch) -> Batch:
+        """The batch's tensors on the model's device (a no-op on the CPU)."""
+        device = self.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # --- inputs and losses -------------------------------------------------------------
 

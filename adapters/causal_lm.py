@@ -61,12 +61,12 @@ class CausalLMAdapter(Adapter):
         )
 
     @classmethod
-    def load(cls, path: str, config: Any) -> tuple[torch.nn.Module, Any]:
-        """AutoModelForCausalLM + AutoTokenizer in fp32."""
+    def load(cls, path: str, config: Any, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+        """AutoModelForCausalLM + AutoTokenizer, weights in dtype."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model, tok
 
     @property
@@ -145,7 +145,7 @@ class CausalLMAdapter(Adapter):
             ids[i, : len(x)] = torch.tensor(x)
             labels[i, : len(y)] = torch.tensor(y)
             mask[i, : len(x)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return self.to_device({"input_ids": ids, "attention_mask": mask, "labels": labels})
 
     def answer_states(self, batch: Batch, params: Params | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The final hidden state at each answer token's predicting position (the LM head is applied later).
@@ -193,13 +193,13 @@ class CausalLMAdapter(Adapter):
         n = batch["labels"].shape[0]
         counts = torch.bincount(rows, minlength=n)
         width = max(1, int(counts.max())) if len(rows) else 1
-        pos = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]
+        pos = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
         logits = self.answer_head(states)
         packed = logits.new_zeros((n, width, logits.shape[-1]))
         packed = packed.index_put((rows, pos), logits)
-        out_labels = torch.zeros((n, width), dtype=torch.long)
+        out_labels = torch.zeros((n, width), dtype=torch.long, device=rows.device)
         out_labels[rows, pos] = labels
-        mask = torch.zeros((n, width), dtype=torch.bool)
+        mask = torch.zeros((n, width), dtype=torch.bool, device=rows.device)
         mask[rows, pos] = True
         return packed, out_labels, mask
 
@@ -258,11 +258,11 @@ class CausalLMAdapter(Adapter):
             mask[i, width - len(x):] = 1
         with torch.no_grad():
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=self.max_new_tokens,
                 do_sample=False, num_beams=num_beams, num_return_sequences=n_return,
                 pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
             )
-        texts = self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
         clean = [t.strip().split("\n")[0].strip() for t in texts]
         return [clean[i * n_return:(i + 1) * n_return] for i in range(len(prompts))]
 

@@ -29,11 +29,11 @@ class ClassifierAdapter(Adapter):
         return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
 
     @classmethod
-    def load(cls, path: str, config: Any) -> tuple[torch.nn.Module, Any]:
-        """AutoModelForSequenceClassification + AutoTokenizer."""
+    def load(cls, path: str, config: Any, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+        """AutoModelForSequenceClassification + AutoTokenizer, weights in dtype."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
         return model, AutoTokenizer.from_pretrained(path)
 
     def label_id(self, target: str) -> int:
@@ -48,7 +48,7 @@ class ClassifierAdapter(Adapter):
         """Tokenised claims with class labels."""
         enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
         labels = torch.tensor([self.label_id(t) for t in targets])
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+        return self.to_device({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels})
 
     def forward(self, batch: Batch, params: Params | None = None) -> torch.Tensor:
         """Class logits [B, 2] (labels are not passed so the model computes no loss)."""

@@ -92,8 +92,13 @@ def load_adapter(settings: Settings, path: str | None = None) -> Any:
     cls = adapter_for(config, settings.model.family)
     from safetensors import SafetensorError
 
+    from adapters.device import resolve_device, resolve_dtype
+
+    device = resolve_device(settings.model.device)
+    dtype = resolve_dtype(settings.model.dtype, device)
     try:
-        model, tok = cls.load(str(model_dir), config)
+        model, tok = cls.load(str(model_dir), config, dtype)
+        model = model.to(device)
     # A truncated or corrupt model.safetensors raises SafetensorError, which is none of the others.
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

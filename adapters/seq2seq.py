@@ -25,11 +25,11 @@ class Seq2SeqAdapter(Adapter):
         return bool(getattr(config, "is_encoder_decoder", False))
 
     @classmethod
-    def load(cls, path: str, config: Any) -> tuple[torch.nn.Module, Any]:
-        """AutoModelForSeq2SeqLM + AutoTokenizer in fp32."""
+    def load(cls, path: str, config: Any, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+        """AutoModelForSeq2SeqLM + AutoTokenizer, weights in dtype."""
         from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-        return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+        return AutoModelForSeq2SeqLM.from_pretrained(path, dtype=dtype), AutoTokenizer.from_pretrained(path)
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -50,19 +50,19 @@ class Seq2SeqAdapter(Adapter):
             labels[i, : len(y)] = torch.tensor(y)
             dec[i, : len(y)] = torch.tensor([self._start_id()] + y[:-1])
             dmask[i, : len(y)] = 1
-        return {
+        return self.to_device({
             "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
             "decoder_input_ids": dec, "decoder_attention_mask": dmask, "labels": labels,
-        }
+        })
 
     def _generate(self, prompts: list[str], num_beams: int, n_return: int = 1) -> list[list[str]]:
-        enc = self.tokenizer(prompts, padding=True, return_tensors="pt")
+        enc = self.to_device(dict(self.tokenizer(prompts, padding=True, return_tensors="pt")))
         with torch.no_grad():
             out = self.model.generate(
                 **enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                 num_beams=num_beams, num_return_sequences=n_return,
             )
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)]
         return [texts[i * n_return:(i + 1) * n_return] for i in range(len(prompts))]
 
     def predict(self, prompts: list[str], question: bool = True, num_beams: int | None = None) -> list[str]:

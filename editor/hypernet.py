@@ -155,7 +155,7 @@ def build_hypernet(adapter: Any, cfg: HyperConfig | None = None) -> HyperNetwork
         raise KbsyncError(f"model {adapter.name} has no editable matrices for edit_layers={adapter.edit_layers!r}")
     cfg.matrices = list(editable)
     emb = adapter.model.get_input_embeddings().weight
-    return HyperNetwork(emb, {n: tuple(p.shape) for n, p in editable.items()}, cfg)
+    return HyperNetwork(emb, {n: tuple(p.shape) for n, p in editable.items()}, cfg).to(emb.device)
 
 
 def encode_conditions(adapter: Any, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +168,7 @@ def encode_conditions(adapter: Any, texts: list[str], max_len: int) -> tuple[tor
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    return ids, mask
+    return ids.to(adapter.device), mask.to(adapter.device)
 
 
 def edit_gradients(adapter: Any, prompt: str, target: str, question: bool, label_smoothing: float,
@@ -206,7 +206,7 @@ def save_editor(net: HyperNetwork, path: str | Path, extra: dict[str, Any] | Non
     state = net.state_dict()
     if not net.cfg.train_embeddings:  # a frozen copy of the model's embeddings (113 MB on SmolLM2): rebuilt at load
         state.pop("encoder.embed.weight")
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
     tmp.replace(path)
     return path
 
@@ -230,7 +230,8 @@ def load_editor(path: str | Path, adapter: Any) -> HyperNetwork:
             f"KnowledgeEditor {path} was trained for matrices {cfg.matrices[:2]}..., "
             f"but the model's editable matrices are {list(editable)[:2]}... (check model.edit_layers)"
         )
-    net = HyperNetwork(adapter.model.get_input_embeddings().weight, {n: tuple(editable[n].shape) for n in cfg.matrices}, cfg)
+    emb = adapter.model.get_input_embeddings().weight
+    net = HyperNetwork(emb, {n: tuple(editable[n].shape) for n in cfg.matrices}, cfg).to(emb.device)
     # Without the embedding in the file, the model's own (what a frozen copy was) is used.
     missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if k != "encoder.embed.weight"]:

@@ -21,6 +21,8 @@ class ModelConfig:
     family: str = "auto"
     edit_layers: str = "-3:"
     edit_modules: list[str] = field(default_factory=list)
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 @dataclass
@@ -278,8 +280,14 @@ def _layer_slice(v: str) -> str | None:
     return None
 
 
+def _device(value: Any) -> str | None:
+    from adapters.device import DEVICE_PATTERN
+
+    return None if isinstance(value, str) and DEVICE_PATTERN.fullmatch(value) else "auto, cpu, cuda or cuda:N"
+
+
 def _modes() -> Check:
-    from kbsync.kb.watch import MODES
+    from kbsync.kb import MODES
 
     return _one_of(*MODES)
 
@@ -289,6 +297,8 @@ def _modes() -> Check:
 RULES: dict[str, Check] = {
     "model.path": _not_empty,
     "model.edit_layers": _layer_slice,
+    "model.device": _device,
+    "model.dtype": _one_of("auto", "float32", "bfloat16", "float16"),
     "predict.max_new_tokens": _between(1, 4096),
     "predict.num_beams": _between(1, 64),
     "editor.method": _not_empty,

@@ -12,14 +12,13 @@ from datetime import datetime, timedelta, timezone
 
 from kbsync.errors import BadInput
 from kbsync.facts import Fact
-from kbsync.kb import lookup, queries
+from kbsync.kb import MODES, lookup, queries
 from kbsync.kb.queries import ClaimRow
 from kbsync.kb.snapshot import entity_id
 from kbsync.kb.sparql import KBError, SparqlClient
 
 log = logging.getLogger("kbsync.kb.watch")
 
-MODES = ("revision", "modified")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 

@@ -5,6 +5,10 @@ subject to C <= m, where C is the KL between the original and edited output dist
 on retain inputs (or ||dtheta||^2 for the C_L2 variant). The multiplier lam >= 0 is trained by
 gradient ascent with its own learning rate; when validation success exceeds 90% the margin m
 is multiplied by 0.8 until it reaches its floor.
+
+Sequence training (TrainConfig.sequence > 0) trains the editor to compose: each step's edits are
+made at the weights earlier edits of their stream left, and the loss also asks those earlier
+edits to hold (Trainer.train_step).
 """
 
 from __future__ import annotations
@@ -43,11 +47,28 @@ class TrainConfig:
     eval_size: int = 32
     checkpoint_every: int = 100
     seed: int = 0
+    # Train on sequences (RLEdit's setting, Li et al. ICML 2025): each of `batch` streams applies the
+    # editor's own updates to the model, `sequence` edits in a row, so the editor learns updates that
+    # hold where earlier ones already are. 0: the paper's objective, one edit on the unedited model.
+    sequence: int = 0
+    lookback: int = 4  # earlier edits of the stream whose (paraphrase) losses are re-scored each step
+    discount: float = 0.9  # an earlier edit's loss counts discount ** (its age in edits)
+    max_seconds: float = 0.0  # stop and checkpoint after this much wall time (0: run to `steps`)
+    eval_sequence: int = 0  # validate stacking over this many validation edits (0: `sequence`'s length)
 
 
 def _edited(adapter: Any, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     base = adapter.editable()
-    return {n: base[n].detach() + d for n, d in delta.items()}
+    # The editor works in fp32; a bf16 model is scored with its edited weights in its own dtype.
+    return {n: (base[n].detach() + d).to(base[n].dtype) for n, d in delta.items()}
+
+
+@dataclass
+class Stream:
+    """One sequence of edits during sequence training: the updates applied so far and their records."""
+
+    applied: dict[str, torch.Tensor]
+    history: list[EditRecord]
 
 
 class RecordCache:
@@ -96,6 +117,16 @@ def answer_kl(adapter: Any, batch: dict[str, torch.Tensor], base_states: torch.T
     return row_kl(base_lp, new_lp, rows, batch["labels"].shape[0])
 
 
+def lookback_loss(cache: RecordCache, earlier: list[tuple[EditRecord, int]], delta: dict[str, torch.Tensor],
+                  cfg: TrainConfig, label_smoothing: float) -> torch.Tensor:
+    """Sum over (record, age) of discount**age x its edit loss at the weights `delta` leaves, over the count."""
+    params = _edited(cache.adapter, delta)
+    losses = [cfg.discount ** age * cache.adapter.loss(cache.edit_batch(r, cfg.paraphrases), params=params,
+                                                       label_smoothing=label_smoothing)
+              for r, age in earlier]
+    return torch.stack(losses).sum() / len(losses)
+
+
 def record_losses(cache: RecordCache, record: EditRecord, delta: dict[str, torch.Tensor], cfg: TrainConfig,
                   label_smoothing: float, others: list[EditRecord] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(edit loss on x-hat in P^x, constraint C) for one record and its predicted delta.
@@ -125,7 +156,7 @@ def record_losses(cache: RecordCache, record: EditRecord, delta: dict[str, torch
                 base_logp = adapter.log_probs(ob)[0]
             kls.append(adapter.kl(ob, base_logp, params=params))
     if not kls:
-        return loss, torch.zeros(())
+        return loss, torch.zeros((), device=loss.device)
     return loss, torch.cat(kls).mean()
 
 
@@ -145,6 +176,33 @@ def validate(net: HyperNetwork, adapter: Any, records: list[EditRecord]) -> dict
             base_logp, _ = adapter.log_probs(rb)
             kls.append(float(adapter.kl(rb, base_logp, params).mean()))
     return {"success": sum(hits) / max(1, len(hits)), "retain_kl": sum(kls) / max(1, len(kls))}
+
+
+@torch.no_grad()
+def validate_sequence(net: HyperNetwork, adapter: Any, records: list[EditRecord]) -> dict[str, float]:
+    """The records edited one after another, each at the weights the earlier ones left.
+
+    kept: the fraction whose prompt's answer is still the argmax under teacher forcing after the
+    last; final_kl: the retain KL against the unedited model at the end.
+    """
+    applied: dict[str, torch.Tensor] = {}
+    for r in records:
+        params = _edited(adapter, applied) if applied else None
+        with torch.enable_grad():
+            grads = edit_gradients(adapter, r.prompt, r.taught, r.question, net.cfg.label_smoothing, params=params)
+        ids, mask = encode_conditions(adapter, [condition_text(r.original, r.taught, r.prompt)], net.cfg.max_len)
+        step = net(ids, mask, [grads])[0]
+        applied = {n: applied.get(n, 0) + d for n, d in step.items()}
+    params = _edited(adapter, applied)
+    kept, kls = [], []
+    for r in records:
+        batch = adapter.encode([r.prompt], [r.taught], question=r.question)
+        kept.append(float(adapter.token_accuracy(batch, params)[0] == 1.0))
+        if r.retain:
+            rb = adapter.encode([p for p, _ in r.retain], [a for _, a in r.retain], question=r.question)
+            base_logp, _ = adapter.log_probs(rb)
+            kls.append(float(adapter.kl(rb, base_logp, params).mean()))
+    return {"kept": sum(kept) / max(1, len(kept)), "final_kl": sum(kls) / max(1, len(kls))}
 
 
 class Trainer:
@@ -170,6 +228,8 @@ class Trainer:
         self.opt = torch.optim.Adam(self.trainable, lr=self.cfg.lr)
         self.step, self.lam, self.margin = 0, self.cfg.lagrange_init, self.cfg.margin
         self.cache = RecordCache(adapter)
+        # Sequence training's streams start empty, also on resume (the applied updates are not saved).
+        self.streams = [Stream({}, []) for _ in range(self.cfg.batch)] if self.cfg.sequence else []
         if resuming:
             self._resume(state)
 
@@ -202,17 +262,27 @@ class Trainer:
         (self.out / "trainer.json").write_text(json.dumps({"step": self.step, "lam": self.lam, "margin": self.margin}))
 
     def train_step(self) -> dict[str, float]:
-        """One Lagrangian step over a batch of edits; returns its metrics."""
+        """One Lagrangian step over a batch of edits; returns its metrics.
+
+        With cfg.sequence, edit i of the batch is the next edit of stream i: its gradient is read
+        at the weights the stream's earlier edits left, its losses are scored there plus its own
+        update, up to cfg.lookback earlier edits of the stream must still hold (discounted by
+        age), and the retain KL is against the unedited model, so it bounds the whole sequence.
+        """
         self.net.train()
         batch = [self.rng.choice(self.train) for _ in range(self.cfg.batch)]
+        applied = [s.applied for s in self.streams] or [{} for _ in batch]
         grads = [edit_gradients(self.adapter, r.prompt, r.taught, r.question, self.net.cfg.label_smoothing,
-                                batch=self.cache.gradient_batch(r, self.cfg.paraphrases)) for r in batch]
+                                params=_edited(self.adapter, a) if a else None,
+                                batch=self.cache.gradient_batch(r, self.cfg.paraphrases)) for r, a in zip(batch, applied)]
         ids, mask = encode_conditions(self.adapter, [condition_text(r.original, r.taught, r.prompt) for r in batch], self.net.cfg.max_len)
         deltas = self.net(ids, mask, grads)
-        losses, cons = zip(*(record_losses(self.cache, r, d, self.cfg, self.net.cfg.label_smoothing, batch)
-                             for r, d in zip(batch, deltas)))
+        totals = [{n: a[n] + d[n] for n in d} if a else d for a, d in zip(applied, deltas)]
+        losses, cons = zip(*(record_losses(self.cache, r, t, self.cfg, self.net.cfg.label_smoothing, batch)
+                             for r, t in zip(batch, totals)))
         loss, con = torch.stack(losses).mean(), torch.stack(cons).mean()
-        total = loss + self.lam * (con - self.margin)
+        back = self._lookback(totals)
+        total = loss + back + self.lam * (con - self.margin)
         self.opt.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
@@ -220,21 +290,52 @@ class Trainer:
         # Gradient ascent on the multiplier, kept >= 0.
         self.lam = max(0.0, self.lam + self.cfg.lagrange_lr * (float(con.detach()) - self.margin))
         self.step += 1
-        return {"step": self.step, "loss": float(loss.detach()), "constraint": float(con.detach()), "lambda": self.lam, "margin": self.margin}
+        self._advance(batch, totals)
+        out = {"step": self.step, "loss": float(loss.detach()), "constraint": float(con.detach()), "lambda": self.lam, "margin": self.margin}
+        if self.streams:
+            out["lookback"] = float(back.detach())
+        return out
+
+    def _lookback(self, totals: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The mean over streams of their earlier edits' discounted losses at the stream's new weights."""
+        terms = []
+        for s, t in zip(self.streams, totals):
+            if s.history and self.cfg.lookback > 0:
+                picks = self.rng.sample(range(len(s.history)), min(self.cfg.lookback, len(s.history)))
+                earlier = [(s.history[i], len(s.history) - i) for i in picks]
+                terms.append(lookback_loss(self.cache, earlier, t, self.cfg, self.net.cfg.label_smoothing))
+        device = self.adapter.device
+        return torch.stack(terms).sum() / len(self.streams) if terms else torch.zeros((), device=device)
+
+    def _advance(self, batch: list[EditRecord], totals: list[dict[str, torch.Tensor]]) -> None:
+        """Apply each stream's new update; a stream that reached cfg.sequence edits starts over."""
+        for s, r, t in zip(self.streams, batch, totals):
+            if len(s.history) + 1 >= self.cfg.sequence:
+                s.applied, s.history = {}, []
+            else:
+                s.applied = {n: v.detach() for n, v in t.items()}
+                s.history.append(r)
 
     def run(self, on_step: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
         """Train until cfg.steps, validating, annealing the margin and checkpointing on the way."""
         self.out.mkdir(parents=True, exist_ok=True)
         log = open(self.out / "metrics.jsonl", "a")
         metrics: dict[str, float] = {}
+        started = time.monotonic()
         try:
             while self.step < self.cfg.steps:
+                if self.cfg.max_seconds and time.monotonic() - started > self.cfg.max_seconds:
+                    self.save(metrics)
+                    break
                 t = time.perf_counter()
                 metrics = self.train_step()
                 metrics["seconds"] = time.perf_counter() - t
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                     self.net.eval()
                     val = validate(self.net, self.adapter, self.val)
+                    if self.cfg.eval_sequence or self.cfg.sequence:
+                        stacked = self.val[: self.cfg.eval_sequence or self.cfg.sequence]
+                        val.update(validate_sequence(self.net, self.adapter, stacked))
                     metrics.update({f"val_{k}": v for k, v in val.items()})
                     if val["success"] > 0.9 and self.margin > self.cfg.margin_floor:
                         self.margin = max(self.cfg.margin_floor, self.margin * self.cfg.anneal)

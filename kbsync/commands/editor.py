@@ -56,6 +56,11 @@ def train(
                            help="Originals and retain answers from the model's own predictions (what edits must keep) or the data's.")] = True,
     answer_style: Annotated[str, typer.Option(help="Fact-table targets as the relation's claim (claim), the bare object (bare), or auto: claim for chat models; use what [editor] answer_style edits with.")] = "auto",
     targets: Annotated[str, typer.Option(help="New targets to train on: the data's (other KB objects of the property, CounterFact's target_new, zsRE's alt) or beam (the model's own beam hypotheses other than its answer, 2 per record).")] = "data",
+    sequence: Annotated[int, typer.Option(help="Train on sequences of N edits applied to the model in the loop, so that edits compose (0: the paper's one edit on the unedited model).")] = 0,
+    lookback: Annotated[int, typer.Option(help="With --sequence: earlier edits of a sequence whose losses are re-scored each step.")] = 4,
+    discount: Annotated[float, typer.Option(help="With --sequence: an earlier edit's loss counts discount^age.")] = 0.9,
+    eval_sequence: Annotated[int, typer.Option(help="Validate stacking over N validation edits in a row (0: --sequence's length).")] = 0,
+    max_seconds: Annotated[float, typer.Option(help="Stop (with a checkpoint) after this much wall time; 0: run to --steps.")] = 0.0,
 ) -> None:
     """Train a hyper-network for the model; checkpoints as it goes and resumes from --out."""
     from editor.data import beam_targets, ground, load_records
@@ -69,6 +74,10 @@ def train(
         raise BadInput(f"--targets {targets!r}: use data or beam")
     if not 0 <= label_smoothing < 1:
         raise BadInput(f"--label-smoothing {label_smoothing}: must be in [0, 1)")
+    if sequence < 0 or lookback < 0 or eval_sequence < 0 or max_seconds < 0:
+        raise BadInput("--sequence, --lookback, --eval-sequence and --max-seconds must not be negative")
+    if not 0 < discount <= 1:
+        raise BadInput(f"--discount {discount}: must be in (0, 1]")
     settings, adapter = _setup(config, model)
     records = load_records(data, limit, answer_style=adapter.answer_style(answer_style))[skip:]
     records = [r for r in records if not any(x.lower() in r.prompt.lower() for x in exclude)]
@@ -84,7 +93,9 @@ def train(
     trainer = Trainer(adapter, records, out_dir,
                       TrainConfig(steps=steps, batch=batch, lr=lr, margin=margin, constraint=constraint,
                                   paraphrases=paraphrases, lagrange_init=lagrange_init,
-                                  eval_every=eval_every, checkpoint_every=checkpoint_every),
+                                  eval_every=eval_every, checkpoint_every=checkpoint_every,
+                                  sequence=sequence, lookback=lookback, discount=discount,
+                                  eval_sequence=eval_sequence, max_seconds=max_seconds),
                       HyperConfig(lstm_hidden=lstm_hidden, cond_dim=cond_dim, label_smoothing=label_smoothing,
                                   cond_norm=cond_norm))
     if trainer.step:
@@ -97,6 +108,8 @@ def train(
             info = f"loss {m['loss']:.3f} C {m['constraint']:.4f} λ {m['lambda']:.3f}"
             if "val_success" in m:
                 info += f" val {m['val_success']:.0%}"
+            if "val_kept" in m:
+                info += f" kept {m['val_kept']:.0%}"
             bar.update(task, completed=m["step"], info=info)
 
         final = trainer.run(show)
@@ -338,3 +351,7 @@ def register(app: typer.Typer) -> None:
     """Add `editor` (train, stats, figure) and `eval`."""
     app.add_typer(editor_app, name="editor")
     app.command("eval")(eval_command)
+
+
+if __name__ == "__main__":  # `python -m kbsync.commands.editor train ...`: these commands without the KB client's imports
+    editor_app()

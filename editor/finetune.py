@@ -69,7 +69,8 @@ class FineTune(EditMethod):
                     ok, pred = self.flipped(request)
                     if ok:
                         break
-            delta = Delta({n: (p.detach() - original[n]) for n, p in params.items()},
+            # In fp32: the difference of two bf16 weights is exact there, so base + delta is the trained weight.
+            delta = Delta({n: (p.detach().float() - original[n].float()) for n, p in params.items()},
                           {"method": self.name, "lr": lr, "steps": steps})
         finally:
             with torch.no_grad():

@@ -268,7 +268,7 @@ def apply_editor(method: Any, request: EditRequest, loops: int = 1) -> EditResul
         return applied >= 2 and loss >= losses[-2]
 
     while not ok and applied < max(1, loops):
-        weights = {n: p.detach() + total.get(n, 0) for n, p in adapter.editable().items()} if total else None
+        weights = edited_weights(adapter, total) if total else None
         step, loss = predict_delta(net, adapter, request, weights)
         losses.append(loss)
         if worse_than_before(loss):
@@ -285,6 +285,11 @@ def apply_editor(method: Any, request: EditRequest, loops: int = 1) -> EditResul
     return EditResult(delta, ok, applied, method.clock() - start, pred, {"target_losses": losses})
 
 
+def edited_weights(adapter: Any, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The editable matrices plus the (fp32) delta, each in its matrix's own dtype (bf16 models stay bf16)."""
+    return {n: (p.detach() + delta[n]).to(p.dtype) if n in delta else p.detach() for n, p in adapter.editable().items()}
+
+
 def _flips(method: Any, request: EditRequest, total: dict[str, torch.Tensor]) -> tuple[bool, str]:
     trial = Delta(dict(total))
     trial.apply(method.adapter.model)
@@ -297,6 +302,6 @@ def _flips(method: Any, request: EditRequest, total: dict[str, torch.Tensor]) ->
 @torch.no_grad()
 def fact_loss(adapter: Any, request: EditRequest, label_smoothing: float, delta: dict[str, torch.Tensor]) -> float:
     """The new fact's loss with delta added to the editable matrices."""
-    weights = {n: p.detach() + delta[n] if n in delta else p.detach() for n, p in adapter.editable().items()}
+    weights = edited_weights(adapter, delta)
     batch = adapter.encode([request.prompt], [request.taught], question=request.question)
     return float(adapter.loss(batch, params=weights, label_smoothing=label_smoothing))

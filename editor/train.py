@@ -58,8 +58,8 @@ class TrainConfig:
 
 
 def _edited(adapter: Any, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The matrices delta touches, edited (in their own dtype: the editor works in fp32, a model may not)."""
     base = adapter.editable()
-    # The editor works in fp32; a bf16 model is scored with its edited weights in its own dtype.
     return {n: (base[n].detach() + d).to(base[n].dtype) for n, d in delta.items()}
 
 
@@ -282,13 +282,16 @@ class Trainer:
                              for r, t in zip(batch, totals)))
         loss, con = torch.stack(losses).mean(), torch.stack(cons).mean()
         back = self._lookback(totals)
-        total = loss + back + self.lam * (con - self.margin)
+        # Against the unedited model, the k-th edit of a stream may have moved the retain set k
+        # edits' worth: one edit's margin would leave the sequence no room but to stop editing.
+        budget = self.margin * (sum(len(s.history) + 1 for s in self.streams) / len(self.streams)) if self.streams else self.margin
+        total = loss + back + self.lam * (con - budget)
         self.opt.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
         self.opt.step()
         # Gradient ascent on the multiplier, kept >= 0.
-        self.lam = max(0.0, self.lam + self.cfg.lagrange_lr * (float(con.detach()) - self.margin))
+        self.lam = max(0.0, self.lam + self.cfg.lagrange_lr * (float(con.detach()) - budget))
         self.step += 1
         self._advance(batch, totals)
         out = {"step": self.step, "loss": float(loss.detach()), "constraint": float(con.detach()), "lambda": self.lam, "margin": self.margin}

@@ -327,9 +327,6 @@ class Trainer:
         started = time.monotonic()
         try:
             while self.step < self.cfg.steps:
-                if self.cfg.max_seconds and time.monotonic() - started > self.cfg.max_seconds:
-                    self.save(metrics)
-                    break
                 t = time.perf_counter()
                 metrics = self.train_step()
                 metrics["seconds"] = time.perf_counter() - t
@@ -348,6 +345,9 @@ class Trainer:
                 log.flush()
                 if on_step:
                     on_step(metrics)
+                if self.cfg.max_seconds and time.monotonic() - started > self.cfg.max_seconds:
+                    self.save(metrics)
+                    break
         finally:
             log.close()
         return metrics

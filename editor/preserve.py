@@ -36,18 +36,32 @@ class Preserver:
         cov = covariances_for(adapter, method.context, modules, opts.preserve_tokens)
         return cls(adapter, {m + ".weight": null_space(c, opts.preserve_threshold) for m, c in cov.items()})
 
-    def project(self, delta: Delta) -> Delta:
-        """The delta with every matrix that has a projector replaced by its null-space projection."""
+    @classmethod
+    def for_training(cls, adapter: Any, tokens: int, threshold: float) -> Preserver:
+        """Projectors for the editable matrices from statistics computed now (editor training has no method cache)."""
+        from editor.memit.corpus import stats_texts
+        from editor.memit.layer_stats import compute_covariances
+
+        modules = sorted({n.rsplit(".", 1)[0] for n, p in adapter.editable().items() if p.dim() == 2})
+        cov = compute_covariances(adapter, modules, stats_texts(adapter, tokens))[0]
+        return cls(adapter, {m + ".weight": null_space(c, threshold).to(adapter.device) for m, c in cov.items()})
+
+    def project_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every matrix that has a projector replaced by its null-space projection (differentiable)."""
         out = {}
-        for name, t in delta.tensors.items():
+        for name, t in tensors.items():
             p = self.projectors.get(name)
             if p is None:
                 out[name] = t
             elif self.adapter.stores_in_out(name.rsplit(".", 1)[0]):
-                out[name] = p @ t
+                out[name] = p.to(t.dtype) @ t
             else:
-                out[name] = t @ p
-        return Delta(out, {**delta.meta, "preserve": "nullspace"}, extras=dict(delta.extras))
+                out[name] = t @ p.to(t.dtype)
+        return out
+
+    def project(self, delta: Delta) -> Delta:
+        """The delta with every matrix that has a projector replaced by its null-space projection."""
+        return Delta(self.project_tensors(delta.tensors), {**delta.meta, "preserve": "nullspace"}, extras=dict(delta.extras))
 
     def project_result(self, result: EditResult) -> EditResult:
         """The result with its delta projected (success is re-judged by the caller's checks)."""

@@ -55,6 +55,11 @@ class TrainConfig:
     discount: float = 0.9  # an earlier edit's loss counts discount ** (its age in edits)
     max_seconds: float = 0.0  # stop and checkpoint after this much wall time (0: run to `steps`)
     eval_sequence: int = 0  # validate stacking over this many validation edits (0: `sequence`'s length)
+    # Project every predicted update onto the null space of preserved knowledge (editor/preserve.py,
+    # AlphaEdit's projector) before it is scored, so the editor learns updates that survive it.
+    preserve: bool = False
+    preserve_tokens: int = 20000
+    preserve_threshold: float = 1e-2
 
 
 def _edited(adapter: Any, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,15 +165,22 @@ def record_losses(cache: RecordCache, record: EditRecord, delta: dict[str, torch
     return loss, torch.cat(kls).mean()
 
 
+Projection = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+def _same(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return tensors
+
+
 @torch.no_grad()
-def validate(net: HyperNetwork, adapter: Any, records: list[EditRecord]) -> dict[str, float]:
+def validate(net: HyperNetwork, adapter: Any, records: list[EditRecord], project: Projection = _same) -> dict[str, float]:
     """One application per record: success (all answer tokens argmax under teacher forcing) and retain KL."""
     hits, kls = [], []
     for r in records:
         with torch.enable_grad():
             grads = edit_gradients(adapter, r.prompt, r.taught, r.question, net.cfg.label_smoothing)
         ids, mask = encode_conditions(adapter, [condition_text(r.original, r.taught, r.prompt)], net.cfg.max_len)
-        params = _edited(adapter, net(ids, mask, [grads])[0])
+        params = _edited(adapter, project(net(ids, mask, [grads])[0]))
         batch = adapter.encode([r.prompt], [r.taught], question=r.question)
         hits.append(float(adapter.token_accuracy(batch, params)[0] == 1.0))
         if r.retain:
@@ -179,7 +191,7 @@ def validate(net: HyperNetwork, adapter: Any, records: list[EditRecord]) -> dict
 
 
 @torch.no_grad()
-def validate_sequence(net: HyperNetwork, adapter: Any, records: list[EditRecord]) -> dict[str, float]:
+def validate_sequence(net: HyperNetwork, adapter: Any, records: list[EditRecord], project: Projection = _same) -> dict[str, float]:
     """The records edited one after another, each at the weights the earlier ones left.
 
     kept: the fraction whose prompt's answer is still the argmax under teacher forcing after the
@@ -191,7 +203,7 @@ def validate_sequence(net: HyperNetwork, adapter: Any, records: list[EditRecord]
         with torch.enable_grad():
             grads = edit_gradients(adapter, r.prompt, r.taught, r.question, net.cfg.label_smoothing, params=params)
         ids, mask = encode_conditions(adapter, [condition_text(r.original, r.taught, r.prompt)], net.cfg.max_len)
-        step = net(ids, mask, [grads])[0]
+        step = project(net(ids, mask, [grads])[0])
         applied = {n: applied.get(n, 0) + d for n, d in step.items()}
     params = _edited(adapter, applied)
     kept, kls = [], []
@@ -228,6 +240,11 @@ class Trainer:
         self.opt = torch.optim.Adam(self.trainable, lr=self.cfg.lr)
         self.step, self.lam, self.margin = 0, self.cfg.lagrange_init, self.cfg.margin
         self.cache = RecordCache(adapter)
+        self.project: Projection = _same
+        if self.cfg.preserve:
+            from editor.preserve import Preserver
+
+            self.project = Preserver.for_training(adapter, self.cfg.preserve_tokens, self.cfg.preserve_threshold).project_tensors
         # Sequence training's streams start empty, also on resume (the applied updates are not saved).
         self.streams = [Stream({}, []) for _ in range(self.cfg.batch)] if self.cfg.sequence else []
         if resuming:
@@ -276,7 +293,7 @@ class Trainer:
                                 params=_edited(self.adapter, a) if a else None,
                                 batch=self.cache.gradient_batch(r, self.cfg.paraphrases)) for r, a in zip(batch, applied)]
         ids, mask = encode_conditions(self.adapter, [condition_text(r.original, r.taught, r.prompt) for r in batch], self.net.cfg.max_len)
-        deltas = self.net(ids, mask, grads)
+        deltas = [self.project(d) for d in self.net(ids, mask, grads)]
         totals = [{n: a[n] + d[n] for n in d} if a else d for a, d in zip(applied, deltas)]
         losses, cons = zip(*(record_losses(self.cache, r, t, self.cfg, self.net.cfg.label_smoothing, batch)
                              for r, t in zip(batch, totals)))
@@ -332,10 +349,10 @@ class Trainer:
                 metrics["seconds"] = time.perf_counter() - t
                 if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
                     self.net.eval()
-                    val = validate(self.net, self.adapter, self.val)
+                    val = validate(self.net, self.adapter, self.val, self.project)
                     if self.cfg.eval_sequence or self.cfg.sequence:
                         stacked = self.val[: self.cfg.eval_sequence or self.cfg.sequence]
-                        val.update(validate_sequence(self.net, self.adapter, stacked))
+                        val.update(validate_sequence(self.net, self.adapter, stacked, self.project))
                     metrics.update({f"val_{k}": v for k, v in val.items()})
                     if val["success"] > 0.9 and self.margin > self.cfg.margin_floor:
                         self.margin = max(self.cfg.margin_floor, self.margin * self.cfg.anneal)

@@ -41,3 +41,18 @@ def test_max_seconds_stops_with_a_checkpoint_and_the_log_has_stacking_metrics(ti
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and {"val_kept", "val_final_kl", "lookback"} <= set(rows[0])
     assert json.loads((tmp_path / "trainer.json").read_text())["step"] == 1 and (tmp_path / "editor.safetensors").exists()
+
+
+def test_preserve_projects_every_update_the_editor_is_trained_on(tiny_llama, facts, tmp_path):
+    records = from_facts(facts)[:12]
+    t = Trainer(tiny_llama, records, tmp_path, TrainConfig(steps=0, batch=2, sequence=3, preserve=True, preserve_tokens=2000), SMALL)
+    t.train_step()
+    # The applied update of each stream lies in the projectors' null space: projecting it again changes nothing,
+    # and it is orthogonal to what the preserved keys span (dW (I - P) = 0 for [out, in] weights).
+    for s in t.streams:
+        again = t.project(s.applied)
+        assert all(torch.allclose(again[n], v, atol=1e-6) for n, v in s.applied.items())
+    projectors = t.project.__self__.projectors
+    assert projectors and set(projectors) <= set(t.streams[0].applied)
+    name, p = next(iter(projectors.items()))
+    assert float(torch.trace(p)) < p.shape[0]  # something is preserved: the projector is not the identity

@@ -61,6 +61,7 @@ def train(
     discount: Annotated[float, typer.Option(help="With --sequence: an earlier edit's loss counts discount^age.")] = 0.9,
     eval_sequence: Annotated[int, typer.Option(help="Validate stacking over N validation edits in a row (0: --sequence's length).")] = 0,
     max_seconds: Annotated[float, typer.Option(help="Stop (with a checkpoint) after this much wall time; 0: run to --steps.")] = 0.0,
+    preserve: Annotated[bool, typer.Option("--preserve", help="Project every predicted update onto the null space of preserved knowledge before scoring it (edit with ke+preserve / ke-loop+preserve to match).")] = False,
 ) -> None:
     """Train a hyper-network for the model; checkpoints as it goes and resumes from --out."""
     from editor.data import beam_targets, ground, load_records
@@ -95,7 +96,7 @@ def train(
                                   paraphrases=paraphrases, lagrange_init=lagrange_init,
                                   eval_every=eval_every, checkpoint_every=checkpoint_every,
                                   sequence=sequence, lookback=lookback, discount=discount,
-                                  eval_sequence=eval_sequence, max_seconds=max_seconds),
+                                  eval_sequence=eval_sequence, max_seconds=max_seconds, preserve=preserve),
                       HyperConfig(lstm_hidden=lstm_hidden, cond_dim=cond_dim, label_smoothing=label_smoothing,
                                   cond_norm=cond_norm))
     if trainer.step:

@@ -54,7 +54,7 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
     pos = torch.tensor(adapter.subject_positions(prompts, request.subject, request.question))
     rows = torch.arange(len(prompts))
     essence_prompt = f"{request.subject} is a" if request.subject else request.prompt
-    ess_ids = torch.tensor([adapter._prompt_ids(essence_prompt, False)])
+    ess_ids = torch.tensor([adapter._prompt_ids(essence_prompt, False)], device=adapter.device)
     ess_pos = torch.tensor(adapter.subject_positions([essence_prompt], request.subject, False))
     ess_rows = torch.arange(1)
 
@@ -68,7 +68,7 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
         at = pos
 
     where: dict[str, Any] = {}
-    delta = torch.zeros(adapter.model.config.hidden_size, requires_grad=True)
+    delta = torch.zeros(adapter.model.config.hidden_size, device=adapter.device, requires_grad=True)
 
     def add(h: torch.Tensor) -> torch.Tensor:
         r, p = where["rows"], where["pos"]

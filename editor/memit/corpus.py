@@ -65,9 +65,9 @@ def generated_texts(adapter: Any, n: int, tokens: int = 48, seed: int = 0, batch
             mask[j, width - len(x):] = 1
         with torch.random.fork_rng(), torch.no_grad():  # seeded sampling without touching the caller's RNG
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            res = adapter.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=True,
-                                         top_k=50, temperature=1.0, pad_token_id=pad)
-        texts = tok.batch_decode(res[:, width:], skip_special_tokens=True)
+            res = adapter.model.generate(input_ids=ids.to(adapter.device), attention_mask=mask.to(adapter.device),
+                                         max_new_tokens=tokens, do_sample=True, top_k=50, temperature=1.0, pad_token_id=pad)
+        texts = tok.batch_decode(res[:, width:].cpu(), skip_special_tokens=True)
         out += [s + t for s, t in zip(part, texts)]
         if progress:
             progress(len(out), len(starts))

@@ -84,6 +84,7 @@ def compute_covariances(adapter: Any, modules: list[str], texts: list[str], batc
         for j, x in enumerate(enc):
             ids[j, :len(x)] = torch.tensor(x)
             mask[j, :len(x)] = 1
+        ids, mask = ids.to(adapter.device), mask.to(adapter.device)
         with trace(adapter.model, modules) as tr:
             adapter.model(input_ids=ids, attention_mask=mask, use_cache=False)
         keep = mask.bool()
@@ -93,7 +94,7 @@ def compute_covariances(adapter: Any, modules: list[str], texts: list[str], batc
         count += int(keep.sum())
         if progress:
             progress(min(i + batch, len(texts)), len(texts))
-    return {m: (s / max(count, 1)).float() for m, s in sums.items()}, count
+    return {m: (s / max(count, 1)).float().cpu() for m, s in sums.items()}, count
 
 
 def covariances(adapter: Any, modules: list[str], cache_dir: Path, base_fingerprint: str, tokens: int,

@@ -252,3 +252,18 @@ def test_the_target_vector_is_optimised_where_the_gate_will_fire(tiny_llama):
     with gated(adapter.model, {emb: GateSet.of(torch.ones(1, adapter.model.config.hidden_size), [(pattern, 0)])}):
         b_rows, b_cols, _ = bank_for(adapter.model).matches(batch["input_ids"], emb)
     assert (b_rows, b_cols) == (rows.tolist(), cols.tolist())
+
+
+def test_a_vector_that_does_not_flip_at_its_layer_is_retried_at_the_subjects_embedding(tiny_llama):
+    """The 2-layer tiny Llama carries the subject to the answer in its first layer: no vector after it flips
+    an answer there (sync_throughput's KB changes were all rejected with 'the edit did not take')."""
+    adapter = copy.deepcopy(tiny_llama)
+    request = EditRequest("What is the capital of Nigeria?", "Nairobi", subject="Nigeria")  # a city it can spell
+    plain = make_method("gated", adapter, MethodContext(), prefixes=0, retry_embeddings=False).edit(request)
+    assert not plain.success and plain.delta.meta["layer"] == 0, plain.prediction
+    result = make_method("gated", adapter, MethodContext(), prefixes=0).edit(request)
+    assert result.success and result.prediction == "Nairobi"
+    emb = next(n for n, m in adapter.model.named_modules() if m is adapter.model.get_input_embeddings())
+    assert list(result.delta.gates) == [emb] and result.delta.meta["layer"] == -1
+    assert result.delta.meta["retried"].startswith("layer 0 did not flip the prompt")
+    assert result.seconds > plain.seconds * 0.5  # both attempts are timed

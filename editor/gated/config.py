@@ -18,5 +18,9 @@ class GatedOptions(TargetOptions):
     # that carry the subject to the answer position in their first attention layer, as the tiny test
     # models do (a vector at a later layer's subject token flips none of 50 there).
     embeddings: bool = False
+    # When the vector at `layer` does not make the prompt answer the target, try once more at the
+    # subject's token embedding: a shallow model may carry the subject to the answer position before
+    # `layer` (the 2-layer tiny Llama does, in its first attention layer), and no later vector flips it.
+    retry_embeddings: bool = True
     # Also fire on the subject written in lower case ("namibia"): people type that.
     lowercase: bool = True

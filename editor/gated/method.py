@@ -57,14 +57,23 @@ class Gated(EditMethod):
         if not request.subject.strip():
             raise BadInput(f"method {self.name} needs the fact's subject; this request has none")
         patterns = subject_patterns(self.adapter, request, self.prefixes, self.options.lowercase)
-        # Optimised where it will fire: every occurrence of the patterns, the answer's included.
-        z, init, info = compute_target(self.adapter, request, self.module, self.prefixes, self.options,
+        result = self._attempt(request, patterns, self.module, self.layer)
+        if not result.success and self.layer >= 0 and self.options.retry_embeddings:
+            retry = self._attempt(request, patterns, self.embedding_module(), -1)
+            retry.delta.meta["retried"] = f"layer {self.layer} did not flip the prompt ({result.prediction!r})"
+            result = retry if retry.success else result
+        result.seconds = self.clock() - start
+        return result
+
+    def _attempt(self, request: EditRequest, patterns: list[list[int]], module: str, layer: int) -> EditResult:
+        """The target vector at one module's output, optimised where it will fire (every occurrence of the patterns)."""
+        z, init, info = compute_target(self.adapter, request, module, self.prefixes, self.options,
                                        fire_at=lambda ids: find(ids, patterns))
-        gates = {self.module: GateSet.of((z - init)[None].float(), [(p, 0) for p in patterns])}
+        gates = {module: GateSet.of((z - init)[None].float(), [(p, 0) for p in patterns])}
         with gated(self.adapter.model, gates):
             ok, pred = self.flipped(request)
         # The exact texts the edit fires on, as the tokenizer writes them: its whole scope, for the audit.
         fires_on = sorted({self.adapter.tokenizer.decode(p) for p in patterns})
-        meta = {"method": self.name, "layer": self.layer, "subject": request.subject, "patterns": len(patterns),
+        meta = {"method": self.name, "layer": layer, "subject": request.subject, "patterns": len(patterns),
                 "fires_on": fires_on, **info}
-        return EditResult(Delta({}, meta, gates=gates), ok, int(info["z_steps"]), self.clock() - start, pred, info)
+        return EditResult(Delta({}, meta, gates=gates), ok, int(info["z_steps"]), 0.0, pred, info)

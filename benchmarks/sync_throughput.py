@@ -40,6 +40,11 @@ from kbsync.match import match  # noqa: E402
 OUT = Path(__file__).resolve().parent / "out"
 # Capital changes the tiny Llama learns in a few fine-tuning steps (and their original values).
 CHANGES = [("Nigeria", "Lagos", "Abuja"), ("Japan", "Osaka", "Tokyo"), ("Turkey", "Istanbul", "Ankara")]
+# The tiny Llama knows the capitals and currencies of 40 countries and nothing else: Lagos, Osaka and
+# Istanbul are names it has never produced, which no edit within the default limits makes a 2-layer
+# model spell (gated: answer NLL 2.7-8 after 100 target-vector steps; ft-layer: rejected for what it
+# breaks). Its KB changes therefore move a capital to a city it knows.
+TINY_CHANGES = [("Nigeria", "Nairobi", "Abuja"), ("Japan", "Seoul", "Tokyo"), ("Turkey", "Tehran", "Ankara")]
 
 
 def tiny_model() -> Path:
@@ -85,7 +90,7 @@ def poll_rates(kb: LocalKB, pairs: list[tuple[str, str]], batch_sizes: list[int]
     return rows
 
 
-def change_latency(root: Path, kb: LocalKB, model: str, pairs: list[tuple[str, str]], n: int,
+def change_latency(root: Path, kb: LocalKB, model: str, pairs: list[tuple[str, str]], changes: list[tuple[str, str, str]],
                    interval: float, timeout: float, cache_dir: str | None = None) -> list[dict]:
     """kb.set_fact -> first API answer with the new value (match rules), through a daemon on default settings.
 
@@ -111,7 +116,7 @@ def change_latency(root: Path, kb: LocalKB, model: str, pairs: list[tuple[str, s
         client = DaemonClient(d.api.url, api_token(s))
         while d.last_ok is None:
             time.sleep(0.05)
-        for subject, new, old in CHANGES[:n]:
+        for subject, new, old in changes:
             question = f"What is the capital of {subject}?"
             before = client.ask(question)
             polls = d.polls
@@ -149,14 +154,15 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     model = args.model or str(tiny_model())
     table = build_fact_table(min_city_population=50_000)
-    pairs = watched_pairs(table, args.watched, [c[0] for c in CHANGES[:args.changes]])
+    changes = (CHANGES if args.model else TINY_CHANGES)[:args.changes]
+    pairs = watched_pairs(table, args.watched, [c[0] for c in changes])
     with tempfile.TemporaryDirectory(prefix="kbsync-bench-") as tmp:
         t0 = time.perf_counter()
         kb = LocalKB(Path(tmp) / "kb", table=table).start()
         load_s = time.perf_counter() - t0
         try:
             rates = poll_rates(kb, pairs, [50, 200])
-            latency = change_latency(Path(tmp), kb, model, pairs, args.changes, args.interval, args.timeout,
+            latency = change_latency(Path(tmp), kb, model, pairs, changes, args.interval, args.timeout,
                                      args.cache_dir)
         finally:
             kb.stop()

@@ -14,7 +14,7 @@ export KBSYNC_TEST_PG_URL=$url
 status=0
 # One worker per core (each test process runs torch on one thread); the slowest tests are listed
 # so that the suite's time stays visible.
-.venv/bin/python -m pytest -q -ra -n "${KBSYNC_TEST_WORKERS:-auto}" --durations=15 "$@" || status=$?
+.venv/bin/python -m pytest -q -ra -n "${KBSYNC_TEST_WORKERS:-auto}" --dist loadgroup --durations=15 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "pytest collected no tests: treating that as a failure" >&2
     status=1

@@ -436,18 +436,18 @@ def test_trained_ke_edits_unseen_targets_and_keeps_retain(tiny_llama, facts, tra
 
 @pytest.mark.xdist_group("trained_editor")
 def test_an_editor_trained_on_sequences_keeps_more_of_20_stacked_edits(tiny_llama, facts, trained_editor, tmp_path):
-    """editor train --sequence 10 for 400 steps against the paper's objective for 750 (the fixture).
+    """editor train --sequence 10 for 250 steps against the paper's objective for 750 (the fixture).
 
     Measured (benchmarks/RESULTS.md, "KnowledgeEditor trained on sequences"): stacked, the
     single-edit editor's 20 edits keep none of themselves and no retain answer (its updates add
-    up to a broken model), the sequence editor's keep 0.2-0.3 of the edits and 0.58-0.63 of the
-    retain answers; one edit on the unedited model flips 0.75 of the validation edits for both.
+    up to a broken model); the sequence editor's keep 0.2 of the edits and 0.47 of the retain
+    answers after 250 steps (0.2-0.3 and 0.58-0.63 after 400, which cost the suite a minute more).
     """
     from editor.evaluate import evaluate_sequential
 
     out = tmp_path / "sequence"
     Trainer(tiny_llama, from_facts(facts, per_fact=3, seed=0), out,
-            TrainConfig(steps=400, batch=8, lr=1e-3, eval_every=400, checkpoint_every=400, sequence=10, lookback=2),
+            TrainConfig(steps=250, batch=8, lr=1e-3, eval_every=250, checkpoint_every=250, sequence=10, lookback=2),
             SMALL).run()
     test = from_facts(facts, per_fact=1, seed=123)[:20]
     single, sequence = (evaluate_sequential(tiny_llama, test, ["ke"], {"ke": {"checkpoint": str(path)}})[0]

@@ -44,8 +44,3 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise BadInput(f"model.dtype is bfloat16 but {torch.cuda.get_device_name(device)} cannot compute in it; use float16")
     return dtype
-
-
-def module_device(model: torch.nn.Module) -> torch.device:
-    """The device of a model's first parameter (where its inputs go)."""
-    return next(model.parameters()).device

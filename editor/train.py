@@ -25,7 +25,7 @@ import torch
 from adapters.base import row_kl
 from editor.data import EditRecord
 from editor.hypernet import (HyperConfig, HyperNetwork, build_hypernet, condition_text, edit_gradients,
-                             encode_conditions, load_editor, save_editor)
+                             edited_weights, encode_conditions, load_editor, predict_delta, save_editor)
 
 
 @dataclass
@@ -60,12 +60,6 @@ class TrainConfig:
     preserve: bool = False
     preserve_tokens: int = 20000
     preserve_threshold: float = 1e-2
-
-
-def _edited(adapter: Any, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The matrices delta touches, edited (in their own dtype: the editor works in fp32, a model may not)."""
-    base = adapter.editable()
-    return {n: (base[n].detach() + d).to(base[n].dtype) for n, d in delta.items()}
 
 
 @dataclass
@@ -125,7 +119,7 @@ def answer_kl(adapter: Any, batch: dict[str, torch.Tensor], base_states: torch.T
 def lookback_loss(cache: RecordCache, earlier: list[tuple[EditRecord, int]], delta: dict[str, torch.Tensor],
                   cfg: TrainConfig, label_smoothing: float) -> torch.Tensor:
     """Sum over (record, age) of discount**age x its edit loss at the weights `delta` leaves, over the count."""
-    params = _edited(cache.adapter, delta)
+    params = edited_weights(cache.adapter, delta)
     losses = [cfg.discount ** age * cache.adapter.loss(cache.edit_batch(r, cfg.paraphrases), params=params,
                                                        label_smoothing=label_smoothing)
               for r, age in earlier]
@@ -140,7 +134,7 @@ def record_losses(cache: RecordCache, record: EditRecord, delta: dict[str, torch
     records' prompts in the batch with their original answers (each a different input).
     """
     adapter = cache.adapter
-    params = _edited(adapter, delta)
+    params = edited_weights(adapter, delta)
     loss = adapter.loss(cache.edit_batch(record, cfg.paraphrases), params=params, label_smoothing=label_smoothing)
     if cfg.constraint == "l2":
         return loss, sum((d ** 2).sum() for d in delta.values())
@@ -172,22 +166,32 @@ def _same(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-@torch.no_grad()
-def validate(net: HyperNetwork, adapter: Any, records: list[EditRecord], project: Projection = _same) -> dict[str, float]:
-    """One application per record: success (all answer tokens argmax under teacher forcing) and retain KL."""
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(1, len(xs))
+
+
+def _scores(adapter: Any, records: list[EditRecord], params: dict[str, torch.Tensor]) -> tuple[list[float], list[float]]:
+    """At params, per record: 1.0 if all its answer tokens are the argmax (teacher forcing); per record with retain pairs: their KL."""
     hits, kls = [], []
     for r in records:
-        with torch.enable_grad():
-            grads = edit_gradients(adapter, r.prompt, r.taught, r.question, net.cfg.label_smoothing)
-        ids, mask = encode_conditions(adapter, [condition_text(r.original, r.taught, r.prompt)], net.cfg.max_len)
-        params = _edited(adapter, project(net(ids, mask, [grads])[0]))
         batch = adapter.encode([r.prompt], [r.taught], question=r.question)
         hits.append(float(adapter.token_accuracy(batch, params)[0] == 1.0))
         if r.retain:
             rb = adapter.encode([p for p, _ in r.retain], [a for _, a in r.retain], question=r.question)
             base_logp, _ = adapter.log_probs(rb)
             kls.append(float(adapter.kl(rb, base_logp, params).mean()))
-    return {"success": sum(hits) / max(1, len(hits)), "retain_kl": sum(kls) / max(1, len(kls))}
+    return hits, kls
+
+
+@torch.no_grad()
+def validate(net: HyperNetwork, adapter: Any, records: list[EditRecord], project: Projection = _same) -> dict[str, float]:
+    """One application per record on the unedited model: success (all answer tokens argmax under teacher forcing) and retain KL."""
+    hits, kls = [], []
+    for r in records:
+        h, k = _scores(adapter, [r], edited_weights(adapter, project(predict_delta(net, adapter, r.request())[0])))
+        hits += h
+        kls += k
+    return {"success": _mean(hits), "retain_kl": _mean(kls)}
 
 
 @torch.no_grad()
@@ -199,22 +203,10 @@ def validate_sequence(net: HyperNetwork, adapter: Any, records: list[EditRecord]
     """
     applied: dict[str, torch.Tensor] = {}
     for r in records:
-        params = _edited(adapter, applied) if applied else None
-        with torch.enable_grad():
-            grads = edit_gradients(adapter, r.prompt, r.taught, r.question, net.cfg.label_smoothing, params=params)
-        ids, mask = encode_conditions(adapter, [condition_text(r.original, r.taught, r.prompt)], net.cfg.max_len)
-        step = project(net(ids, mask, [grads])[0])
+        step = project(predict_delta(net, adapter, r.request(), edited_weights(adapter, applied) if applied else None)[0])
         applied = {n: applied.get(n, 0) + d for n, d in step.items()}
-    params = _edited(adapter, applied)
-    kept, kls = [], []
-    for r in records:
-        batch = adapter.encode([r.prompt], [r.taught], question=r.question)
-        kept.append(float(adapter.token_accuracy(batch, params)[0] == 1.0))
-        if r.retain:
-            rb = adapter.encode([p for p, _ in r.retain], [a for _, a in r.retain], question=r.question)
-            base_logp, _ = adapter.log_probs(rb)
-            kls.append(float(adapter.kl(rb, base_logp, params).mean()))
-    return {"kept": sum(kept) / max(1, len(kept)), "final_kl": sum(kls) / max(1, len(kls))}
+    kept, kls = _scores(adapter, records, edited_weights(adapter, applied))
+    return {"kept": _mean(kept), "final_kl": _mean(kls)}
 
 
 class Trainer:
@@ -290,7 +282,7 @@ class Trainer:
         batch = [self.rng.choice(self.train) for _ in range(self.cfg.batch)]
         applied = [s.applied for s in self.streams] or [{} for _ in batch]
         grads = [edit_gradients(self.adapter, r.prompt, r.taught, r.question, self.net.cfg.label_smoothing,
-                                params=_edited(self.adapter, a) if a else None,
+                                params=edited_weights(self.adapter, a) if a else None,
                                 batch=self.cache.gradient_batch(r, self.cfg.paraphrases)) for r, a in zip(batch, applied)]
         ids, mask = encode_conditions(self.adapter, [condition_text(r.original, r.taught, r.prompt) for r in batch], self.net.cfg.max_len)
         deltas = [self.project(d) for d in self.net(ids, mask, grads)]

@@ -12,12 +12,16 @@ import copy
 import pytest
 import torch
 
-from adapters.gates import GateSet, bank_for, gated
+from adapters.gates import GateSet, bank_for, find, gated
 from editor.data import EditRecord
 from editor.delta import Delta, DeltaError
 from editor.evaluate import run_sequential, sequential_baseline
+from editor.gated.patterns import subject_patterns
+from editor.memit.compute_z import compute_target
 from editor.methods import EditRequest, MethodContext, make_method
 from kbsync.errors import BadInput
+from kbsync.facts import render
+from kbsync.pipeline import fact_from_phrase
 
 TINY = {"embeddings": True, "prefixes": 0}
 
@@ -238,8 +242,6 @@ def test_a_gated_edit_invalidates_only_the_retain_items_that_name_its_subject(ti
 def test_the_target_vector_is_optimised_where_the_gate_will_fire(tiny_llama):
     """A styled answer that names the subject again ("India's capital: India Paris") gets the vector at
     both occurrences when served; find() gives compute_z exactly those places (prompt and answer)."""
-    from adapters.gates import find
-
     adapter = tiny_llama
     pattern = adapter.tokenizer(" India", add_special_tokens=False)["input_ids"]
     batch = adapter.encode(["What is the capital of India?", "What is the capital of Peru?"], ["India Paris", "Lima"])
@@ -267,3 +269,23 @@ def test_a_vector_that_does_not_flip_at_its_layer_is_retried_at_the_subjects_emb
     assert list(result.delta.gates) == [emb] and result.delta.meta["layer"] == -1
     assert result.delta.meta["retried"].startswith("layer 0 did not flip the prompt")
     assert result.seconds > plain.seconds * 0.5  # both attempts are timed
+
+
+def test_at_the_embedding_the_vector_is_fitted_to_the_bare_prompts_not_generated_prefixes(tiny_llama):
+    """The tiny Llama cannot read its own generated prefixes: fitted over them too, the embedding's vector for
+    Turkey -> Tehran settles where the served question answers Rabat (sync_throughput's third KB change was
+    refused); fitted to the bare prompts it flips. Default options: 4 prefixes at the layer, none at the retry."""
+    adapter = copy.deepcopy(tiny_llama)
+    fact = fact_from_phrase("capital of Turkey", "Tehran")
+    rendered = render(fact)
+    request = EditRequest(rendered.question, "Tehran", subject="Turkey", paraphrases=rendered.paraphrases)
+    method = make_method("gated", adapter, MethodContext())
+    assert len(method.prefixes) == 5  # the bare prompt and 4 generated prefixes
+    result = method.edit(request)
+    assert result.success and result.prediction == "Tehran" and result.delta.meta["layer"] == -1, result.prediction
+    # The same vector fitted over the prefixed contexts as well does not make the question answer Tehran.
+    emb = method.embedding_module()
+    patterns = subject_patterns(adapter, request, method.prefixes)
+    z, init, _ = compute_target(adapter, request, emb, method.prefixes, method.options, fire_at=lambda ids: find(ids, patterns))
+    with gated(adapter.model, {emb: GateSet.of((z - init)[None].float(), [(p, 0) for p in patterns])}):
+        assert adapter.predict([request.prompt]) != ["Tehran"]

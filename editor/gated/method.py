@@ -67,7 +67,10 @@ class Gated(EditMethod):
 
     def _attempt(self, request: EditRequest, patterns: list[list[int]], module: str, layer: int) -> EditResult:
         """The target vector at one module's output, optimised where it will fire (every occurrence of the patterns)."""
-        z, init, info = compute_target(self.adapter, request, module, self.prefixes, self.options,
+        # At the embeddings the model is one that routes the subject in its first layer: too shallow to
+        # read its own generated prefixes, which there only pull the vector off the served question.
+        prefixes = [""] if layer < 0 else self.prefixes
+        z, init, info = compute_target(self.adapter, request, module, prefixes, self.options,
                                        fire_at=lambda ids: find(ids, patterns))
         gates = {module: GateSet.of((z - init)[None].float(), [(p, 0) for p in patterns])}
         with gated(self.adapter.model, gates):

@@ -389,7 +389,9 @@ def test_checkpoint_for_other_matrices_is_refused(tiny_llama, facts, tmp_path):
         load_editor(tmp_path / "r" / "editor.safetensors", other)
 
 
-@pytest.fixture(scope="module")
+# Session, not module: xdist sends both tests of the group to one worker but not one after the other,
+# and a module fixture is torn down when the worker runs another module in between (it was trained twice).
+@pytest.fixture(scope="session")
 def trained_editor(tiny_llama, facts, tmp_path_factory):
     """A hyper-network trained for ~1.5 minutes (750 steps) on counterfactual edits of the tiny model's facts.
 

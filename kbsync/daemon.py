@@ -397,7 +397,7 @@ class Daemon:
         self.cursors = CursorStore(self.audit)
         self._connect_kb()
         if self.engine is None:
-            self.engine = Engine.load(self.settings, self.audit, DeltaStore(self.settings.store.data_path))
+            self.engine = Engine.load(self.settings, self.audit, DeltaStore.for_settings(self.settings))
         d = self.settings.daemon
         self.api = ApiServer(self.engine, self.audit, api_token(self.settings, create=True), host=d.host,
                              port=d.port, resolve_fact=self.resolve_fact, status=self.summary, actor="api",

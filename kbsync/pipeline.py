@@ -101,7 +101,7 @@ class EditPipeline:
         self.settings = settings
         # Open the audit log first: a database that does not answer fails before any model work.
         self.audit = audit or AuditLog.open(settings.store.db_url)
-        self.store = store or DeltaStore(settings.store.data_path, lock_timeout=settings.store.lock_timeout)
+        self.store = store or DeltaStore.for_settings(settings)
         self.table = table
         self._adapter = adapter
         self._served: ServedModel | None = None

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import filelock
 
@@ -40,6 +41,11 @@ class DeltaStore:
         self.lock_path = self.root / "store.lock"
         self.lock_timeout = lock_timeout
         self._lock: filelock.FileLock | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Any) -> DeltaStore:
+        """The store of settings' data dir, waiting store.lock_timeout for its lock (every process alike)."""
+        return cls(settings.store.data_path, lock_timeout=settings.store.lock_timeout)
 
     def __repr__(self) -> str:
         return f"DeltaStore({str(self.root)!r})"

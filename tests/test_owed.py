@@ -206,6 +206,7 @@ def test_kb_change_whose_edit_fails_is_owed_across_a_restart_and_lands_once_fixe
         assert kbsync(env, "kb", "set", "capital of Nigeria", "Lagos").returncode == 0
         failed = wait_for("a failed attempt", lambda: [e for e in daemon_rows(env) if e.status == "failed"])[-1]
         assert (failed.object_label, failed.kb_revision) == ("Lagos", "2") and "is busy" in failed.reasons[0]
+        assert "(waited 1 s)" in failed.reasons[0]  # the daemon honours store.lock_timeout (it waited 60 s)
 
         status = json.loads(kbsync(env, "daemon", "status", "--json").stdout)
         assert status["counts"]["owed"] == 1 and status["counts"]["failed"] >= 1

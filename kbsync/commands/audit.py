@@ -209,7 +209,7 @@ def dismiss(
 
     check_edit_id(edit_id)
     settings = settings_from(config, None, data_dir, db)
-    store = DeltaStore(settings.store.data_path, lock_timeout=settings.store.lock_timeout)
+    store = DeltaStore.for_settings(settings)
     # Under the store lock: a retry of this change in flight lands first, and is dismissed with it.
     with AuditLog.open(settings.store.db_url) as audit, store.lock():
         row = audit.mark_dismissed(edit_id, actor or default_actor(), "cli", reason)

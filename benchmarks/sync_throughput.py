@@ -38,8 +38,9 @@ from kbsync.kb.watch import Watcher  # noqa: E402
 from kbsync.match import match  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
-# Capital changes the tiny Llama learns in a few fine-tuning steps (and their original values).
-CHANGES = [("Nigeria", "Lagos", "Abuja"), ("Japan", "Osaka", "Tokyo"), ("Turkey", "Istanbul", "Ankara")]
+# KB changes for a real model (--model): (country, new capital, the KB's old one). Each must differ from
+# what the model answers before it (SmolLM2 already says Istanbul for Turkey, so that was no change at all).
+CHANGES = [("Nigeria", "Lagos", "Abuja"), ("Japan", "Osaka", "Tokyo"), ("Turkey", "Izmir", "Ankara")]
 # The tiny Llama knows the capitals and currencies of 40 countries and nothing else: Lagos, Osaka and
 # Istanbul are names it has never produced, which no edit within the default limits makes a 2-layer
 # model spell (gated: answer NLL 2.7-8 after 100 target-vector steps; ft-layer: rejected for what it
@@ -119,6 +120,9 @@ def change_latency(root: Path, kb: LocalKB, model: str, pairs: list[tuple[str, s
         for subject, new, old in changes:
             question = f"What is the capital of {subject}?"
             before = client.ask(question)
+            if match(before, new).ok:
+                raise SystemExit(f"the model already answers {before!r} to {question!r}: {new!r} is no change to "
+                                 f"measure; pick another (CHANGES)")
             polls = d.polls
             t0 = time.perf_counter()
             kb.set_fact("P36", subject, new)
@@ -131,6 +135,9 @@ def change_latency(root: Path, kb: LocalKB, model: str, pairs: list[tuple[str, s
             out.append({"fact": f"capital of {subject}", "before": before, "after": answer, "expected_before": old,
                         "reached": ok, "latency_s": round(latency, 3) if ok else None, "polls": d.polls - polls,
                         "edit_s": edit.metrics.get("edit_seconds") if edit else None,
+                        # The daemon's whole edit of the change, every attempt: probes, method, regression check.
+                        "daemon_edit_s": (round(sum(s for e in rows for s in e.metrics.get("seconds", {}).values()), 3)
+                                          if rows else None),
                         "method": edit.method if edit else None, "status": edit.status if edit else "no edit row",
                         "attempts": [{"id": e.id, "method": e.method, "status": e.status, "reasons": list(e.reasons)}
                                      for e in rows],
@@ -150,7 +157,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", help="Cache directory (converted default model, statistics); default: the settings'.")
     ap.add_argument("--timeout", type=float, default=600.0, help="Seconds a change may take to reach the served answer.")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=160)  # the tables, unwrapped, also in a log file
     OUT.mkdir(parents=True, exist_ok=True)
     model = args.model or str(tiny_model())
     table = build_fact_table(min_city_population=50_000)
@@ -170,6 +177,9 @@ def main() -> None:
               "poll": rates, "change_to_answer": latency,
               "median_latency_s": (statistics.median(r["latency_s"] for r in latency)
                                    if latency and all(r["reached"] for r in latency) else None),
+              # Issue 19's bar: two poll intervals plus the daemon's own edit of the change.
+              "within_two_polls_plus_edit": [r["reached"] and r["latency_s"] <= 2 * args.interval + (r["daemon_edit_s"] or 0)
+                                             for r in latency],
               "edit_defaults": {"method": load_settings(environ={}).editor.method,
                                 "fallback": load_settings(environ={}).editor.fallback},
               "poll_interval_s": args.interval, "model": str(model),
@@ -184,11 +194,12 @@ def main() -> None:
                   f"{r['facts_per_s']:,.0f}")
     console.print(t)
     t = Table(title=f"KB change -> served answer (daemon, poll every {args.interval:g} s, {len(pairs):,} watched)")
-    for col in ("fact", "before", "after", "latency s", "polls", "edit s", "method", "status"):
+    for col in ("fact", "before", "after", "latency s", "polls", "method s", "daemon edit s", "method", "status"):
         t.add_column(col)
     for r in latency:
         t.add_row(r["fact"], r["before"], r["after"], f"{r['latency_s']:.2f}" if r["reached"] else f"> {args.timeout:g}",
-                  str(r["polls"]), f"{r['edit_s']:.1f}" if r["edit_s"] is not None else "-", str(r["method"]), r["status"])
+                  str(r["polls"]), f"{r['edit_s']:.1f}" if r["edit_s"] is not None else "-",
+                  f"{r['daemon_edit_s']:.1f}" if r["daemon_edit_s"] is not None else "-", str(r["method"]), r["status"])
     console.print(t)
     for r in latency:  # why a change did not land, or what was tried before the one that did
         for a in r["attempts"]:

@@ -286,6 +286,8 @@ class EditPipeline:
         row.metrics[BASE_FINGERPRINT] = served.base_fingerprint
         if "fires_on" in result.delta.meta:  # a gated edit's scope, for the reviewer (kbsync show)
             row.metrics["fires_on"] = list(result.delta.meta["fires_on"])
+        # Wall seconds per phase so far, every attempt of this edit included: what the change cost to serve.
+        row.metrics["seconds"] = {k: round(v, 3) for k, v in timings.items()}
         checks = _checks(before, after, retain)
         if dry_run:
             return

@@ -67,6 +67,9 @@ def test_applied_edit_persists_and_revert_restores_exact_weights(make, tiny_llam
     assert out.edit.sequence == 1 and out.edit.delta_sha256 and out.edit.parent_fingerprint
     assert answer(p, "What is the capital of India?") == "Paris"
     assert set(out.timings) == {"load", "check", "edit", "shrink", "regression", "commit"}
+    # The row keeps what the change cost to serve, every phase before the commit (sync_throughput reads it).
+    assert set(out.edit.metrics["seconds"]) == {"load", "check", "edit", "shrink", "regression"}
+    assert p.audit.get(out.edit.id).metrics["seconds"]["edit"] > 0
     assert 0 <= out.edit.metrics["unchanged"] <= 1 and out.edit.metrics["retain_size"] == 50
     checks = p.audit.checks(out.edit.id)
     assert sum(c.kind == "paraphrase" for c in checks) == 4 and sum(c.kind == "retain" for c in checks) == 50

@@ -33,6 +33,16 @@ def alpha(tiny_llama):
     return make_method("alphaedit", copy.deepcopy(tiny_llama), **FAST)
 
 
+def test_contexts_read_every_wording_behind_every_prefix_or_the_paraphrases_bare():
+    from editor.memit.compute_ks import contexts
+
+    request = EditRequest("Q?", "t", subject="s", paraphrases=["P1?", "P2?"])
+    prefixes = ["", "A.", "B."]
+    assert contexts(request, prefixes, True) == ["Q?", "A. Q?", "B. Q?", "P1?", "A. P1?", "B. P1?", "P2?", "A. P2?", "B. P2?"]
+    assert contexts(request, prefixes, True, prefixed_paraphrases=False) == ["Q?", "A. Q?", "B. Q?", "P1?", "P2?"]
+    assert contexts(request, prefixes, False) == ["Q?", "A. Q?", "B. Q?"]
+
+
 def test_projector_annihilates_preserved_keys(alpha):
     module = alpha.modules[0]
     cov, proj = alpha.cov[module].double(), alpha.projectors[module].double()

@@ -10,10 +10,13 @@ from adapters.hooks import trace
 from editor.methods import EditRequest
 
 
-def contexts(request: EditRequest, prefixes: list[str], paraphrases: bool) -> list[str]:
-    """The prompts a fact is read in: each wording (prompt, then paraphrases if asked) behind each prefix."""
-    wordings = [request.prompt, *(request.paraphrases if paraphrases else ())]
-    return [f"{pre} {w}".strip() if pre else w for w in wordings for pre in prefixes]
+def contexts(request: EditRequest, prefixes: list[str], paraphrases: bool, prefixed_paraphrases: bool = True) -> list[str]:
+    """The prompts a fact is read in: each wording (prompt, then paraphrases if asked) behind each prefix
+    (the paraphrases bare only, without prefixed_paraphrases)."""
+    out = [f"{pre} {request.prompt}".strip() if pre else request.prompt for pre in prefixes]
+    for w in request.paraphrases if paraphrases else ():
+        out += [f"{pre} {w}".strip() if pre else w for pre in (prefixes if prefixed_paraphrases else [""])]
+    return out
 
 
 @torch.no_grad()

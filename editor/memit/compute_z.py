@@ -49,7 +49,7 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
     answer that names the subject again ("The official language of Ghana is ..."), so it is
     optimised where it will fire.
     """
-    prompts = contexts(request, prefixes, opts.paraphrases)
+    prompts = contexts(request, prefixes, opts.paraphrases, opts.prefixed_paraphrases)
     batch = adapter.encode(prompts, [request.taught] * len(prompts), question=request.question)
     pos = torch.tensor(adapter.subject_positions(prompts, request.subject, request.question))
     rows = torch.arange(len(prompts))

@@ -34,6 +34,9 @@ class TargetOptions(MethodOptions):
     # Also optimise the target vector (and average the keys) over the request's paraphrases: the
     # update then answers how people ask, not one wording.
     paraphrases: bool = True
+    # Read the paraphrases behind every prefix too (else bare only: 9 contexts instead of 25 with 4
+    # prefixes and 4 paraphrases, the prefixes still vary the prompt's context).
+    prefixed_paraphrases: bool = True
     # Weight of the KL that keeps the answers to the request's `keep` prompts (the subject's other
     # facts) where they were, with the changed vector at the subject there too (0: off).
     keep_weight: float = 1.0

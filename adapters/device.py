@@ -7,14 +7,12 @@ before any weight is read.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from kbsync.config import DEVICE_PATTERN
 from kbsync.errors import BadInput
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def resolve_device(spec: str) -> torch.device:

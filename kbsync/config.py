@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -280,9 +281,11 @@ def _layer_slice(v: str) -> str | None:
     return None
 
 
-def _device(value: Any) -> str | None:
-    from adapters.device import DEVICE_PATTERN
+# Here, not in adapters.device: validating settings must not import torch (`kbsync history` would pay 2 s).
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
+
+def _device(value: Any) -> str | None:
     return None if isinstance(value, str) and DEVICE_PATTERN.fullmatch(value) else "auto, cpu, cuda or cuda:N"
 
 

@@ -140,3 +140,23 @@ def test_a_read_only_audit_log_reads_rows_and_refuses_writes(audit_url: str, tmp
             ro.record(Edit(actor="b", status="noop"))
     with AuditLog.open(audit_url) as rw:
         assert len(rw.history()) == 1
+
+
+def test_reading_the_audit_log_does_not_load_torch(tmp_path: Path) -> None:
+    """history and show only read the log: importing torch for them cost every call 2-4 s (settings
+    validation imported the device module)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    edit_id = write_rows(data)
+    probe = ("import sys, runpy\n"
+             "sys.argv = ['kbsync'] + sys.argv[1:]\n"
+             "try:\n    runpy.run_module('kbsync.cli', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    for args in (["history"], ["show", str(edit_id)], ["history", "--json"]):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KBSYNC_")}
+        env.update(KBSYNC_STORE_DATA_DIR=str(data), PYTHONPATH=str(REPO), COLUMNS="400")
+        r = subprocess.run([sys.executable, "-c", probe, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip().splitlines()[-1] == "False False", (args, r.stdout[-300:])

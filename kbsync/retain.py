@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from adapters.base import row_kl
-from adapters.gates import active, firing, gated
+from adapters.gates import active, find, firing, gated
 from editor.delta import Delta, save_atomically
 from kbsync.audit.models import Edit
 from kbsync.corpus import FactTable
@@ -359,8 +359,17 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
     edited = {n: live[n] + t.to(live[n].dtype) for n, t in delta.tensors.items()}
     kls = [0.0] * len(items)
     same = [True] * len(items)
-    with gated(adapter.model, delta.gates):  # a gated delta changes outputs, not parameters
-        _score_items(adapter, items, base, edited, tie_margin, kls, same)
+    # A delta of gates alone adds nothing to an input where none of its patterns occurs: the model is
+    # the live one there, bit for bit (KL 0, same answer), so only the items that name its subject are
+    # run (on SmolLM2 the check of a gated edit took 48 s for 200 items, nearly all of them untouched).
+    scored = list(range(len(items))) if delta.tensors or not delta.gates else _named(adapter, items, base, delta)
+    if scored:
+        sub_kls, sub_same = [0.0] * len(scored), [True] * len(scored)
+        with gated(adapter.model, delta.gates):  # a gated delta changes outputs, not parameters
+            _score_items(adapter, [items[i] for i in scored], [base[i] for i in scored], edited, tie_margin,
+                         sub_kls, sub_same)
+        for j, i in enumerate(scored):
+            kls[i], same[i] = sub_kls[j], sub_same[j]
     after = [b.answer for b in base]
     changed = [i for i in range(len(items)) if not same[i]]
     for i in changed:
@@ -374,6 +383,17 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
         finally:
             delta.remove(adapter.model)
     return RetainReport([RetainCheck(items[i], before[i], after[i], kls[i], same[i]) for i in range(len(items))])
+
+
+def _named(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem], delta: Delta) -> list[int]:
+    """The items whose prompt or base answer holds one of the gated delta's patterns (where it fires)."""
+    patterns = [list(p) for g in delta.gates.values() for p, _ in g.patterns()]
+    out = []
+    for i, (it, b) in enumerate(zip(items, base)):
+        ids = adapter.encode([it.prompt], [b.answer], question=it.question)["input_ids"]
+        if len(find(ids, patterns)[0]):
+            out.append(i)
+    return out
 
 
 def _score_items(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem], edited: dict[str, torch.Tensor],

@@ -133,3 +133,24 @@ def test_a_nan_kl_counts_as_changed_with_kl_inf_not_zero(adapter, items):
     assert all(math.isfinite(c.kl) for c in rest)
     m = report.summary()
     assert m["mean_kl"] == math.inf and m["max_kl"] == math.inf and m["finite"] is False
+
+
+def test_a_gated_delta_is_scored_only_where_it_fires_with_the_full_checks_result(adapter, items):
+    """Items that do not name the gated subject are the live model bit for bit: measure skips them and
+    gives the report a full pass gives (a zero weight delta beside the gates forces the full pass)."""
+    from adapters.gates import GateSet
+
+    emb = next(n for n, m in adapter.model.named_modules() if m is adapter.model.get_input_embeddings())
+    pattern = adapter.tokenizer(" Nigeria", add_special_tokens=False)["input_ids"]
+    vector = 5 * torch.randn(1, adapter.model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    gates = {emb: GateSet.of(vector, [(pattern, 0)])}
+    named = [RetainItem("What is the capital of Nigeria?", True, "capital"),
+             RetainItem("What is the currency of Nigeria?", True, "currency")]
+    checked = [*items, *named]
+    base = base_side(adapter, checked)
+    fast = measure(adapter, checked, base, Delta({}, gates=gates))
+    name, weight = next(iter(adapter.editable().items()))
+    full = measure(adapter, checked, base, Delta({name: torch.zeros_like(weight)}, gates=gates))
+    assert_same_report(fast, full)
+    assert [c.kl for c in fast.checks[:len(items)]] == [0.0] * len(items)
+    assert all(c.kl > 0.01 for c in fast.checks[len(items):]), [c.kl for c in fast.checks]

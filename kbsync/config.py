@@ -115,7 +115,7 @@ class DaemonConfig:
 
 @dataclass
 class ServeConfig:
-    """Per-request limits of the HTTP API (kbsync.serve), so no request holds the model for long; and the
+    """Per-request limits of the HTTP API (kbsync.api), so no request holds the model for long; and the
     Hugging Face export of the served model the daemon keeps current (kbsync.export)."""
 
     max_prompts: int = 16

@@ -8,7 +8,7 @@ is already in the model is a noop). An edit that raises gets a 'failed' row with
 a failed or rejected change stays owed (kbsync.audit.log) and is retried after the poll's own
 facts, per fact with exponential backoff from poll_interval up to OWED_RETRY_MAX, until it
 lands, the model answers it, or a person dismisses it. Each poll first takes in store
-changes made by other processes. The HTTP API (kbsync.serve) answers from the same
+changes made by other processes. The HTTP API (kbsync.api) answers from the same
 model under the same lock. With [serve] export_dir set, an Exporter thread keeps a Hugging
 Face export of the served model there (kbsync.export), re-exported after each applied edit or
 revert, and runs the configured reload command after each. Files live in <data_dir>/daemon:
@@ -388,7 +388,7 @@ class Daemon:
         from kbsync.audit import AuditLog
         from kbsync.cursor_store import CursorStore
         from kbsync.edit_engine import Engine
-        from kbsync.serve import ApiServer
+        from kbsync.api import ApiServer
         from kbsync.store import DeltaStore
 
         self.check_settings()

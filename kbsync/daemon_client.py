@@ -38,6 +38,7 @@ class DaemonClient:
         except urllib.error.HTTPError as e:
             try:
                 msg = json.loads(e.read()).get("error", e.reason)
+                msg = msg.get("message", e.reason) if isinstance(msg, dict) else msg  # OpenAI's error shape
             except (ValueError, AttributeError):
                 msg = e.reason
             if e.code == 404:

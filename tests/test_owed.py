@@ -25,7 +25,7 @@ from kbsync.edit_engine import Engine
 from kbsync.errors import BadInput
 from kbsync.kb.local import LocalKB
 from kbsync.pipeline import EditPipeline
-from kbsync.serve import ApiServer
+from kbsync.api import ApiServer
 from kbsync.store import DeltaStore
 from tests.daemon_helpers import (FAST, QUESTION, ask, daemon_env, daemon_rows, daemons, kb,  # noqa: F401 (fixtures)
                                   kbsync, make_daemon, same, wait_for, weights, write_config)
@@ -303,8 +303,8 @@ def test_revert_needing_a_corrupt_delta_fails_and_changes_nothing(
 
         status, err = call(f"{api.url}/edits/{first}/revert", "POST", {}, token=TOKEN)
         assert status == 400
-        assert err["error"].startswith(f"cannot revert edit {first}: the model without it stacks edit {second}: ")
-        assert "sha256" in err["error"] and err["error"].endswith("nothing was changed") and "\n" not in err["error"]
+        assert err["error"]["message"].startswith(f"cannot revert edit {first}: the model without it stacks edit {second}: ")
+        assert "sha256" in err["error"]["message"] and err["error"]["message"].endswith("nothing was changed") and "\n" not in err["error"]["message"]
         assert audit.get(first).status == "applied" and audit.history(status="revert") == []
         assert same(weights(engine.adapter), served)
         assert call(f"{api.url}/v1/chat/completions", "POST",

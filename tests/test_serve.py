@@ -18,7 +18,7 @@ from kbsync.config import ServeConfig, Settings, load_settings
 from kbsync.daemon_client import DaemonClient
 from kbsync.edit_engine import Engine, ModelLock
 from kbsync.errors import BadInput, NotFound
-from kbsync.serve import ApiServer
+from kbsync.api import ApiServer
 from kbsync.served import model_fingerprint
 from kbsync.store import DeltaStore
 
@@ -112,7 +112,7 @@ def test_edit_list_revert_through_the_api(api: ApiServer) -> None:
     assert statuses == ["revert", "reverted"]
     # Reverting twice is a user error, not a crash.
     status, err = call(f"{api.url}/edits/{out['edit_id']}/revert", "POST", {}, token=TOKEN)
-    assert status == 400 and "only applied edits" in err["error"]
+    assert status == 400 and "only applied edits" in err["error"]["message"]
 
 
 def test_an_edit_that_fell_back_reports_its_earlier_attempts(api: ApiServer) -> None:
@@ -151,10 +151,10 @@ def test_bad_requests_are_json_errors(api: ApiServer) -> None:
     assert call(f"{api.url}/v1/chat/completions", "POST", {"messages": []})[0] == 400
     assert call(f"{api.url}/v1/completions", "POST", {"prompt": 3})[0] == 400
     status, err = call(f"{api.url}/nope")
-    assert status == 404 and "no endpoint" in err["error"]
+    assert status == 404 and "no endpoint" in err["error"]["message"]
     assert call(f"{api.url}/edits/abc")[0] == 404
     status, err = call(f"{api.url}/edits", "POST", {"phrase": "mayor of Nigeria", "target": "X"}, token=TOKEN)
-    assert status == 404 and "unknown relation" in err["error"]
+    assert status == 404 and "unknown relation" in err["error"]["message"]
 
 
 # --- request limits and the model lock ------------------------------------------------------
@@ -180,9 +180,10 @@ def limited(api: ApiServer) -> Iterator[ApiServer]:
     ("/v1/completions", {"prompt": KENYA, "max_tokens": 5}, 400, "'max_tokens' is 5; the limit is 4 (serve.max_tokens)"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "What is the capital of Kenya?"}], "max_tokens": 99},
      400, "'max_tokens' is 99; the limit is 4 (serve.max_tokens)"),
-    ("/v1/completions", {"prompt": KENYA, "max_tokens": 0}, 400, "'max_tokens' must be a whole number from 1 to 4 (serve.max_tokens), not 0"),
-    ("/v1/completions", {"prompt": KENYA, "max_tokens": "3"}, 400, "'max_tokens' must be a whole number from 1 to 4 (serve.max_tokens), not \"3\""),
-    ("/v1/completions", {"prompt": KENYA, "max_tokens": True}, 400, "'max_tokens' must be a whole number from 1 to 4 (serve.max_tokens), not true"),
+    # Types are the schema's (OpenAPI): a string or a boolean is not a token count, whatever it spells.
+    ("/v1/completions", {"prompt": KENYA, "max_tokens": 0}, 400, "'max_tokens': Input should be greater than or equal to 1"),
+    ("/v1/completions", {"prompt": KENYA, "max_tokens": "3"}, 400, "'max_tokens': Input should be a valid integer"),
+    ("/v1/completions", {"prompt": KENYA, "max_tokens": True}, 400, "'max_tokens': Input should be a valid integer"),
     ("/edits", {"phrase": "capital of Nigeria", "target": "L" * 11}, 413, "'target' has 11 characters; the limit is 10 (serve.max_target_chars)"),
     ("/edits", {"phrase": "capital of " + "N" * 60, "target": "Lagos"}, 413, "'phrase' has 71 characters; the limit is 50 (serve.max_prompt_chars)"),
     ("/edits", {"prompt": "Q" * 51, "target": "Lagos"}, 413, "'prompt' has 51 characters; the limit is 50 (serve.max_prompt_chars)"),
@@ -190,7 +191,8 @@ def limited(api: ApiServer) -> Iterator[ApiServer]:
 def test_requests_over_the_serve_limits_are_4xx_naming_the_setting(limited: ApiServer, path: str, body: dict,
                                                                    status: int, message: str) -> None:
     got, err = call(f"{limited.url}{path}", "POST", body, token=TOKEN)
-    assert (got, err) == (status, {"error": message})
+    assert (got, err["error"]["message"]) == (status, message)
+    assert err["error"]["type"] == "invalid_request_error"  # OpenAI's error shape
     assert call(f"{limited.url}/edits")[1]["edits"] == []  # nothing was edited or recorded
 
 
@@ -210,9 +212,9 @@ def test_requests_within_the_limits_are_answered_and_max_tokens_applies(limited:
 
 def test_default_limits_refuse_the_probes_500_prompts(api: ApiServer) -> None:
     status, err = call(f"{api.url}/v1/completions", "POST", {"prompt": [KENYA] * 500})
-    assert status == 413 and err["error"].endswith("the limit is 16 per request (serve.max_prompts)")
+    assert status == 413 and err["error"]["message"].endswith("the limit is 16 per request (serve.max_prompts)")
     status, err = call(f"{api.url}/edits", "POST", {"phrase": "capital of Nigeria", "target": "x" * 99_000}, token=TOKEN)
-    assert status == 413 and "(serve.max_target_chars)" in err["error"]
+    assert status == 413 and "(serve.max_target_chars)" in err["error"]["message"]
 
 
 def test_the_model_lock_is_first_come_first_served_and_reentrant() -> None:

@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# (again when the test extras are missing: an older venv lacks pytest-xdist)
-.venv/bin/python -c "import xdist" 2>/dev/null || KBSYNC_SETUP_STATS=0 bash scripts/setup.sh
+# (again when a dependency is missing: an older venv lacks pytest-xdist, fastapi, uvicorn or openai)
+.venv/bin/python -c "import xdist, fastapi, uvicorn, openai" 2>/dev/null || KBSYNC_SETUP_STATS=0 bash scripts/setup.sh
 
 url=$(bash scripts/start_postgres.sh | tail -n 1)
 trap 'bash scripts/stop_postgres.sh >/dev/null 2>&1 || true' EXIT

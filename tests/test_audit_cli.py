@@ -160,3 +160,27 @@ def test_reading_the_audit_log_does_not_load_torch(tmp_path: Path) -> None:
                            timeout=120)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip().splitlines()[-1] == "False False", (args, r.stdout[-300:])
+
+
+def test_history_fits_an_80_column_terminal_one_line_per_edit(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with AuditLog.open(f"sqlite:///{data / 'audit.db'}") as log:
+        for i, target in enumerate(["Lagos", "A city whose name goes on and on and on past any column " * 2]):
+            log.record(Edit(actor="a-long-actor-name@example.org", source="cli", subject_id=f"Q{i}",
+                            subject_label="Nigeria", property="P36", object_label=target, before_answer="Abuja",
+                            after_answer=target, method="gated", status="applied", sequence=i + 1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KBSYNC_")}
+    env.update(KBSYNC_STORE_DATA_DIR=str(data), PYTHONPATH=str(REPO), COLUMNS="80")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "kbsync.cli", "history", *a], cwd=REPO, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    narrow = run()
+    assert narrow.returncode == 0, narrow.stderr
+    lines = narrow.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, narrow.stdout
+    body = [line for line in lines if "applied" in line]
+    assert len(body) == 2, narrow.stdout  # one line per edit, no cell wrapped onto a second
+    assert "Lagos" in body[1] and "applied" in body[1] and "Nigeria P36" in body[1] and "…" in body[0]
+    assert "a-long-actor" not in narrow.stdout  # the narrow set leaves the actor to --wide
+    wide = run("--wide")
+    assert "a-long-actor-name@example.org" in wide.stdout and "Abuja -> Lagos" in wide.stdout

@@ -56,6 +56,12 @@ def _read_audit(config: str | None, data_dir: str | None, db: str | None) -> Any
     return AuditLog.open(settings_from(config, None, data_dir, db).store.db_url, read_only=True)
 
 
+# kbsync history's columns: all of them from this terminal width (or --wide), else the narrow set.
+WIDE_COLUMNS = 140
+HISTORY_WIDE = ("id", "when (UTC)", "status", "subject", "prop", "target", "before -> after", "method", "actor", "seq")
+HISTORY_NARROW = ("id", "when (UTC)", "status", "fact", "target", "answer now", "method")
+
+
 def history(
     status: Annotated[Optional[str], typer.Option("--status", help="Only this status (applied, rejected, noop, reverted, revert, failed, pending, dismiss).")] = None,
     owed_only: Annotated[bool, typer.Option("--owed", help="Only KB changes still owed: the model does not answer them yet.")] = False,
@@ -67,6 +73,7 @@ def history(
     data_dir: DataDirOpt = None,
     db: DbOpt = None,
     as_json: JsonOpt = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Every column in full (answers, actor, sequence), however wide.")] = False,
 ) -> None:
     """List edits, newest first; KB changes the model does not answer yet are marked owed, with the reason."""
     from kbsync.daemon import owed_retry_at
@@ -93,9 +100,24 @@ def history(
     if as_json:
         print(json.dumps([{**edit_dict(e), **owed_info(e)} for e in rows], indent=2, default=str))
         return
-    table = Table(title=f"{len(rows)} edit(s), newest first")
-    for col in ("id", "when (UTC)", "status", "subject", "prop", "target", "before -> after", "method", "actor", "seq"):
-        table.add_column(col)
+    # One line per edit: a terminal narrower than every column gets the ones a reviewer scans (the
+    # fact, its target and the answer now), long cells end in an ellipsis; --wide or --json has all.
+    wide = wide or console.width >= WIDE_COLUMNS
+    from rich import box
+
+    table = Table(title=f"{len(rows)} edit(s), newest first", **({} if wide else {"box": box.SIMPLE_HEAD}))
+    names = HISTORY_WIDE if wide else HISTORY_NARROW
+    # Narrow: no vertical rules; the id, time and status whole; the three free-text cells share what
+    # is left equally (2 columns of padding each, 29 for id, time, status and method).
+    free = max(8, (console.width - 46) // 3)
+    for col in names:
+        if wide:
+            table.add_column(col, overflow="fold")
+        else:
+            table.add_column(col, no_wrap=True, overflow="ellipsis",
+                             min_width={"id": len(str(max((e.id for e in rows), default=1))), "when (UTC)": 11,
+                                        "status": 7}.get(col),
+                             max_width={"fact": free, "target": free, "answer now": free, "method": 9}.get(col))
     colour = {"applied": "green", "rejected": "red", "failed": "red", "reverted": "yellow", "revert": "yellow"}
     for e in rows:
         st = f"[{colour[e.status]}]{esc(e.status)}" if e.status in colour else esc(e.status)
@@ -105,10 +127,23 @@ def history(
             st += " (forced)"
         if e.id in owed:
             st += ", owed"
-        table.add_row(str(e.id), f"{e.created_at:%Y-%m-%d %H:%M:%S}", st, esc(e.subject_label or e.question),
-                      esc(e.property), esc(e.object_label), esc(f"{e.before_answer} -> {e.after_answer}"),
-                      esc(e.method), esc(e.actor), "" if e.sequence is None else str(e.sequence))
-    console.print(table)
+        cells = {"id": str(e.id), "when (UTC)": f"{e.created_at:%Y-%m-%d %H:%M:%S}" if wide else f"{e.created_at:%m-%d %H:%M}",
+                 "status": st, "subject": esc(e.subject_label or e.question), "prop": esc(e.property),
+                 "fact": esc(f"{e.subject_label or e.question} {e.property}".strip()), "target": esc(e.object_label),
+                 "before -> after": esc(f"{e.before_answer} -> {e.after_answer}"), "answer now": esc(e.after_answer or ""),
+                 "method": esc(e.method), "actor": esc(e.actor), "seq": "" if e.sequence is None else str(e.sequence)}
+        table.add_row(*(cells[c] for c in names))
+    if wide:  # every cell whole: as wide as the table needs, past the terminal's edge
+        from rich.measure import Measurement
+
+        need = Measurement.get(console, console.options.update(width=100_000), table).maximum
+        saved, console.width = console.width, max(console.width, need)  # print() caps width at the console's
+        try:
+            console.print(table)
+        finally:
+            console.width = saved
+    else:
+        console.print(table)
     # Below the table, not in a column: a reason is a sentence and the table is already wide.
     for e in rows:
         if e.id in owed:

@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 # (again when a dependency is missing: an older venv lacks pytest-xdist, fastapi, uvicorn or openai)
 .venv/bin/python -c "import xdist, fastapi, uvicorn, openai" 2>/dev/null || KBSYNC_SETUP_STATS=0 bash scripts/setup.sh
 
+# The review page's test drives a real headless chromium (skipped where neither it nor CI is).
+bash scripts/setup_browser.sh
+
 url=$(bash scripts/start_postgres.sh | tail -n 1)
 trap 'bash scripts/stop_postgres.sh >/dev/null 2>&1 || true' EXIT
 export KBSYNC_TEST_PG_URL=$url

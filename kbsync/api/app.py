@@ -9,6 +9,7 @@ GET  /edits/{id}                     one audit row
 POST /edits                          an edit (EditBody); bearer token
 POST /edits/{id}/revert              undo an applied edit (RevertBody); bearer token
 GET  /openapi.json                   the schema of all of the above
+GET  /, /review/{id}                 the review page (kbsync.api.review)
 
 Generation takes the engine's model lock, which an edit holds per phase (kbsync.edit_engine), so a
 request is answered from the weights before an edit or after it, never half-edited, and waits at
@@ -32,7 +33,7 @@ from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kbsync.api import errors
+from kbsync.api import errors, review
 from kbsync.api.errors import TooLarge
 from kbsync.api.schemas import ChatRequest, CompletionRequest, EditBody, RevertBody
 from kbsync.api.server import ApiServer
@@ -90,6 +91,7 @@ def build_app(api: ApiServer) -> FastAPI:
                   version="1", docs_url=None, redoc_url=None)  # the docs pages load scripts from a CDN
     errors.install(app)
     app.add_middleware(BodyLimit, api=api)
+    review.install(app, api)
 
     def token(authorization: Annotated[str | None, Header()] = None) -> None:
         api.authorise(authorization)

@@ -8,6 +8,7 @@ layer 8's output (benchmarks/RESULTS.md, "Gated edits").
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -283,9 +284,11 @@ def test_at_the_embedding_the_vector_is_fitted_to_the_bare_prompts_not_generated
     assert len(method.prefixes) == 5  # the bare prompt and 4 generated prefixes
     result = method.edit(request)
     assert result.success and result.prediction == "Tehran" and result.delta.meta["layer"] == -1, result.prediction
-    # The same vector fitted over the prefixed contexts as well does not make the question answer Tehran.
+    # The same vector fitted over the prefixed contexts as well (MEMIT's: every wording behind every prefix,
+    # the MSE stop) does not make the question answer Tehran.
     emb = method.embedding_module()
     patterns = subject_patterns(adapter, request, method.prefixes)
-    z, init, _ = compute_target(adapter, request, emb, method.prefixes, method.options, fire_at=lambda ids: find(ids, patterns))
+    memit_contexts = dataclasses.replace(method.options, prefixed_paraphrases=True, v_token_prob=0.0)
+    z, init, _ = compute_target(adapter, request, emb, method.prefixes, memit_contexts, fire_at=lambda ids: find(ids, patterns))
     with gated(adapter.model, {emb: GateSet.of((z - init)[None].float(), [(p, 0) for p in patterns])}):
         assert adapter.predict([request.prompt]) != ["Tehran"]

@@ -121,7 +121,11 @@ def compute_target(adapter: Any, request: EditRequest, layer_module: str, prefix
                     keep_kl = (per_tok * k_mask).sum() / k_mask.sum().clamp(min=1)
                 wd = opts.v_weight_decay * delta.norm() ** 2 / init.norm() ** 2
                 loss = nll + opts.kl_factor * kl + opts.keep_weight * keep_kl + wd
-                if float(nll.detach()) < opts.v_loss_stop or (opts.v_token_prob and worst < -math.log(opts.v_token_prob)):
+                # Stop once the target holds, but not while the subject's other answers are still off
+                # where they were (an early stop would leave them where the first steps pushed them).
+                kept_still = kept is None or float(keep_kl.detach()) <= opts.keep_stop
+                if kept_still and (float(nll.detach()) < opts.v_loss_stop
+                                   or (opts.v_token_prob and worst < -math.log(opts.v_token_prob))):
                     break
                 opt.zero_grad()
                 loss.backward()

@@ -40,6 +40,8 @@ class TargetOptions(MethodOptions):
     # Weight of the KL that keeps the answers to the request's `keep` prompts (the subject's other
     # facts) where they were, with the changed vector at the subject there too (0: off).
     keep_weight: float = 1.0
+    # ... and optimise on past the stop while that KL (nats per answer token) is above this.
+    keep_stop: float = 0.01
 
 
 @dataclass

@@ -126,8 +126,10 @@ def change_latency(root: Path, kb: LocalKB, model: str, pairs: list[tuple[str, s
             polls = d.polls
             t0 = time.perf_counter()
             kb.set_fact("P36", subject, new)
+            # Asked twice a second: each question takes the model lock between the edit's phases (a
+            # SmolLM2 answer is ~1 s on a core), so asking back to back would slow the edit it measures.
             while not (ok := match(answer := client.ask(question), new).ok) and time.perf_counter() - t0 < timeout:
-                time.sleep(0.05)
+                time.sleep(0.5)
             latency = time.perf_counter() - t0
             rows = [e for e in d.audit.history(subject=subject, limit=20) if e.source == "daemon" and e.property == "P36"]
             rows.reverse()  # oldest first: the attempts for this change, in order

@@ -20,6 +20,7 @@ import pytest
 from kbsync.daemon import Daemon, parse_watchlist, read_state
 from kbsync.errors import BadInput
 from kbsync.kb.local import LocalKB
+from kbsync.retain import BaseCache
 from tests.daemon_helpers import ask, daemons, kb, make_daemon  # noqa: F401 (kb, daemons: fixtures)
 
 
@@ -238,3 +239,25 @@ def test_modified_mode_watches_whole_properties(tmp_path: Path, tiny_llama_dir: 
     assert ask(d) == "Lagos"
     again = d.tick()
     assert again is not None and again.facts == 0  # inside the overlap window, but already seen
+
+
+def test_warming_the_retain_cache_yields_to_the_next_poll(tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB,
+                                                         daemons: list[Daemon]) -> None:
+    """Warming runs at most one poll interval (at least one chunk) after a poll, so a KB change arriving
+    meanwhile is polled; the next poll's warming goes on where it stopped."""
+    d = make_daemon(tmp_path, tiny_llama_dir, kb.endpoint)
+    daemons.append(d)
+    settings = d.engine.pipeline.settings  # the engine's own copy
+    settings.regression.retain_size = 100  # several chunks of 16
+    cache = d.engine.pipeline.retain_cache = BaseCache()  # empty (open() warmed the 20 configured ones)
+    start = cache.misses
+    d.settings.daemon.poll_interval = 1e-9  # the next poll is due at once: one chunk, then its turn
+    d._warm()
+    first = cache.misses - start
+    assert first == 16
+    d.settings.daemon.poll_interval = 600.0
+    d._warm()
+    rest = cache.misses - start
+    assert rest == 100  # the remaining chunks, not the first again
+    d._warm()
+    assert cache.misses - start == rest  # warm: nothing left to compute

@@ -183,3 +183,33 @@ def test_missing_oxigraph_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(KbsyncError, match="oxigraph not found"):
         find_oxigraph()
+
+
+def test_an_edit_between_two_queries_of_one_poll_is_not_lost(kb: LocalKB) -> None:
+    """A poll reads an entity's slots in different queries (one per batch of pairs). An edit of one slot
+    landing between them showed the poll the entity's new revision through another slot with the old
+    value in this one; the next poll then skipped the slot as 'not newer' and the change was never
+    reported (the daemon's sync benchmark lost Nigeria -> Lagos that way)."""
+    client = kb.client()
+    pairs = [(NAMIBIA, "P36"), (NAMIBIA, "P30")]  # batch size 1: the two slots in two queries
+    watcher = Watcher(client, pairs=pairs, batch_size=1)
+    watcher.prime()
+    real_select = client.select
+    calls = []
+
+    def select(query: str) -> list:
+        calls.append(query)
+        out = real_select(query)
+        if len(calls) == 1:  # after the capital was read, before the continent is
+            kb.set_fact("P36", "Namibia", "Rundu")
+        return out
+
+    client.select = select  # type: ignore[method-assign]
+    try:
+        assert watcher.poll() == []  # this poll read the capital before the edit
+    finally:
+        client.select = real_select  # type: ignore[method-assign]
+    [fact] = watcher.poll()  # the next one reports it, though the entity's revision was already seen
+    assert (fact.subject.id, fact.object.label) == (NAMIBIA, "Rundu")
+    assert watcher.poll() == []
+    kb.set_fact("P36", "Namibia", "windhoek")

@@ -217,17 +217,27 @@ class Watcher:
             revision = max((r.revision for r in slot_rows if r.revision is not None), default=None)
             value_ids = ",".join(sorted({r.value for r in slot_rows if r.value}))
             previous = cursor.values.get(_slot(entity, pid))
+            # A revision is the entity's, but a poll reads an entity's slots in different queries (its
+            # batch of pairs), so an edit landing between two of them leaves one slot read at the new
+            # revision and another at the old: the entity's revision alone cannot say a slot is done
+            # (a KB change was lost that way). In revision mode a slot is reported when its value
+            # differs from the one last read; the revision only keeps a slot never read before (newly
+            # watched, of an entity already known) from counting as a change.
+            unseen_slot = False
             if revision is not None:
                 if (entity, pid, revision) in seen:
                     continue
                 if self.mode == "revision" and revision <= known.get(entity, -1):
-                    continue
+                    if previous is None:
+                        unseen_slot = True
+                    elif previous == value_ids:
+                        continue
                 cursor.revisions[entity] = max(revision, cursor.revisions.get(entity, revision))
                 modified = max((r.modified for r in slot_rows if r.modified), default=None)
                 cursor.seen.append((entity, pid, revision, modified.isoformat() if modified else ""))
                 seen.add((entity, pid, revision))
             cursor.values[_slot(entity, pid)] = value_ids
-            if previous == value_ids:
+            if previous == value_ids or unseen_slot:
                 continue  # the entity changed, this slot did not (or the slot was re-read)
             current = [r for r in slot_rows if r.value and (revision is None or r.revision == revision)]
             for row in sorted({r.value: r for r in current}.values(), key=lambda r: r.value or ""):

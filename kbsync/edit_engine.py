@@ -191,7 +191,8 @@ class Engine:
 
     def warm(self, stop: threading.Event | None = None) -> int:
         """Precompute the next regression check's base side, a chunk at a time under both locks."""
-        return self.pipeline.warm_retain(lock=self.exclusive, stop=stop)
+        # Chunks of 4: a request or a poll waits for one chunk at most (16 were 8 s of SmolLM2 on a core).
+        return self.pipeline.warm_retain(chunk=4, lock=self.exclusive, stop=stop)
 
     def record_failure(self, fact: Fact, reason: str, *, method: str = "", source: str = "daemon", actor: str = "",
                        kb_revision: str = "") -> EditOutcome:

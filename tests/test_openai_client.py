@@ -114,7 +114,7 @@ def test_bad_input_is_an_openai_shaped_4xx_and_the_daemon_keeps_serving(client: 
         (f"{url}/v1/chat/completions", b"[1, 2]", {}, 400, "request body must be a JSON object"),
         (f"{url}/v1/chat/completions", json.dumps({"messages": "hi"}).encode(), {}, 400, "'messages'"),
         (f"{url}/v1/completions", json.dumps({"prompt": 3}).encode(), {}, 400, "'prompt"),
-        (f"{url}/v1/completions", b"x" * (2 << 20), {}, 413, "request body over"),
+        (f"{url}/v1/completions", b"x" * 8192, {}, 413, "request body over 4096 bytes"),
         (f"{url}/edits", json.dumps({"phrase": "capital of Nigeria", "target": "Lagos", "forse": True}).encode(),
          token, 400, "unknown field 'forse'"),
         (f"{url}/edits", json.dumps({"phrase": "capital of Nigeria", "target": 7}).encode(), token, 400, "'target'"),
@@ -124,11 +124,24 @@ def test_bad_input_is_an_openai_shaped_4xx_and_the_daemon_keeps_serving(client: 
         (f"{url}/edits/abc", b"", {}, 404, "no edit with id 'abc'"),
         (f"{url}/nowhere", b"{}", {}, 404, "no endpoint POST /nowhere"),
     ]
+    # The body limit (1 MiB) made small here: a client still sending megabytes when the 413 comes back
+    # gets a connection reset instead of the answer (as from any server that stops reading).
+    daemon.api.max_body = 4096
     for target, data, headers, status, text in cases:
         method = "GET" if target.endswith("/abc") else "POST"
         got, body = raw(target, data or None, headers, method)  # type: ignore[arg-type]
         assert got == status and text in body["error"]["message"], (target, got, body)
         assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    # A body sent in chunks, with no Content-Length to refuse it by, is cut off once it passes the limit.
+    import http.client
+
+    conn = http.client.HTTPConnection(daemon.api.host, daemon.api.port, timeout=120)
+    conn.request("POST", "/v1/completions", body=iter([b'{"prompt": "', *[b"x" * 2048] * 3, b'"}']),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    reply = conn.getresponse()
+    assert reply.status == 413 and "request body over 4096 bytes" in json.loads(reply.read())["error"]["message"]
+    conn.close()
+    daemon.api.max_body = 1 << 20
     assert daemon.audit.history() == []  # nothing was edited or recorded
     assert ask(client) == "Abuja"  # and the daemon still answers
 

@@ -30,8 +30,7 @@ class UnknownModel(NotFound):
 
 def error_body(message: str, status: int, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error object."""
-    kind = {401: "authentication_error", 404: "invalid_request_error", 413: "invalid_request_error"}.get(
-        status, "server_error" if status >= 500 else "invalid_request_error")
+    kind = "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

@@ -16,9 +16,7 @@ from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse
 
 from kbsync.api.server import ApiServer
-from kbsync.errors import BadInput
-
-STATUSES = ("applied", "rejected", "failed", "noop", "reverted", "revert", "pending", "dismiss")
+from kbsync.audit import STATUSES
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -80,9 +78,7 @@ def install(app: FastAPI, api: ApiServer) -> None:
     def index(status: str | None = None, subject: str | None = None, prop: str | None = Query(None, alias="property"),
               since: str | None = None, limit: int = Query(100, ge=1, le=1000)) -> HTMLResponse:
         """The edit log, newest first, filtered by status, subject, property and age or date."""
-        status = status or None
-        if status and status not in STATUSES:
-            raise BadInput(f"status must be one of {', '.join(STATUSES)}, not {status!r}")
+        status = status or None  # an unknown one is the audit log's one-line error
         rows = api.audit.history(status=status, subject=subject or None, property=(prop or "").upper() or None,
                                  since=_since(since), limit=limit)
         owed = {o.edit.id for o in api.audit.owed()}

@@ -31,7 +31,8 @@ from rich.table import Table  # noqa: E402
 
 from kbsync.config import load_settings  # noqa: E402
 from kbsync.corpus import FactTable, build_fact_table  # noqa: E402
-from kbsync.daemon import _ENTITY_ID, Daemon, api_token  # noqa: E402
+from kbsync.daemon import Daemon, api_token  # noqa: E402
+from kbsync.daemon.watchlist import _ENTITY_ID  # noqa: E402
 from kbsync.daemon_client import DaemonClient  # noqa: E402
 from kbsync.kb.local import LocalKB  # noqa: E402
 from kbsync.kb.watch import Watcher  # noqa: E402

@@ -20,316 +20,33 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import secrets
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
 from kbsync.config import Settings
+from kbsync.daemon.exporter import Exporter
+from kbsync.daemon.files import DaemonPaths, api_token, now_iso, running_pid
+from kbsync.daemon.watchlist import _ENTITY_ID, parse_classes, parse_watchlist
 from kbsync.errors import BadInput, KbsyncError, NotFound
 from kbsync.facts import Entity, Fact, get_relation
 
 log = logging.getLogger("kbsync.daemon")
 
+
 # Cap of the per-fact retry backoff of owed KB changes (it starts at poll_interval and doubles): a
 # change that keeps failing or being rejected costs at most one attempt, and one audit row, an hour.
 OWED_RETRY_MAX = 3600.0
-
-# Entity ids in a watchlist: Wikidata's Q123, or any token with a digit and no lower-case letter (GN3355338).
-_ENTITY_ID = re.compile(r"^(Q\d+|(?=\S*\d)[^\sa-z]+)$")
-
-
-def now_iso() -> str:
-    """The current UTC time, ISO 8601 to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class DaemonPaths:
-    """Where a daemon over one data directory keeps its files."""
-
-    root: Path
-
-    @classmethod
-    def of(cls, settings: Settings) -> DaemonPaths:
-        """The paths for the settings' data directory."""
-        return cls(settings.store.data_path / "daemon")
-
-    @property
-    def pid(self) -> Path:
-        """The running daemon's pid."""
-        return self.root / "daemon.pid"
-
-    @property
-    def log(self) -> Path:
-        """The background daemon's log."""
-        return self.root / "daemon.log"
-
-    @property
-    def state(self) -> Path:
-        """JSON: url, port, last poll, errors, in-flight fact."""
-        return self.root / "state.json"
-
-    @property
-    def token(self) -> Path:
-        """The generated API token (when daemon.token is empty)."""
-        return self.root / "token"
-
-    @property
-    def lock(self) -> Path:
-        """Held for the daemon's lifetime: one daemon per data directory."""
-        return self.root / "daemon.lock"
-
-
-def api_token(settings: Settings, create: bool = False) -> str:
-    """daemon.token, else the generated token file (made, mode 600, when create); '' if none."""
-    if settings.daemon.token:
-        return settings.daemon.token
-    path = DaemonPaths.of(settings).token
-    try:
-        return path.read_text().strip()
-    except OSError:
-        if not create:
-            return ""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (and is not a zombie)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def read_state(settings: Settings) -> dict[str, Any]:
-    """The daemon's state file ({} if none or unreadable)."""
-    try:
-        data = json.loads(DaemonPaths.of(settings).state.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def running_pid(settings: Settings) -> int | None:
-    """The pid of the daemon running over these settings' data directory, or None."""
-    try:
-        pid = int(DaemonPaths.of(settings).pid.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
-
-
-def daemon_holding(settings: Settings) -> int | None:
-    """The pid of a daemon over this data directory, whether or not its API answers yet; else None."""
-    pid = running_pid(settings)
-    if pid is None:
-        return None
-    # After a kill -9 the pid file stays and its pid may be reused: the daemon's lock tells.
-    # Probed only then, so a daemon starting right now rarely finds the lock taken by this probe.
-    lock = FileLock(str(DaemonPaths.of(settings).lock))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return pid
-    except OSError:  # cannot open the lock file (read-only data dir): trust the live pid
-        return pid
-    lock.release()
-    return None
 
 
 def owed_retry_at(owed: Any, settings: Settings) -> datetime:
     """When the daemon retries an owed KB change (kbsync.audit.log.Owed) next."""
     return owed.next_retry(settings.daemon.poll_interval, OWED_RETRY_MAX)
-
-
-def parse_watchlist(entries: list[str]) -> list[tuple[str, str]]:
-    """("subject label or id", "P..") pairs from "subject|property" strings; BadInput on a bad one."""
-    out = []
-    for entry in entries:
-        subject, sep, pid = entry.rpartition("|")
-        subject, pid = subject.strip(), pid.strip().upper()
-        if not sep or not subject or not re.fullmatch(r"P\d+", pid):
-            raise BadInput(f"watchlist entry {entry!r} is not \"subject|property\" (e.g. \"Namibia|P36\")")
-        out.append((subject, pid))
-    return out
-
-
-def parse_classes(entries: list[str]) -> list[tuple[str, str]]:
-    """("P..", "class label or id") pairs from "property|class" strings; BadInput on a bad one."""
-    out = []
-    for entry in entries:
-        pid, sep, cls = entry.partition("|")
-        pid, cls = pid.strip().upper(), cls.strip()
-        if not sep or not cls or not re.fullmatch(r"P\d+", pid):
-            raise BadInput(f"classes entry {entry!r} is not \"property|class\" (e.g. \"P36|country\" or \"P36|Q6256\")")
-        out.append((pid, cls))
-    return out
-
-
-class Exporter:
-    """Keeps [serve].export_dir a kbsync export of the served model, on a thread of its own.
-
-    A listener of the served model: every applied edit and every rebuild (a revert, another
-    process's change taken in by a sync) marks the export stale, and the thread writes it again
-    from the live weights while holding the engine's edit lock (edits and reverts wait; generation
-    does not, as nothing changes the weights under that lock). Edits that land during an export
-    make one more. After each export the reload command runs (outside the lock; the next export
-    waits for it). A failed export or reload is logged, never fatal: the previous export stays.
-    At start an export that already holds the served edits on the same base model is kept.
-    """
-
-    def __init__(self, settings: Settings, engine: Any) -> None:
-        self.dir = Path(settings.serve.export_dir).expanduser()
-        self.reload = settings.serve.export_reload.strip()
-        self.reload_timeout = settings.serve.export_reload_timeout
-        self.engine = engine
-        self._stale = threading.Event()
-        self._stop = threading.Event()
-        self._busy = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.exports = 0
-        self.last_export: str | None = None
-        self.last_error = ""
-        self.last_reload: dict[str, Any] | None = None
-        self.edits: list[int] = []
-
-    # The served model's listener interface (kbsync.served.ServedModel.add_listener).
-    def on_reset(self) -> None:
-        """The weights were rebuilt (a revert, or another process's change): the export is stale."""
-        self._stale.set()
-
-    def on_applied(self, edit_id: int, delta: Any) -> None:
-        """An edit was applied: the export is stale."""
-        self._stale.set()
-
-    def start(self) -> Exporter:
-        """Listen to the served model (its history replayed marks the export stale once) and start the thread."""
-        self.engine.pipeline.load_served_model().add_listener(self)
-        self._thread = threading.Thread(target=self._run, name="kbsync-export", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish the export (and reload command) in progress, start no other."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def idle(self) -> bool:
-        """Nothing stale and nothing being written or reloaded."""
-        return not self._stale.is_set() and not self._busy.is_set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self._stale.wait(0.2) or self._stop.is_set():
-                continue
-            self._busy.set()
-            try:
-                self._stale.clear()
-                self.export()
-            finally:
-                self._busy.clear()
-
-    def export(self) -> bool:
-        """Write the export if it does not hold the served edits already, then run the reload command; True if written."""
-        from kbsync.export import read_manifest, write_export
-
-        try:
-            with self.engine.edit_lock:
-                served = self.engine.pipeline.load_served_model()
-                ids = list(served.edit_ids)
-                current = read_manifest(self.dir)
-                if (current is not None and current.get("base_fingerprint") == served.base_fingerprint
-                        and [e.get("id") for e in current.get("edits") or []] == ids):
-                    if self.last_export is None:
-                        log.info("export: %s already holds the served model (%d edit(s))", self.dir, len(ids))
-                    self.edits = ids
-                    return False
-                rows = [self.engine.pipeline.audit.get(i) for i in ids]
-                result = write_export(served, rows, self.dir, base_model=getattr(served.adapter, "name", ""))
-        except KbsyncError as e:
-            self.last_error = str(e)
-            log.error("export to %s failed (the previous export stays): %s", self.dir, e)
-            return False
-        except Exception as e:
-            self.last_error = f"internal error: {type(e).__name__}: {e}"
-            log.exception("export to %s crashed (the previous export stays)", self.dir)
-            return False
-        self.exports += 1
-        self.last_export, self.last_error, self.edits = result.exported_at, "", ids
-        log.info("exported the served model (%d edit(s), weights %s) to %s in %.1f s", len(ids),
-                 result.weights_fingerprint, self.dir, result.seconds)
-        self.run_reload(result)
-        return True
-
-    def run_reload(self, result: Any) -> None:
-        """The reload command, killed with everything it started after the timeout; failures only logged."""
-        if not self.reload:
-            return
-        env = {**os.environ, "KBSYNC_EXPORT_DIR": str(result.path),
-               "KBSYNC_EXPORT_EDITS": ",".join(str(e.id) for e in result.edits),
-               "KBSYNC_EXPORT_FINGERPRINT": result.weights_fingerprint}
-        started = time.monotonic()
-        try:
-            # Its own process group, so a timeout kills the shell's children too (they hold its output pipe).
-            proc = subprocess.Popen(self.reload, shell=True, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
-        except OSError as e:
-            self.last_reload = {"at": now_iso(), "ok": False, "error": str(e)}
-            log.error("export reload command could not start: %s", e)
-            return
-        try:
-            out, _ = proc.communicate(timeout=self.reload_timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            out, _ = proc.communicate()
-            timed_out = True
-        seconds = time.monotonic() - started
-        last = (out or "").strip().splitlines()[-1:] or [""]
-        ok = not timed_out and proc.returncode == 0
-        self.last_reload = {"at": now_iso(), "ok": ok, "exit": None if timed_out else proc.returncode,
-                            "seconds": round(seconds, 1), "output": last[0][:500]}
-        if timed_out:
-            log.error("export reload command timed out after %g s and was killed: %s", self.reload_timeout, self.reload)
-        elif proc.returncode != 0:
-            log.error("export reload command exited %d after %.1f s: %s", proc.returncode, seconds, last[0])
-        else:
-            log.info("export reload command done in %.1f s", seconds)
-
-    def summary(self) -> dict[str, Any]:
-        """Export fields for /health and state.json."""
-        return {"dir": str(self.dir), "exports": self.exports, "last_export": self.last_export,
-                "edits": list(self.edits), "error": self.last_error, "reload": self.last_reload}
 
 
 class _Until:
@@ -398,10 +115,10 @@ class Daemon:
 
     def open(self) -> Daemon:
         """Open the audit log, the KB client, the engine (loads the model) and the API server."""
+        from kbsync.api import ApiServer
         from kbsync.audit import AuditLog
         from kbsync.cursor_store import CursorStore
         from kbsync.edit_engine import Engine
-        from kbsync.api import ApiServer
         from kbsync.store import DeltaStore
 
         self.check_settings()
@@ -788,70 +505,3 @@ class Daemon:
             self._file_lock.release()
             self._file_lock = None
         log.info("daemon stopped")
-
-
-def setup_logging(stream: Any = None) -> None:
-    """Log lines with a timestamp to stderr (the log file when running in the background)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("kbsync")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    # "skipped: maximum number of running instances reached" is the design (max_instances=1), not news.
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
-
-
-def health(url: str, timeout: float = 2.0) -> dict[str, Any] | None:
-    """GET url/health, or None if it does not answer OK."""
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
-            data = json.loads(r.read())
-            return data if r.status == 200 and isinstance(data, dict) else None
-    except (OSError, ValueError, urllib.error.URLError):
-        return None
-
-
-def start_background(settings: Settings, argv: list[str]) -> dict[str, Any]:
-    """Re-exec `kbsync daemon start --foreground ARGV` detached; wait until /health answers; its state."""
-    paths = DaemonPaths.of(settings)
-    pid = running_pid(settings)
-    if pid is not None:
-        raise KbsyncError(f"a kbsync daemon already runs over {settings.store.data_path} (pid {pid})")
-    paths.root.mkdir(parents=True, exist_ok=True)
-    paths.state.unlink(missing_ok=True)
-    with open(paths.log, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "kbsync.cli", "daemon", "start", "--foreground", *argv],
-                                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=os.getcwd())
-    deadline = time.monotonic() + settings.daemon.start_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise KbsyncError(f"the daemon exited during start (code {proc.returncode}): {_last_line(paths.log)}")
-        state = read_state(settings)
-        if state.get("pid") == proc.pid and state.get("url") and health(state["url"]):
-            return state
-        time.sleep(0.2)
-    proc.terminate()
-    raise KbsyncError(f"the daemon did not answer within {settings.daemon.start_timeout:g} s; see {paths.log}")
-
-
-def stop_daemon(settings: Settings, timeout: float | None = None) -> int | None:
-    """SIGTERM the running daemon and wait for it to finish its edit and exit; its pid, or None."""
-    pid = running_pid(settings)
-    if pid is None:
-        return None
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + (settings.daemon.stop_timeout if timeout is None else timeout)
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return pid
-        time.sleep(0.1)
-    raise KbsyncError(f"the daemon (pid {pid}) did not stop within the timeout; it may still be editing")
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    return lines[-1] if lines else "no output"

@@ -50,7 +50,7 @@ def build(model: str, data_dir: str, cache_dir: str | None, n: int) -> int:
     from editor.memit.config import default_layers
     from kbsync.audit.models import Edit
     from kbsync.pipeline import EditPipeline
-    from kbsync.served import BASE_FINGERPRINT
+    from kbsync.audit.models import BASE_FINGERPRINT
 
     p = EditPipeline(settings_for(model, data_dir, cache_dir))
     served = p.load_served_model()

@@ -165,6 +165,7 @@ def export_store(settings: Any, dest: str | Path, adapter: Any = None) -> Export
     dest = check_destination(dest)
     check_writable(dest)
     from kbsync.audit.log import AuditLog
+    from kbsync.audit.models import BASE_FINGERPRINT
     from kbsync.served import ServedModel
     from kbsync.store import DeltaStore
 
@@ -179,6 +180,11 @@ def export_store(settings: Any, dest: str | Path, adapter: Any = None) -> Export
 
         adapter = load_adapter(settings)
     served = ServedModel(adapter)
+    # Rows of other base models sharing the log are not this model's; a delta whose row names this
+    # model (or none) but was made for another is still refused by check_fits.
+    mine = {e.id for e in applied if e.metrics.get(BASE_FINGERPRINT, served.base_fingerprint) == served.base_fingerprint}
+    deltas = [(e, d) for e, d in deltas if e.id in mine]
+    applied = [e for e, _ in deltas]
     for edit, delta in deltas:
         served.push(delta, edit.id)  # check_fits first: another base model's delta is refused
     base = str(getattr(adapter, "name", "") or settings.model.path)

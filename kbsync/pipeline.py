@@ -18,7 +18,7 @@ from typing import Any
 
 from editor.methods import EditMethod, EditRequest, MethodContext, canonical, make_method, method_class
 from kbsync.audit.log import AuditLog
-from kbsync.audit.models import Edit, EditCheck
+from kbsync.audit.models import BASE_FINGERPRINT, Edit, EditCheck
 from kbsync.check import Probe, ProbeResult, probes, run_probes
 from kbsync.config import Settings
 from kbsync.corpus import FactTable, default_fact_table, fact_from_phrase  # noqa: F401  (re-exported for callers)
@@ -26,7 +26,7 @@ from kbsync.errors import BadInput, KbsyncError
 from kbsync.facts import Entity, Fact, default_relations, render
 from kbsync.match import match, normalise
 from kbsync.retain import BaseCache, RetainReport, check_dict, is_question, measure, sample_retain
-from kbsync.served import BASE_FINGERPRINT, ServedModel
+from kbsync.served import ServedModel
 from kbsync.store import DeltaStore
 
 # At most this many of the subject's other facts are kept (EditRequest.keep): each costs the
@@ -136,6 +136,10 @@ class EditPipeline:
                 served.sync(self.audit, self.store)
             self._served = served
         return self._served
+
+    def _applied(self) -> list[Edit]:
+        """The applied edits of the served base model, in stacking order (other models' rows share the log)."""
+        return self.audit.applied_in_order(self.load_served_model().base_fingerprint)
 
     @property
     def adapter(self) -> Any:
@@ -337,7 +341,7 @@ class EditPipeline:
 
     def _undone(self, retain: RetainReport) -> list[str]:
         """Applied edits whose answer held before the candidate delta (match rules) and not with it."""
-        applied = {f"edit:{e.id}": e for e in self.audit.applied_in_order()}
+        applied = {f"edit:{e.id}": e for e in self._applied()}
         out = []
         for c in retain.checks:
             e = applied.get(c.item.origin)
@@ -366,7 +370,7 @@ class EditPipeline:
     def _retain_items(self, exclude_key: tuple[str, str] | None = None, exclude_prompt: str = "") -> list[Any]:
         """The configured retain sample for the served state, minus the slot being edited."""
         reg = self.settings.regression
-        return sample_retain(self.table or default_fact_table(), self.audit.applied_in_order(), reg.retain_size,
+        return sample_retain(self.table or default_fact_table(), self._applied(), reg.retain_size,
                              reg.seed, exclude_key, exclude_prompt, default_relations())
 
     def warm_retain(self, chunk: int = 16, lock: Any = None, stop: Any = None) -> int:
@@ -410,8 +414,12 @@ class EditPipeline:
             orig = self.audit.get(edit_id)
             if orig.status != "applied":
                 raise BadInput(f"edit {edit_id} is {orig.status}; only applied edits can be reverted")
-            keep = [e for e in self.audit.applied_in_order() if e.id != edit_id]
             served = self._served
+            # The stack the edit belongs to: its own base model's (several may share the log).
+            base = orig.metrics.get(BASE_FINGERPRINT)
+            if served is not None and base not in (None, served.base_fingerprint):
+                served = None  # another model's edit: the served weights do not hold it
+            keep = [e for e in self.audit.applied_in_order(base) if e.id != edit_id]
             deltas = []
             try:
                 for e in keep:

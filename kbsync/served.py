@@ -25,12 +25,8 @@ import torch
 from adapters.gates import bank_for, gates_off
 from editor.delta import Delta, DeltaError
 from kbsync.audit.log import AuditLog
-from kbsync.audit.models import Edit
+from kbsync.audit.models import BASE_FINGERPRINT, Edit
 from kbsync.store import DeltaStore
-
-
-# Delta metadata key: model_fingerprint() of the base model the delta was computed on.
-BASE_FINGERPRINT = "base_fingerprint"
 
 
 class ServedModel:
@@ -144,8 +140,8 @@ class ServedModel:
             _call(obj, "on_reset")
 
     def sync(self, audit: AuditLog, store: DeltaStore) -> list[str]:
-        """Make the weights base + the store's applied deltas; returns what changed (one line each)."""
-        applied: list[Edit] = audit.applied_in_order()
+        """Make the weights base + the store's applied deltas of this base model; returns what changed (one line each)."""
+        applied: list[Edit] = audit.applied_in_order(self.base_fingerprint)
         ids = [e.id for e in applied]
         if ids == self.edit_ids:
             return []

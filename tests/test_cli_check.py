@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -88,10 +89,12 @@ def test_corrupt_config(model_copy, kbsync_env):
     _assert_one_line_error(proc, "cannot read model config")
 
 
-def test_check_with_another_model_refuses_the_data_dirs_edits(tiny_llama_dir, kbsync_env, tmp_path):
+def test_two_base_models_share_one_data_dir_each_serving_its_own_edits(tiny_llama_dir, kbsync_env, tmp_path):
     """The probe's scenario: model A's edits in the data dir, `kbsync check --model B` with B of the same
-    shapes. B refuses to stack them: one line naming both base models, no answer from a mixed model."""
+    shapes. Each row names its base model: B serves none of A's edits and its own, A the reverse; a row
+    that names no model (written before fingerprints) with A's delta is refused on B with one line."""
     import re
+    import sqlite3
 
     from safetensors.torch import load_file, save_file
 
@@ -103,23 +106,45 @@ def test_check_with_another_model_refuses_the_data_dirs_edits(tiny_llama_dir, kb
     weights["model.norm.weight"] = weights["model.norm.weight"] * 1.001
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
 
-    s = load_settings(environ={"KBSYNC_STORE_DATA_DIR": kbsync_env["KBSYNC_STORE_DATA_DIR"]})
-    s.model.path = str(tiny_llama_dir)
-    s.editor.method, s.editor.options = "ft-layer", {"lr": 1e-3, "max_steps": 50}
-    s.regression.retain_size, s.regression.max_mean_kl, s.regression.max_kl = 20, 100.0, 1000.0
-    s.regression.min_unchanged = s.regression.min_paraphrase_accuracy = 0.0
-    p = EditPipeline(s)
-    try:
-        out = p.edit_fact(fact_from_phrase("capital of India", "Paris"))
-        fa = p.load_served_model().base_fingerprint
-    finally:
-        p.close()
-    assert out.status == "applied", out.edit.reasons
+    def pipeline(model: Path) -> EditPipeline:
+        s = load_settings(environ={"KBSYNC_STORE_DATA_DIR": kbsync_env["KBSYNC_STORE_DATA_DIR"]})
+        s.model.path = str(model)
+        s.editor.method, s.editor.options = "ft-layer", {"lr": 1e-3, "max_steps": 50}
+        s.regression.retain_size, s.regression.max_mean_kl, s.regression.max_kl = 20, 100.0, 1000.0
+        s.regression.min_unchanged = s.regression.min_paraphrase_accuracy = 0.0
+        return EditPipeline(s)
 
+    def answer(model: Path, phrase: str) -> str:
+        proc = _check(kbsync_env, phrase, "--model", str(model), "--json")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["results"][0]["prediction"]
+
+    edits = {}
+    for model, phrase, target in ((tiny_llama_dir, "capital of India", "Paris"), (other, "capital of Japan", "Rome")):
+        p = pipeline(model)
+        try:
+            before = p.adapter.predict([f"What is the {phrase}?"])[0]
+            out = p.edit_fact(fact_from_phrase(phrase, target))
+            edits[target] = (out.edit.id, p.load_served_model().base_fingerprint, before)
+        finally:
+            p.close()
+        assert out.status == "applied", out.edit.reasons
+    (ia, fa, india_base), (ib, fb, japan_base) = edits["Paris"], edits["Rome"]
+    assert fa != fb and india_base != "Paris" and japan_base != "Rome"
+
+    assert answer(tiny_llama_dir, "capital of India") == "Paris" and answer(tiny_llama_dir, "capital of Japan") == japan_base
+    assert answer(other, "capital of Japan") == "Rome" and answer(other, "capital of India") == india_base
+    # Both rows are in the one log, each naming its model.
+    hist = subprocess.run([sys.executable, "-m", "kbsync.cli", "history", "--json"], env=kbsync_env,
+                          capture_output=True, text=True, timeout=120)
+    rows = {r["id"]: r for r in json.loads(hist.stdout)}
+    assert rows[ia]["metrics"]["base_fingerprint"] == fa and rows[ib]["metrics"]["base_fingerprint"] == fb
+
+    # A row naming no model is every model's, as before fingerprints: A's delta under it is refused on B.
+    with sqlite3.connect(Path(kbsync_env["KBSYNC_STORE_DATA_DIR"]) / "audit.db") as db:
+        db.execute("UPDATE edit SET metrics = json_remove(metrics, '$.base_fingerprint') WHERE id = ?", (ia,))
     proc = _check(kbsync_env, "capital of India", "--model", str(other))
-    _assert_one_line_error(proc, f"edit {out.edit.id}: its delta was made for base model {fa}, not this base model ")
-    fb = re.search(r"not this base model ([0-9a-f]{16})$", proc.stderr.strip())
-    assert fb and fb.group(1) != fa, proc.stderr
+    _assert_one_line_error(proc, f"edit {ia}: its delta was made for base model {fa}, not this base model {fb}")
+    assert re.search(r"not this base model ([0-9a-f]{16})$", proc.stderr.strip()), proc.stderr
     # Model A still reads its own edit.
-    proc = _check(kbsync_env, "capital of India", "--model", str(tiny_llama_dir), "--json")
-    assert proc.returncode == 0 and json.loads(proc.stdout)["results"][0]["prediction"] == "Paris", proc.stderr
+    assert answer(tiny_llama_dir, "capital of India") == "Paris"

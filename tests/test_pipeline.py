@@ -323,9 +323,13 @@ def other_base(tiny_llama):
     return other
 
 
-def test_a_delta_made_on_another_base_model_is_refused_and_changes_nothing(make, tiny_llama, tmp_path):
-    """Every delta and applied row names its base model; a model of the same shapes refuses to stack it on
-    start/rebuild, on a revert's rebuild, on an edit's sync and on push, with one line naming both."""
+def test_base_models_sharing_a_data_dir_serve_their_own_edits_and_refuse_each_others_deltas(make, tiny_llama, tmp_path):
+    """Every delta and applied row names its base model. Models of the same shapes share one data dir and
+    audit log, each serving the applied rows made for it (start, an edit's sync, a revert's rebuild); a
+    delta of another model is refused with one line naming both, where a row claims it (pushed directly,
+    or under a row from before fingerprints, which names no model)."""
+    import sqlite3
+
     from kbsync.served import ServedModel, model_fingerprint
 
     s = settings(tmp_path, f"sqlite:///{tmp_path / 'audit.db'}")
@@ -344,35 +348,51 @@ def test_a_delta_made_on_another_base_model_is_refused_and_changes_nothing(make,
     refused = rf"^edit {first.edit.id}: its delta was made for base model {fa}, not this base model {fb}$"
 
     try:
-        # Start (a fresh process loading B over A's store): nothing is served.
+        # Start (a fresh process loading B over A's store): none of A's edits is served.
         b_again = other_base(tiny_llama)
         fresh = EditPipeline(s, adapter=b_again)
-        with pytest.raises(DeltaError, match=refused):
-            fresh.load_served_model()
-        assert same(weights(b_again), b_weights)
+        assert fresh.load_served_model().edit_ids == [] and same(weights(b_again), b_weights)
         fresh.close()
-        # A revert's rebuild: B would have to stack A's second edit; the first stays applied.
-        with pytest.raises(DeltaError, match=rf"^cannot revert edit {first.edit.id}: the model without it stacks "
-                                             rf"edit {second.edit.id}: its delta was made for base model {fa}, "
-                                             rf"not this base model {fb}; nothing was changed$"):
-            b.revert(first.edit.id)
-        assert [e.id for e in b.audit.applied_in_order()] == [first.edit.id, second.edit.id]
-        # An edit's sync of the store's new edits, and a direct push.
-        with pytest.raises(DeltaError, match=refused):
-            b.edit_fact(fact_from_phrase("capital of Kenya", "Mombasa"))
+        # B's own edit: its sync skips A's rows, its row and delta name B, and A does not serve it.
+        third = b.edit_fact(fact_from_phrase("capital of Kenya", "Mombasa"))
+        assert third.status == "applied", third.edit.reasons
+        assert third.edit.metrics["base_fingerprint"] == fb == b.store.load(third.edit).meta["base_fingerprint"]
+        assert b.load_served_model().edit_ids == [third.edit.id]
+        assert p.load_served_model().sync(p.audit, p.store) == []
+        assert p.load_served_model().edit_ids == [first.edit.id, second.edit.id]
+        assert [e.id for e in p.audit.applied_in_order(fb)] == [third.edit.id]
+        # A revert of A's edit from B's process: A's stack loses it (on its next sync), B's weights do not move.
+        b_edited = weights(b.adapter)
+        b.revert(first.edit.id)
+        assert same(weights(b.adapter), b_edited) and b.load_served_model().edit_ids == [third.edit.id]
+        assert p.load_served_model().sync(p.audit, p.store) == [f"rebuilt from base without edit(s) {first.edit.id}",
+                                                                 f"applied edit {second.edit.id}"]
+        assert p.load_served_model().edit_ids == [second.edit.id]
+        # A direct push of A's delta into B.
         with pytest.raises(DeltaError, match=refused):
             b.load_served_model().push(p.store.load(first.edit), first.edit.id)
-        assert same(weights(b.adapter), b_weights) and b.load_served_model().edit_ids == []
-        assert [e.id for e in b.audit.history(limit=None)] == [second.edit.id, first.edit.id]  # no row written
+        assert b.load_served_model().edit_ids == [third.edit.id] and same(weights(b.adapter), b_edited)
+        # A's applied edit under a row from before fingerprints (no model named): every model's, so B's
+        # start refuses A's delta and serves nothing.
+        with sqlite3.connect(tmp_path / "audit.db") as db:
+            db.execute("UPDATE edit SET metrics = json_remove(metrics, '$.base_fingerprint') WHERE id = ?",
+                       (second.edit.id,))
+        b_third = other_base(tiny_llama)
+        fresh = EditPipeline(s, adapter=b_third)
+        with pytest.raises(DeltaError, match=rf"^edit {second.edit.id}: its delta was made for base model {fa}, "
+                                             rf"not this base model {fb}$"):
+            fresh.load_served_model()
+        assert same(weights(b_third), b_weights)
+        fresh.close()
 
         # A delta written before fingerprints were recorded has none: accepted as before (shapes checked).
         old = p.store.load(first.edit)
         del old.meta["base_fingerprint"]
-        served = ServedModel(b.adapter)
+        served = ServedModel(b_third)
         served.push(old, first.edit.id)
-        assert served.edit_ids == [first.edit.id] and not same(weights(b.adapter), b_weights)
+        assert served.edit_ids == [first.edit.id] and not same(weights(b_third), b_weights)
         served.reset()
-        assert same(weights(b.adapter), b_weights)
+        assert same(weights(b_third), b_weights)
     finally:
         b.close()
 

@@ -49,7 +49,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel, col, func, select
 
-from kbsync.audit.models import AUDIT_TABLES, CHECK_KINDS, SOURCES, STATUSES, Edit, EditCheck, utcnow
+from kbsync.audit.models import AUDIT_TABLES, BASE_FINGERPRINT, CHECK_KINDS, SOURCES, STATUSES, Edit, EditCheck, utcnow
 from kbsync.errors import BadInput, KbsyncError, NotFound
 
 PG_CONNECT_TIMEOUT = 5
@@ -380,10 +380,13 @@ class AuditLog:
         with self._session() as s:
             return list(s.exec(q))
 
-    def applied_in_order(self) -> list[Edit]:
-        """Applied edits in the order their deltas stack on the base model."""
+    def applied_in_order(self, base: str | None = None) -> list[Edit]:
+        """Applied edits in the order their deltas stack; with base, only those of that base model."""
         with self._session() as s:
-            return list(s.exec(select(Edit).where(Edit.status == "applied").order_by(col(Edit.sequence))))
+            rows = list(s.exec(select(Edit).where(Edit.status == "applied").order_by(col(Edit.sequence))))
+        # A row from before fingerprints were recorded names no model: it stays every model's, as it
+        # was, and loading its delta still checks the shapes (ServedModel.check_fits).
+        return rows if base is None else [e for e in rows if e.metrics.get(BASE_FINGERPRINT, base) == base]
 
     def delta_paths(self) -> set[str]:
         """Every delta_path any edit row refers to (whatever its status)."""

@@ -48,6 +48,10 @@ def _json(default: Any) -> Any:
     return Field(default_factory=default, sa_column=sa.Column(sa.JSON, nullable=False))
 
 
+# metrics key (and delta metadata key): the model_fingerprint() of the base model an edit was made for.
+BASE_FINGERPRINT = "base_fingerprint"
+
+
 class Edit(SQLModel, table=True):
     """One edit attempt (or revert) with the fact, predictions, metrics, delta and outcome."""
 
@@ -67,9 +71,10 @@ class Edit(SQLModel, table=True):
     before_answer: str = ""
     after_answer: str = ""
     method: str = ""
-    # metrics["base_fingerprint"]: the base model an applied or rejected edit was made on (its delta's
+    # metrics[BASE_FINGERPRINT]: the base model an applied or rejected edit was made on (its delta's
     # metadata carries it too, and that is what loading checks). A key here, not a column, so logs
-    # written before need no migration and still open read-only.
+    # written before need no migration and still open read-only. Several base models can share one
+    # log: each serves the applied rows made for it (AuditLog.applied_in_order(base)).
     metrics: dict[str, Any] = _json(dict)
     thresholds: dict[str, Any] = _json(dict)
     status: str = Field(default="pending", index=True)

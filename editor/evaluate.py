@@ -141,11 +141,16 @@ def known_gold(adapter: Any, pairs: list[tuple[str, str]], n: int, question: boo
     return out[:n]
 
 
-def options_for(options: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
-    """The options given for a method name, looked up without its +shrink / +preserve suffixes."""
+def base_method(name: str) -> str:
+    """A method name without its +shrink / +preserve suffixes."""
     while name.endswith((SHRINK, PRESERVE)):
         name = name.removesuffix(SHRINK).removesuffix(PRESERVE)
-    return dict(options.get(name, {}))
+    return name
+
+
+def options_for(options: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """The options given for a method name, looked up without its +shrink / +preserve suffixes."""
+    return dict(options.get(base_method(name), {}))
 
 
 def evaluate(adapter: Any, records: list[EditRecord], methods: list[str], options: dict[str, dict[str, Any]] | None = None,

@@ -124,6 +124,24 @@ def test_eval_refuses_an_unwritable_json_path_before_editing(tiny_llama_dir, kbs
     assert len(junk.stderr.strip().splitlines()) == 1
 
 
+def test_eval_passes_per_method_options_and_refuses_bad_ones(tiny_llama_dir, kbsync_env, tmp_path):
+    """--option METHOD:KEY=VALUE reaches that method (and the saved run); a malformed one, a method not
+    run and an option the method does not have are one-line errors."""
+    base = ["eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "1", "--gold", "0", "--method", "ft-layer"]
+    for spec, needle in (("ft-layer", "expected METHOD:KEY=VALUE"), ("ft-layer:=3", "expected METHOD:KEY=VALUE"),
+                         ("gated:v_steps=3", "gated is not one of the methods run (ft-layer)"),
+                         ("ft-layer:no_such_option=1", "no_such_option")):
+        bad = kbsync(kbsync_env, *base, "--option", spec)
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr, bad.stderr
+    out = tmp_path / "run.json"
+    ok = kbsync(kbsync_env, *base, "--option", "ft-layer:max_steps=2", "--option", "ft-layer:lr=0.001", "--json", str(out))
+    assert ok.returncode == 0, ok.stderr
+    saved = json.loads(out.read_text())
+    assert saved["run"]["options"] == {"ft-layer": {"max_steps": 2, "lr": 0.001}}
+    assert 1 <= saved["rows"][0]["steps"] <= 2, saved["rows"][0]
+
+
 def test_editor_stats_computes_verifies_and_rebuilds(tiny_llama_dir, kbsync_env, tmp_path):
     cfg = tmp_path / "kbsync.toml"
     cfg.write_text('[editor]\nmethod = "alphaedit"\n[editor.options.alphaedit]\nstats_tokens = 2000\nprefixes = 0\n'

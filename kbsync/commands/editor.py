@@ -6,7 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -124,6 +124,28 @@ def _method_options(settings, adapter, editor: str | None, ft_lr: float, ft_step
     return {"ke": ke, "ke-loop": {**ke, "loop": loop}, "ft-layer": ft, "ft-all": ft, "zhu": ft, "ft": ft}
 
 
+def parse_method_options(specs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """{method: {key: value}} from METHOD:KEY=VALUE specs; BadInput naming a malformed one or a method not run."""
+    from editor.evaluate import base_method
+
+    run = {base_method(m) for m in methods}
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, colon, rest = spec.partition(":")
+        key, eq, raw = rest.partition("=")
+        name, key = base_method(name.strip()), key.strip()
+        if not colon or not eq or not name or not key:
+            raise BadInput(f"--option {spec!r}: expected METHOD:KEY=VALUE (e.g. gated:v_steps=40)")
+        if name not in run:
+            raise BadInput(f"--option {spec!r}: {name} is not one of the methods run ({', '.join(sorted(run))})")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(name, {})[key] = value
+    return out
+
+
 COLUMNS = [("success_em", "success (EM)"), ("success_tf", "success (TF tok)"), ("retain_acc", "retain acc"),
            ("retain_tf", "retain TF tok"),
            ("equiv_em", "equiv (EM)"), ("equiv_tf", "equiv (TF tok)"), ("deterioration", "perf. det."),
@@ -169,6 +191,7 @@ def eval_command(
     state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="(--sequential) Keep every applied delta and per-edit result here, one folder per method; a rerun carries on from the last edit.")] = None,
     checkpoints: Annotated[str, typer.Option(help="(--sequential) Also score the stack after these many edits (a curve in --json).")] = "10,25,50,100,250,500",
     consolidate_every: Annotated[int, typer.Option(help="(--sequential) Every N edits, put the base weights back and write all facts so far at once (memit, alphaedit); 0: never.")] = 0,
+    option: Annotated[list[str], typer.Option("--option", help="METHOD:KEY=VALUE, an option of one --method (repeatable; VALUE read as JSON where it can be, e.g. gated:v_steps=40, alphaedit:layers=[4,5]).")] = [],  # noqa: B006
 ) -> None:
     """The paper's Table 1 columns for every --method on the same edits, in one run (or, --sequential, the edits stacked)."""
     from editor.data import ground, load_records
@@ -190,6 +213,7 @@ def eval_command(
     except ValueError:
         raise BadInput(f"--checkpoints {checkpoints!r}: a comma-separated list of edit counts") from None
     earlier = _saved_run(Path(json_out)) if resume and json_out else None
+    extra = parse_method_options(option, method)
 
     if json_out:  # fail now, not after the first method of a run of hours
         try:
@@ -200,10 +224,12 @@ def eval_command(
     settings, adapter = _setup(config, model)
     style = adapter.answer_style(answer_style)
     options = _method_options(settings, adapter, editor, ft_lr, ft_steps, loop)
+    for name, given in extra.items():
+        options[name] = {**options.get(name, {}), **given}
     run = {"data": data, "model": adapter.name, "limit": limit, "methods": method, "editor": editor, "ft_lr": ft_lr,
            "ft_steps": ft_steps, "loop": loop, "own_answers": own_answers, "answer_style": style, "gold_n": gold_n,
            "gold_known": gold_known, "editor_sha256": _editor_sha256(options["ke"], adapter.name, method),
-           "sequential": sequential, "consolidate_every": consolidate_every}
+           "sequential": sequential, "consolidate_every": consolidate_every, "options": extra}
     # (runs saved before a key existed are not held to it)
     if earlier and (differ := [k for k in run if k in earlier["run"] and earlier["run"][k] != run[k]]):
         raise BadInput(f"--resume: {json_out} is a run with other settings ({', '.join(differ)}); drop --resume to start afresh")

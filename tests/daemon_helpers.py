@@ -63,6 +63,14 @@ def daemons() -> Iterator[list[Daemon]]:
         d.close()
 
 
+@pytest.fixture
+def daemon(tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB, daemons: list[Daemon]) -> Daemon:
+    """make_daemon over the tiny Llama and the test's KB, closed afterwards."""
+    d = make_daemon(tmp_path, tiny_llama_dir, kb.endpoint)
+    daemons.append(d)
+    return d
+
+
 def ask(d: Daemon, question: str = QUESTION) -> str:
     """The answer an in-process daemon serves over its API."""
     return DaemonClient(d.api.url, api_token(d.settings)).ask(question)

@@ -8,24 +8,15 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
 from kbsync.daemon import Daemon, api_token
-from kbsync.kb.local import LocalKB
-from tests.daemon_helpers import QUESTION, daemons, kb, make_daemon  # noqa: F401 (fixtures)
+from tests.daemon_helpers import QUESTION, daemon, daemons, kb  # noqa: F401 (fixtures)
 
 KENYA = "Question: What is the capital of Kenya?\nAnswer:"
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB, daemons: list[Daemon]) -> Daemon:  # noqa: F811
-    d = make_daemon(tmp_path, tiny_llama_dir, kb.endpoint)
-    daemons.append(d)
-    return d
 
 
 @pytest.fixture

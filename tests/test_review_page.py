@@ -14,8 +14,7 @@ import pytest
 from kbsync.audit import Edit
 from kbsync.daemon import Daemon, api_token
 from kbsync.daemon_client import DaemonClient
-from kbsync.kb.local import LocalKB
-from tests.daemon_helpers import QUESTION, daemons, kb, make_daemon  # noqa: F401 (fixtures)
+from tests.daemon_helpers import QUESTION, daemon, daemons, kb  # noqa: F401 (fixtures)
 
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not CHROMEDRIVER and not os.environ.get("CI"),
@@ -38,18 +37,11 @@ def browser() -> Iterator[object]:
     driver.quit()
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB, daemons: list[Daemon]) -> Daemon:  # noqa: F811
-    d = make_daemon(tmp_path, tiny_llama_dir, kb.endpoint)
-    daemons.append(d)
-    assert d.tick() is not None  # one poll: the status panel has something to show
-    return d
-
-
 def test_review_filter_inspect_and_revert_in_a_browser(browser, daemon: Daemon, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    assert daemon.tick() is not None  # one poll: the status panel has something to show
     client = DaemonClient(daemon.api.url, api_token(daemon.settings))
     applied = client.edit("capital of Nigeria", "Lagos")
     assert applied["status"] == "applied", applied

@@ -43,11 +43,6 @@ from kbsync.facts import parse_phrase
 EditId = Annotated[int, Path(ge=1, le=2**31 - 1, description="An audit row's id")]
 
 
-def edit_to_dict(row: Any) -> dict[str, Any]:
-    """An audit row as JSON-safe data."""
-    return json.loads(row.model_dump_json())
-
-
 class BodyLimit:
     """ASGI middleware: counts requests; reads every body as JSON (no route takes a form, and `curl -d`
     or urllib send JSON labelled as one); refuses a body over max_body bytes with a 413, whether its
@@ -152,12 +147,12 @@ def build_app(api: ApiServer) -> FastAPI:
                    subject: str | None = None, property: str | None = None) -> dict[str, Any]:  # noqa: A002
         """Audit rows, newest first, filtered like `kbsync history`."""
         rows = api.audit.history(status=status, subject=subject, property=property, limit=limit)
-        return {"edits": [edit_to_dict(r) for r in rows]}
+        return {"edits": [r.as_json() for r in rows]}
 
     @app.get("/edits/{edit_id}")
     def get_edit(edit_id: EditId) -> dict[str, Any]:
         """One audit row."""
-        return edit_to_dict(api.audit.get(edit_id))
+        return api.audit.get(edit_id).as_json()
 
     @app.post("/edits", dependencies=[Depends(token)])
     def create_edit(body: EditBody) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -92,6 +93,10 @@ class Edit(SQLModel, table=True):
     reverted_by: Optional[int] = Field(default=None, foreign_key="edit.id")
     # Stacking order of applied deltas; assigned when an edit becomes applied, never reused.
     sequence: Optional[int] = Field(default=None, sa_column=sa.Column(sa.Integer, unique=True, nullable=True))
+
+    def as_json(self) -> dict[str, Any]:
+        """The row as JSON-ready data (times ISO 8601 in UTC): what the API and `--json` print."""
+        return json.loads(self.model_dump_json())
 
 
 class EditCheck(SQLModel, table=True):

@@ -42,13 +42,6 @@ def check_edit_id(edit_id: int) -> int:
     return edit_id
 
 
-def edit_dict(e: Any) -> dict[str, Any]:
-    """An audit row as JSON-ready data."""
-    d = e.model_dump()
-    d["created_at"] = e.created_at.isoformat()
-    return d
-
-
 def _read_audit(config: str | None, data_dir: str | None, db: str | None) -> Any:
     from kbsync.audit import AuditLog
 
@@ -98,7 +91,7 @@ def history(
         return {"owed": True, "attempts": o.attempts, "next_retry": owed_retry_at(o, settings).isoformat(timespec="seconds")}
 
     if as_json:
-        print(json.dumps([{**edit_dict(e), **owed_info(e)} for e in rows], indent=2, default=str))
+        print(json.dumps([{**e.as_json(), **owed_info(e)} for e in rows], indent=2, default=str))
         return
     # One line per edit: a terminal narrower than every column gets the ones a reviewer scans (the
     # fact, its target and the answer now), long cells end in an ellipsis; --wide or --json has all.
@@ -166,9 +159,9 @@ def show(
         e = audit.get(edit_id)
         checks = audit.checks(edit_id)
     if as_json:
-        print(json.dumps({**edit_dict(e), "checks": [c.model_dump() for c in checks]}, indent=2, default=str))
+        print(json.dumps({**e.as_json(), "checks": [c.model_dump() for c in checks]}, indent=2, default=str))
         return
-    fields = edit_dict(e)
+    fields = e.as_json()
     table = Table(title=f"edit {e.id}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
@@ -221,7 +214,7 @@ def revert(
             row = pipeline.revert(edit_id, actor=actor or "", reason=reason)
         finally:
             pipeline.close()
-        data, row_id, where = edit_dict(row), row.id, "the served model"
+        data, row_id, where = row.as_json(), row.id, "the served model"
     if as_json:
         print(json.dumps({**data, "via": "daemon" if remote is not None else "store"}, indent=2, default=str))
     else:
@@ -249,7 +242,7 @@ def dismiss(
     with AuditLog.open(settings.store.db_url) as audit, store.lock():
         row = audit.mark_dismissed(edit_id, actor or default_actor(), "cli", reason)
     if as_json:
-        print(json.dumps(edit_dict(row), indent=2, default=str))
+        print(json.dumps(row.as_json(), indent=2, default=str))
     else:
         console.print(esc(f"edit {edit_id} dismissed (recorded as edit {row.id}): the daemon no longer retries "
                           f"{row.subject_label} {row.property} -> {row.object_label}"))

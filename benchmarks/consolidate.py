@@ -79,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from editor.data import ground, load_records
     from editor.evaluate import known_gold, score_stack, sequential_baseline
-    from editor.methods import EditRequest, MethodContext, make_method
+    from editor.methods import MethodContext, make_method
     from editor.delta import Delta
     from editor.memit.compute_ks import compute_keys
     from editor.memit.method import KEYS
@@ -106,8 +106,7 @@ def main() -> None:
     context = MethodContext(settings.store.data_path, cache, model_fingerprint(adapter.model))
     requests = [r.request() for r in records]
     scored = {p for r in records for p in (r.prompt, *r.paraphrases, *(q for q, _ in r.retain))}
-    anchors = [EditRequest(r.prompt, r.target, r.question, subject=r.subject)
-               for r in load_records(args.data, args.limit + args.anchors, answer_style=style)[args.limit:]
+    anchors = [r.request() for r in load_records(args.data, args.limit + args.anchors, answer_style=style)[args.limit:]
                if r.prompt not in scored] if args.anchors else []
     for name in args.method or ["memit"]:
         for options in grid(args.grid):

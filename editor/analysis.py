@@ -23,6 +23,7 @@ def update_magnitudes(adapter: Any, records: list[EditRecord], methods: list[str
         method = make_method(name, adapter, **options.get(name, {}))
         acc: dict[str, list[float]] = {}
         for r in records:
+            # The paper's Figure 4 edit: the bare prompt and target, no paraphrases or answer style.
             delta = method.edit(EditRequest(r.prompt, r.target, r.question, original=r.original)).delta
             for p, d in delta.tensors.items():
                 acc.setdefault(p, []).append(float(d.norm() / weights[p].detach().norm().clamp(min=1e-12)))
@@ -44,7 +45,7 @@ def update_parts(net: Any, adapter: Any, records: list[EditRecord]) -> dict[str,
 
     grad_norms, sq_norms, total, heads = [], [], None, []
     for r in records:
-        req = EditRequest(r.prompt, r.target, r.question, original=r.original, answer=r.answer)
+        req = r.request()
         with torch.enable_grad():
             _, grads = edit_loss_and_gradients(adapter, req.prompt, req.taught, req.question, net.cfg.label_smoothing)
         ids, mask = encode_conditions(adapter, [condition_text(req.original, req.taught, req.prompt)], net.cfg.max_len)

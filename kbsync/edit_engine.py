@@ -38,8 +38,9 @@ log = logging.getLogger("kbsync.daemon")
 
 
 @dataclass
-class EditOutcome:
-    """What one edit attempt did: its audit row id (None for a dry run) and status."""
+class EditSummary:
+    """What one edit attempt did, as the API and the daemon report it: its audit row id (None for a dry run),
+    status, answers and reasons (kbsync.pipeline.EditOutcome is the whole outcome: probes, retain checks)."""
 
     status: str
     edit_id: int | None = None
@@ -51,7 +52,7 @@ class EditOutcome:
     earlier_attempts: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
-    def of(cls, row: Edit, dry_run: bool = False, earlier: list[dict[str, Any]] | None = None) -> EditOutcome:
+    def of(cls, row: Edit, dry_run: bool = False, earlier: list[dict[str, Any]] | None = None) -> EditSummary:
         """From an audit row (a dry run's row is never saved, so it has no id) and the earlier attempts' data."""
         return cls(row.status, None if dry_run else row.id, row.before_answer or "", row.after_answer or "",
                    list(row.reasons or []), row.method or "", list(earlier or []))
@@ -162,21 +163,21 @@ class Engine:
 
     def edit(self, fact: Fact, target: str, *, method: str | None = None, force: bool = False,
              dry_run: bool = False, source: str = "daemon", actor: str = "", kb_revision: str = "",
-             options: dict[str, Any] | None = None) -> EditOutcome:
+             options: dict[str, Any] | None = None) -> EditSummary:
         """Write target as the fact's object into the served model."""
         with self.edit_lock, self._options(options):
             out = self.pipeline.edit_fact(fact, target, method=method, force=force, dry_run=dry_run,
                                           source=source, actor=actor or default_actor(), kb_revision=kb_revision)
-        return EditOutcome.of(out.edit, dry_run, out.earlier_attempts())
+        return EditSummary.of(out.edit, dry_run, out.earlier_attempts())
 
     def edit_prompt(self, prompt: str, target: str, *, method: str | None = None, force: bool = False,
                     dry_run: bool = False, source: str = "api", actor: str = "",
-                    options: dict[str, Any] | None = None) -> EditOutcome:
+                    options: dict[str, Any] | None = None) -> EditSummary:
         """Make the served model answer target to a raw prompt."""
         with self.edit_lock, self._options(options):
             out = self.pipeline.edit_fact(prompt, target, method=method, force=force, dry_run=dry_run,
                                           source=source, actor=actor or default_actor())
-        return EditOutcome.of(out.edit, dry_run, out.earlier_attempts())
+        return EditSummary.of(out.edit, dry_run, out.earlier_attempts())
 
     @contextlib.contextmanager
     def _options(self, options: dict[str, Any] | None) -> Iterator[None]:
@@ -195,7 +196,7 @@ class Engine:
         return self.pipeline.warm_retain(chunk=4, lock=self.exclusive, stop=stop)
 
     def record_failure(self, fact: Fact, reason: str, *, method: str = "", source: str = "daemon", actor: str = "",
-                       kb_revision: str = "") -> EditOutcome:
+                       kb_revision: str = "") -> EditSummary:
         """Audit an edit of fact that raised before the pipeline wrote a row: a 'failed' row with the reason."""
         try:
             prompts = render(fact)
@@ -206,7 +207,7 @@ class Engine:
                    object_id=fact.object.id, object_label=fact.object.label, question=question, claim=claim,
                    source=source, actor=actor or default_actor(), method=method or self.pipeline.settings.editor.method,
                    kb_revision=kb_revision or fact.revision, status="failed", reasons=[reason])
-        return EditOutcome.of(self.pipeline.audit.record(row))
+        return EditSummary.of(self.pipeline.audit.record(row))
 
     def sync(self) -> list[str]:
         """Bring the served weights in step with the store (edits and reverts made by other processes)."""
@@ -217,8 +218,8 @@ class Engine:
         with self.exclusive, torch.no_grad():  # a rebuild writes parameters that require grad in place
             return self.pipeline.load_served_model().sync(self.pipeline.audit, self.pipeline.store)
 
-    def revert(self, edit_id: int, *, actor: str = "", source: str = "api", reason: str = "") -> EditOutcome:
+    def revert(self, edit_id: int, *, actor: str = "", source: str = "api", reason: str = "") -> EditSummary:
         """Undo an applied edit in the audit log and the live model."""
         with self.exclusive:
-            return EditOutcome.of(self.pipeline.revert(edit_id, actor=actor or default_actor(), source=source,
+            return EditSummary.of(self.pipeline.revert(edit_id, actor=actor or default_actor(), source=source,
                                                        reason=reason))

@@ -207,7 +207,6 @@ class EditPipeline:
         actor = actor or default_actor()
         tgt = self._target(fact, target, source, actor, kb_revision, name)
         row = tgt.row
-        reg = self.settings.regression
         # Each `with self.model_lock` block is a phase: it finds the weights base + applied deltas
         # and leaves them so (methods train in place and restore; the candidate delta is taken off
         # again), so between phases the server may answer from them. Only the edit's own push

@@ -49,7 +49,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel, col, func, select
 
-from kbsync.audit.models import AUDIT_TABLES, BASE_FINGERPRINT, CHECK_KINDS, SOURCES, STATUSES, Edit, EditCheck, utcnow
+from kbsync.audit.models import AUDIT_TABLES, BASE_FINGERPRINT, CHECK_KINDS, SOURCES, STATUSES, Edit, EditCheck
 from kbsync.errors import BadInput, KbsyncError, NotFound
 
 PG_CONNECT_TIMEOUT = 5

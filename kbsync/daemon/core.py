@@ -349,7 +349,7 @@ class Daemon:
             log.info("retain cache: %d item(s) computed for the served weights (%.1f s)", n, time.monotonic() - t)
 
     def _edit(self, fact: Fact) -> str:
-        from kbsync.edit_engine import EditOutcome
+        from kbsync.edit_engine import EditSummary
         from kbsync.store import CommitFailed
 
         what = f"{get_relation(fact.property).label} of {fact.subject.label} = {fact.object.label} (rev {fact.revision})"
@@ -363,7 +363,7 @@ class Daemon:
                                            kb_revision=fact.revision)
             except CommitFailed as e:
                 # Its delta could not be written: the edit's own row is already 'failed' with the reason.
-                outcome = EditOutcome.of(e.edit)
+                outcome = EditSummary.of(e.edit)
             except Exception as e:
                 # Recorded as 'failed' with the reason, so the change stays owed and is retried with
                 # backoff; a fact that cannot be edited does not block the later ones. If even the row

@@ -53,6 +53,9 @@ class EditOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     dry_run: bool = False
     repairs: list[str] = field(default_factory=list)
+    # Changes other processes made to the store since the model was loaded, taken in before this edit
+    # ("applied edit 9", "rebuilt from base without edit(s) 3"): normal concurrency, not repairs.
+    synced: list[str] = field(default_factory=list)
     # Rejected attempts of earlier methods of the fallback list, in order (each its own audit row).
     earlier: list[Edit] = field(default_factory=list)
 
@@ -77,7 +80,7 @@ class EditOutcome:
             "metrics": self.edit.metrics, "thresholds": self.edit.thresholds,
             "changed_retain": [check_dict(c) for c in (self.retain.changed() if self.retain else [])],
             "delta_path": self.edit.delta_path, "delta_sha256": self.edit.delta_sha256,
-            "timings": self.timings, "repairs": self.repairs,
+            "timings": self.timings, "repairs": self.repairs, "synced": self.synced,
         }
 
 
@@ -214,11 +217,11 @@ class EditPipeline:
         # the Engine's edit lock in the daemon).
         with self.store.lock():
             with self.model_lock:
-                self.repairs += served.sync(self.audit, self.store)
+                synced = served.sync(self.audit, self.store)
                 with clock("check"):
                     before = run_probes(adapter, tgt.probes, tgt.aliases, tgt.claim_prefix)
             row.before_answer = before[0].prediction
-            outcome = EditOutcome(row, before, timings=timings, dry_run=dry_run, repairs=self.repairs)
+            outcome = EditOutcome(row, before, timings=timings, dry_run=dry_run, repairs=self.repairs, synced=synced)
             if before[0].ok:
                 row.status, row.after_answer = "noop", before[0].prediction
                 row.reasons = [f"the model already answers {before[0].prediction!r}"]
@@ -236,7 +239,7 @@ class EditPipeline:
                     tgt = self._target(fact, target, source, actor, kb_revision, attempt)
                     tgt.row.before_answer = before[0].prediction
                     outcome = EditOutcome(tgt.row, before, timings=timings, dry_run=dry_run, repairs=self.repairs,
-                                          earlier=[*outcome.earlier, outcome.edit])
+                                          synced=synced, earlier=[*outcome.earlier, outcome.edit])
                 fallback = names[i + 1] if i + 1 < len(names) else None
                 self._attempt(attempt, tgt, outcome, items, clock, force, dry_run, fallback)
                 if outcome.status != "rejected":

@@ -420,3 +420,16 @@ def test_a_rejected_or_unavailable_method_falls_back_to_the_next_and_every_attem
     with pytest.raises(NotFound, match="no-such-method"):
         p.edit_fact(fact_from_phrase("capital of Japan", "Lima"))
     assert len(p.audit.history()) == 3
+
+
+def test_another_processs_edit_taken_in_before_an_edit_is_reported_as_such_not_as_a_repair(make):
+    """Two processes over one data dir: the second one's edit reaches the first before the first edits, and
+    the outcome says so in `synced`; `repairs` stays for what a crash left."""
+    first, second = make(), make()
+    first.load_served_model()
+    other = second.edit_fact(fact_from_phrase("capital of India", "Paris"))
+    assert other.status == "applied" and other.synced == []
+    out = first.edit_fact(fact_from_phrase("currency of Japan", "Euro"))
+    assert out.synced == [f"applied edit {other.edit.id}"] and out.repairs == []
+    assert out.to_dict()["synced"] == out.synced
+    assert answer(first, "What is the capital of India?") == "Paris"

@@ -88,6 +88,9 @@ def edit(
         pipeline.close()
     for line in out.repairs:
         print(f"kbsync: repaired: {line}", file=sys.stderr)
+    for line in out.synced:  # another process's edit or revert since this one started: not a repair
+        print(f"kbsync: another process changed the store meanwhile ({line}); this edit was made on top of it",
+              file=sys.stderr)
     if as_json:
         print(json.dumps(out.to_dict(), indent=2, default=str))
     else:

@@ -68,8 +68,12 @@ def test_train_resume_eval_and_figure(tiny_llama_dir, kbsync_env, tmp_path):
     # --sequential: the same edits stacked, the end state scored.
     seq = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "3",
                  "--method", "ft-layer", "--ft-lr", "1e-3", "--sequential", "--json", str(tmp_path / "seq.json"),
-                 "--state-dir", str(tmp_path / "state"), "--checkpoints", "2")
+                 "--state-dir", str(tmp_path / "state"), "--checkpoints", "2", "--plot", str(tmp_path / "curves.png"))
     assert seq.returncode == 0, seq.stderr
+    import matplotlib.image
+
+    png = matplotlib.image.imread(tmp_path / "curves.png")  # the four panels' axes and the method's lines drawn
+    assert png.shape[1] > 3 * png.shape[0] and png.std() > 0.05 and f"curves: {tmp_path / 'curves.png'}" in seq.stdout
     stacked = json.loads((tmp_path / "seq.json").read_text())
     assert stacked["run"]["sequential"] and stacked["rows"][0]["success_em"] == 1.0, stacked
     assert 0 <= stacked["rows"][0]["kept_em"] <= 1 and "kept at end (EM)" in seq.stdout, seq.stdout
@@ -113,6 +117,11 @@ def test_eval_refuses_an_unwritable_json_path_before_editing(tiny_llama_dir, kbs
     assert both.returncode == 2 and "a --sequential run carries on from --state-dir" in both.stderr, both.stderr
     loose = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--consolidate-every", "5")
     assert loose.returncode == 2 and "options of --sequential runs" in loose.stderr, loose.stderr
+    drawn = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--plot", str(tmp_path / "c.png"))
+    assert drawn.returncode == 2 and "options of --sequential runs" in drawn.stderr, drawn.stderr
+    svg = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--sequential",
+                 "--plot", str(tmp_path / "c.svg"))
+    assert svg.returncode == 2 and "give a file ending in .png" in svg.stderr, svg.stderr
     ft = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "2", "--sequential",
                 "--method", "ft-layer", "--consolidate-every", "5")
     assert ft.returncode == 2 and "method ft-layer cannot consolidate" in ft.stderr, ft.stderr

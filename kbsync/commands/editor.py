@@ -191,6 +191,7 @@ def eval_command(
     state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="(--sequential) Keep every applied delta and per-edit result here, one folder per method; a rerun carries on from the last edit.")] = None,
     checkpoints: Annotated[str, typer.Option(help="(--sequential) Also score the stack after these many edits (a curve in --json).")] = "10,25,50,100,250,500",
     consolidate_every: Annotated[int, typer.Option(help="(--sequential) Every N edits, put the base weights back and write all facts so far at once (memit, alphaedit); 0: never.")] = 0,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="(--sequential) Also draw the stack's curves (kept, paraphrases, retain, deterioration vs edits; one line per method) to this PNG.")] = None,
     option: Annotated[list[str], typer.Option("--option", help="METHOD:KEY=VALUE, an option of one --method (repeatable; VALUE read as JSON where it can be, e.g. gated:v_steps=40, alphaedit:layers=[4,5]).")] = [],  # noqa: B006
 ) -> None:
     """The paper's Table 1 columns for every --method on the same edits, in one run (or, --sequential, the edits stacked)."""
@@ -204,8 +205,10 @@ def eval_command(
         raise BadInput("--resume needs --json FILE, the run to carry on")
     if resume and sequential:
         raise BadInput("--resume carries on a run of single edits; a --sequential run carries on from --state-dir")
-    if not sequential and (state_dir or consolidate_every):
-        raise BadInput("--state-dir and --consolidate-every are options of --sequential runs")
+    if not sequential and (state_dir or consolidate_every or plot):
+        raise BadInput("--state-dir, --consolidate-every and --plot are options of --sequential runs")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise BadInput(f"--plot {plot}: the curves are written as PNG; give a file ending in .png")
     if consolidate_every < 0:
         raise BadInput(f"--consolidate-every {consolidate_every}: must be 0 (never) or more")
     try:
@@ -277,6 +280,10 @@ def eval_command(
                             resume=earlier["state"] if earlier else None, context=context)
     if sequential:
         console.print(results_table(rows, f"{len(records)} edits from {data} stacked on {adapter.name}", SEQUENTIAL_COLUMNS))
+        if plot is not None:
+            from editor.curves import plot_curves
+
+            console.print(f"curves: {plot_curves(rows, plot, f'{len(records)} edits from {data} stacked on {adapter.name}')}")
         console.print(f"retain over {rows[0]['retain_n'] if rows else 0} prompts no record edits; kept = the edited "
                       "prompt still answers its target after the last edit.")
     else:

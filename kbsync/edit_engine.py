@@ -163,20 +163,21 @@ class Engine:
 
     def edit(self, fact: Fact, target: str, *, method: str | None = None, force: bool = False,
              dry_run: bool = False, source: str = "daemon", actor: str = "", kb_revision: str = "",
-             options: dict[str, Any] | None = None) -> EditSummary:
+             options: dict[str, Any] | None = None, batch: str = "") -> EditSummary:
         """Write target as the fact's object into the served model."""
         with self.edit_lock, self._options(options):
             out = self.pipeline.edit_fact(fact, target, method=method, force=force, dry_run=dry_run,
-                                          source=source, actor=actor or default_actor(), kb_revision=kb_revision)
+                                          source=source, actor=actor or default_actor(), kb_revision=kb_revision,
+                                          batch=batch)
         return EditSummary.of(out.edit, dry_run, out.earlier_attempts())
 
     def edit_prompt(self, prompt: str, target: str, *, method: str | None = None, force: bool = False,
                     dry_run: bool = False, source: str = "api", actor: str = "",
-                    options: dict[str, Any] | None = None) -> EditSummary:
+                    options: dict[str, Any] | None = None, batch: str = "") -> EditSummary:
         """Make the served model answer target to a raw prompt."""
         with self.edit_lock, self._options(options):
             out = self.pipeline.edit_fact(prompt, target, method=method, force=force, dry_run=dry_run,
-                                          source=source, actor=actor or default_actor())
+                                          source=source, actor=actor or default_actor(), batch=batch)
         return EditSummary.of(out.edit, dry_run, out.earlier_attempts())
 
     @contextlib.contextmanager

@@ -152,7 +152,14 @@ class EditPipeline:
     # --- editing ---------------------------------------------------------------------------
 
     def _target(self, fact: Fact | str, target: str | None, source: str, actor: str, kb_revision: str,
-                method: str) -> _Target:
+                method: str, batch: str = "") -> _Target:
+        tgt = self._target_of(fact, target, source, actor, kb_revision, method)
+        if batch:
+            tgt.row.metrics["batch"] = batch
+        return tgt
+
+    def _target_of(self, fact: Fact | str, target: str | None, source: str, actor: str, kb_revision: str,
+                   method: str) -> _Target:
         if isinstance(fact, Fact):
             if target is not None and normalise(target) != normalise(fact.object.label):
                 fact = Fact(fact.subject, fact.property, Entity("", target.strip()), fact.revision)
@@ -191,14 +198,15 @@ class EditPipeline:
 
     def edit_fact(self, fact: Fact | str, target: str | None = None, *, method: str | None = None,
                   force: bool = False, dry_run: bool = False, source: str = "cli", actor: str = "",
-                  kb_revision: str = "") -> EditOutcome:
+                  kb_revision: str = "", batch: str = "") -> EditOutcome:
         """Write one fact (or a raw prompt -> target) into the served model.
 
         fact: a Fact (its object is the new answer unless target is given), or a raw prompt
         string with target required. method: a registered edit method (default: settings).
         force: commit even if the regression check fails (recorded). dry_run: everything but
-        the commit; nothing is written. Returns the outcome; its edit has status 'applied',
-        'rejected' or 'noop'. Raises KbsyncError subclasses for bad input, before writing.
+        the commit; nothing is written. batch: the id linking the rows of one batch (recorded as
+        metrics["batch"]). Returns the outcome; its edit has status 'applied', 'rejected' or
+        'noop'. Raises KbsyncError subclasses for bad input, before writing.
         """
         timings: dict[str, float] = {}
         clock = _Clock(timings)
@@ -208,7 +216,7 @@ class EditPipeline:
         # Record the canonical method name ("ft" is an alias of "ft-layer").
         name = canonical(method or self.settings.editor.method)
         actor = actor or default_actor()
-        tgt = self._target(fact, target, source, actor, kb_revision, name)
+        tgt = self._target(fact, target, source, actor, kb_revision, name, batch)
         row = tgt.row
         # Each `with self.model_lock` block is a phase: it finds the weights base + applied deltas
         # and leaves them so (methods train in place and restore; the candidate delta is taken off
@@ -236,7 +244,7 @@ class EditPipeline:
                 method_class(n)  # an unknown name is a one-line error before any work, not when reached
             for i, attempt in enumerate(names):
                 if i:  # a row of its own for the next method's attempt
-                    tgt = self._target(fact, target, source, actor, kb_revision, attempt)
+                    tgt = self._target(fact, target, source, actor, kb_revision, attempt, batch)
                     tgt.row.before_answer = before[0].prediction
                     outcome = EditOutcome(tgt.row, before, timings=timings, dry_run=dry_run, repairs=self.repairs,
                                           synced=synced, earlier=[*outcome.earlier, outcome.edit])
@@ -316,7 +324,7 @@ class EditPipeline:
         para_acc = sum(r.ok for r in paraphrases) / len(paraphrases) if paraphrases else None
         m = retain.summary()
         row.after_answer = after[0].prediction
-        row.metrics = {**m, "paraphrase_accuracy": para_acc, "flipped": after[0].ok,
+        row.metrics = {**row.metrics, **m, "paraphrase_accuracy": para_acc, "flipped": after[0].ok,
                        "edit_steps": result.steps, "edit_seconds": result.seconds,
                        "delta_norm": result.delta.norm(), "delta_scale": result.info.get("scale", 1.0)}
         row.thresholds = {"max_mean_kl": reg.max_mean_kl, "max_kl": reg.max_kl, "min_unchanged": reg.min_unchanged,

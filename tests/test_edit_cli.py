@@ -213,3 +213,39 @@ def test_a_gated_edit_says_what_it_fires_on(cli, tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert " India" in json.loads(shown.stdout)["metrics"]["fires_on"]
     assert answers(cli)[0] == "Paris" and answers(cli, "capital of Peru") == before
+
+
+def test_batch_edit_checks_the_whole_file_first_and_links_its_rows(cli, tmp_path):
+    """kbsync edit --batch FILE: a bad line anywhere is one line naming it and nothing is edited; a good
+    file edits each fact in order, each its own audit row, all carrying one batch id."""
+    batch = tmp_path / "facts.jsonl"
+    india = '{"phrase": "capital of India", "target": "Paris"}'
+    cases = [
+        ("", 2, "holds no edits"),
+        (f"{india}\n{{not json\n", 2, "facts.jsonl line 2: not a JSON object"),
+        (f'{india}\n{{"phrase": "currency of Japan", "target": "Euro"}}\n{india}\n', 2,
+         "facts.jsonl line 3: the same fact as line 1"),
+        ('{"phrase": "capitol of India", "target": "Paris"}\n', 2, "facts.jsonl line 1: unknown relation"),
+        ('{"phrase": "capital of India", "answer": "Paris"}\n', 2, "line 1: expected the keys phrase and target"),
+        ('{"phrase": "capital of India", "target": " "}\n', 2, "line 1: empty target"),
+    ]
+    for text, code, needle in cases:
+        batch.write_text(text)
+        r = cli("edit", "--batch", str(batch))
+        assert r.returncode == code and r.stderr.count("\n") == 1 and needle in r.stderr, (text, r.stderr)
+        assert "Traceback" not in r.stderr and rows(cli.url) == [] and delta_files(cli.data) == []
+    r = cli("edit", "capital of India", "Paris", "--batch", str(batch))
+    assert r.returncode == 2 and "not both" in r.stderr, r.stderr
+    r = cli("edit", "--batch", str(tmp_path / "missing.jsonl"))
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr, r.stderr
+
+    batch.write_text(f'{india}\n{{"phrase": "currency of Japan", "target": "Euro"}}\n\n'
+                     '{"phrase": "capital of Kenya", "target": "Nairobi"}\n')
+    r = cli("edit", "--batch", str(batch), "--method", "ft-layer", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["counts"] == {"applied": 2, "noop": 1} and [e["line"] for e in out["edits"]] == [1, 2, 4], out
+    got = {e.id: e for e in rows(cli.url)}
+    assert sorted(got) == sorted(e["edit_id"] for e in out["edits"])
+    assert {e.metrics.get("batch") for e in got.values()} == {out["batch"]} and len(out["batch"]) == 12
+    assert answers(cli)[0] == "Paris" and len(delta_files(cli.data)) == 2

@@ -133,8 +133,10 @@ def test_client_edits_a_prompt_and_reports_errors(api: ApiServer) -> None:
     out = client.edit(prompt="What is the capital of Japan?", target="Osaka")
     assert out["status"] == "applied"
     assert client.ask("What is the capital of Japan?") == "Osaka"
-    noop = client.edit("capital of Japan", "Osaka")
-    assert noop["status"] == "noop"
+    noop = client.edit("capital of Japan", "Osaka", batch="0a1b2c")
+    assert noop["status"] == "noop" and client.edit_row(noop["edit_id"])["metrics"]["batch"] == "0a1b2c"
+    with pytest.raises(BadInput, match="batch id 'Robert; drop' must be 1-32 lower-case hex digits"):
+        client.edit("capital of Japan", "Kyoto", batch="Robert; drop")
     # Per-request method options reach the method: a learning rate this small cannot flip anything.
     stuck = client.edit("capital of Kenya", "Mombasa", options={"lr": 1e-12, "max_steps": 2, "check_every": 1},
                         dry_run=True)

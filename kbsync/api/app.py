@@ -37,6 +37,7 @@ from kbsync.api import errors, review
 from kbsync.api.errors import TooLarge
 from kbsync.api.schemas import ChatRequest, CompletionRequest, EditBody, RevertBody
 from kbsync.api.server import ApiServer
+from kbsync.batch import check_batch_id
 from kbsync.errors import BadInput
 from kbsync.facts import parse_phrase
 
@@ -165,7 +166,8 @@ def build_app(api: ApiServer) -> FastAPI:
             if getattr(body, key) is not None:
                 api.check_text(getattr(body, key), f"'{key}'", lim.max_prompt_chars, "max_prompt_chars")
         opts = {"method": body.method or None, "force": body.force, "options": body.options,
-                "dry_run": body.dry_run, "source": "api", "actor": body.actor or api.actor}
+                "dry_run": body.dry_run, "source": "api", "actor": body.actor or api.actor,
+                "batch": check_batch_id(body.batch)}
         if body.phrase is not None:
             pid, subject = parse_phrase(body.phrase)
             fact = api.resolve_fact(pid, subject)

@@ -59,6 +59,8 @@ class EditBody(BaseModel):
     dry_run: StrictBool = False
     actor: StrictStr | None = None
     kb_revision: StrictStr = ""
+    # Links the rows of one `kbsync edit --batch` (metrics["batch"]): 1-32 lower-case hex digits.
+    batch: StrictStr = ""
 
 
 class RevertBody(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -34,6 +35,7 @@ def edit(
     target: Annotated[Optional[str], typer.Argument(help="The new answer, e.g. Windhoek.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help='Raw form: the text to complete, e.g. "The capital of Namibia is".')] = None,
     raw_target: Annotated[Optional[str], typer.Option("--target", help="Raw form: the new completion.")] = None,
+    batch_file: Annotated[Optional[Path], typer.Option("--batch", help='Edit every fact of a JSON-lines file ({"phrase": ..., "target": ...} or {"prompt": ..., "target": ...} per line), each checked and audited, the rows linked by one batch id; the whole file is checked first.')] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="Edit method (ke, ke-loop, ft-layer (alias ft), ft-all, zhu); default from settings.")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Method option KEY=VALUE (e.g. lr=1e-3), repeatable.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Commit even if the regression check fails (recorded).")] = False,
@@ -55,6 +57,14 @@ def edit(
         key, value = parse_option(text)
         settings.editor.options[key] = value
     # Resolve the input completely before opening anything, so bad input writes nothing.
+    if batch_file is not None:
+        if phrase is not None or target is not None or prompt is not None or raw_target is not None:
+            raise BadInput("give either --batch FILE or one edit (PHRASE TARGET or --prompt/--target), not both")
+        from kbsync.batch import read_batch
+
+        items = read_batch(batch_file)
+        _edit_batch(settings, items, method=method, force=force, dry_run=dry_run, actor=actor or "", as_json=as_json)
+        return
     if prompt is not None or raw_target is not None:
         if phrase is not None or target is not None:
             raise BadInput("give either PHRASE TARGET or --prompt/--target, not both")
@@ -96,6 +106,64 @@ def edit(
     else:
         _show(out)
     if out.status == "rejected":
+        raise typer.Exit(EXIT_REJECTED)
+
+
+def _edit_batch(settings: Any, items: list[Any], *, method: str | None, force: bool, dry_run: bool, actor: str,
+                as_json: bool) -> None:
+    """Each fact of a batch in file order, through the running daemon if there is one, else here; one line each."""
+    from kbsync.batch import new_batch_id
+    from kbsync.daemon_client import edit_via_daemon, running_daemon
+
+    batch = new_batch_id()
+    results: list[dict[str, Any]] = []
+    pipeline = None
+    if running_daemon(settings) is None:
+        from kbsync.audit import AuditLog
+        from kbsync.pipeline import EditPipeline
+
+        pipeline = EditPipeline(settings, audit=AuditLog.open(settings.store.db_url))
+    try:
+        for item in items:
+            try:
+                if pipeline is None:
+                    out = edit_via_daemon(settings, item.what, item.target, method=method,
+                                          options=dict(settings.editor.options), force=force, dry_run=dry_run,
+                                          actor=actor, batch=batch)
+                    if out is None:
+                        raise BadInput("the daemon stopped during the batch; the rest was not edited")
+                    row = {"line": item.line, "status": out.get("status"), "edit_id": out.get("edit_id"),
+                           "method": out.get("method"), "reasons": out.get("reasons") or [], "via": "daemon"}
+                else:
+                    done = pipeline.edit_fact(item.what, item.target, method=method, force=force, dry_run=dry_run,
+                                              actor=actor, batch=batch)
+                    row = {"line": item.line, "status": done.status, "edit_id": None if dry_run else done.edit.id,
+                           "method": done.edit.method, "reasons": list(done.edit.reasons)}
+            except Exception:
+                # The facts before this one are each applied (or not) and audited on their own: say so, then fail.
+                print(f"kbsync: batch {batch} stopped at line {item.line} ({item.label}); "
+                      f"{len(results)} of {len(items)} edits done before it", file=sys.stderr)
+                raise
+            row["fact"] = item.label
+            results.append(row)
+            if not as_json:
+                ident = f"edit {row['edit_id']}" if row["edit_id"] is not None else "not recorded (dry run)"
+                colour = {"applied": "green", "rejected": "red"}.get(row["status"], "yellow")
+                console.print(f"line {item.line}: {esc(item.label)}: [{colour}]{esc(str(row['status']))}[/] "
+                              f"({esc(ident)}, {esc(str(row['method']))})"
+                              + ("" if row["status"] == "applied" else f" {esc('; '.join(row['reasons']))}"))
+    finally:
+        if pipeline is not None:
+            pipeline.close()
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[str(r["status"])] = counts.get(str(r["status"]), 0) + 1
+    if as_json:
+        print(json.dumps({"batch": batch, "dry_run": dry_run, "counts": counts, "edits": results}, indent=2))
+    else:
+        console.print(f"batch {batch}{' (dry run)' if dry_run else ''}: "
+                      + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    if counts.get("rejected"):
         raise typer.Exit(EXIT_REJECTED)
 
 

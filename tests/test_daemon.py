@@ -261,3 +261,24 @@ def test_warming_the_retain_cache_yields_to_the_next_poll(tmp_path: Path, tiny_l
     assert rest == 100  # the remaining chunks, not the first again
     d._warm()
     assert cache.misses - start == rest  # warm: nothing left to compute
+
+
+def test_the_changes_one_poll_finds_are_one_batch(tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB,
+                                                 daemons: list[Daemon]) -> None:
+    """Two KB changes seen by one poll: each its own audit row, linked by one batch id (kbsync history --batch);
+    a poll with one change has no batch."""
+    d = make_daemon(tmp_path, tiny_llama_dir, kb.endpoint)
+    daemons.append(d)
+    assert d.tick() is not None  # primed
+    kb.set_fact("P36", "Nigeria", "Lagos")
+    kb.set_fact("P36", "Kenya", "Mombasa")
+    result = d.tick()
+    assert result is not None and result.facts == 2
+    rows = [e for e in d.audit.history(limit=None) if e.source == "daemon"]
+    batches = {e.subject_label: e.metrics.get("batch") for e in rows}
+    assert set(batches) == {"Nigeria", "Kenya"} and len(set(batches.values())) == 1 and batches["Kenya"]
+    assert {e.id for e in d.audit.history(batch=batches["Kenya"], limit=None)} == {e.id for e in rows}
+    kb.set_fact("P36", "Nigeria", "Abuja")
+    assert d.tick() is not None
+    newest = [e for e in d.audit.history(limit=None) if e.source == "daemon"][0]
+    assert newest.object_label == "Abuja" and "batch" not in newest.metrics

@@ -249,3 +249,8 @@ def test_batch_edit_checks_the_whole_file_first_and_links_its_rows(cli, tmp_path
     assert sorted(got) == sorted(e["edit_id"] for e in out["edits"])
     assert {e.metrics.get("batch") for e in got.values()} == {out["batch"]} and len(out["batch"]) == 12
     assert answers(cli)[0] == "Paris" and len(delta_files(cli.data)) == 2
+    listed = json.loads(cli("history", "--batch", out["batch"], "--json").stdout)
+    assert sorted(e["id"] for e in listed) == sorted(got)
+    assert json.loads(cli("history", "--batch", "0" * 12, "--json").stdout) == []
+    bad = cli("history", "--batch", "x; drop")
+    assert bad.returncode == 2 and "must be 1-32 lower-case hex digits" in bad.stderr, bad.stderr

@@ -359,8 +359,9 @@ class AuditLog:
         property: str | None = None,
         since: datetime | None = None,
         limit: int | None = 50,
+        batch: str | None = None,
     ) -> list[Edit]:
-        """Edits newest first; subject matches the label (any case) or the id; limit=None for all."""
+        """Edits newest first; subject matches the label (any case) or the id; batch: metrics.batch; limit=None for all."""
         q = select(Edit)
         if status is not None:
             wanted = [status] if isinstance(status, str) else list(status)
@@ -373,6 +374,8 @@ class AuditLog:
             q = q.where(Edit.property == property)
         if since is not None:
             q = q.where(col(Edit.created_at) >= since)
+        if batch:
+            q = q.where(col(Edit.metrics)["batch"].as_string() == batch)
         # Ids grow with insertion, so they order correctly even when writers' clocks disagree.
         q = q.order_by(col(Edit.id).desc())
         if limit is not None:

@@ -62,6 +62,7 @@ def history(
     prop: Annotated[Optional[str], typer.Option("--property", help="Only this property id (e.g. P36).")] = None,
     since: Annotated[Optional[str], typer.Option("--since", help="Only edits since an ISO time or an age (2h, 7d).")] = None,
     limit: Annotated[int, typer.Option("--limit", help="At most this many rows (0 for all).")] = 50,
+    batch: Annotated[Optional[str], typer.Option("--batch", help="Only the rows of one batch (kbsync edit --batch, or one daemon poll's changes).")] = None,
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     db: DbOpt = None,
@@ -72,6 +73,11 @@ def history(
     from kbsync.daemon import owed_retry_at
 
     when = parse_since(since) if since else None
+    if batch is not None:
+        from kbsync.batch import check_batch_id
+
+        if not check_batch_id(batch):
+            raise BadInput("--batch needs a batch id (kbsync edit --batch prints it)")
     if limit < 0:
         raise BadInput("--limit must be 0 (all) or more")
     settings = settings_from(config, None, data_dir, db)
@@ -80,7 +86,7 @@ def history(
     with _read_audit(config, data_dir, db) as audit:
         owed = {o.edit.id: o for o in audit.owed()}
         rows = audit.history(status=status, subject=subject, property=prop, since=when,
-                             limit=None if owed_only else most)
+                             limit=None if owed_only else most, batch=batch)
     if owed_only:
         rows = [e for e in rows if e.id in owed][:most]
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from kbsync.batch import new_batch_id
 from kbsync.config import Settings
 from kbsync.daemon.exporter import Exporter
 from kbsync.daemon.files import DaemonPaths, api_token, now_iso, running_pid
@@ -273,6 +274,8 @@ class Daemon:
             watcher = self.ensure_watcher()
             facts, cursor = watcher.fetch()
             result = PollResult(facts=len(facts))
+            # The changes one poll found are one batch: their rows share metrics.batch (kbsync history --batch).
+            batch = new_batch_id() if len({f.key for f in facts}) > 1 else ""
             done_slots: set[tuple[str, str]] = set()
             for fact in facts:
                 if self.stopping.is_set():
@@ -284,7 +287,7 @@ class Daemon:
                     result.outcomes["skipped"] = result.outcomes.get("skipped", 0) + 1
                     continue
                 done_slots.add(fact.key)
-                status = self._edit(fact)
+                status = self._edit(fact, batch)
                 result.outcomes[status] = result.outcomes.get(status, 0) + 1
             # Every fact of the poll has an audit row now (failures too), so the cursor may move on.
             changed = cursor.to_json() != watcher.cursor.to_json()
@@ -348,7 +351,7 @@ class Daemon:
         if n:
             log.info("retain cache: %d item(s) computed for the served weights (%.1f s)", n, time.monotonic() - t)
 
-    def _edit(self, fact: Fact) -> str:
+    def _edit(self, fact: Fact, batch: str = "") -> str:
         from kbsync.edit_engine import EditSummary
         from kbsync.store import CommitFailed
 
@@ -360,7 +363,7 @@ class Daemon:
         try:
             try:
                 outcome = self.engine.edit(fact, fact.object.label, method=method, source="daemon", actor=actor,
-                                           kb_revision=fact.revision)
+                                           kb_revision=fact.revision, batch=batch)
             except CommitFailed as e:
                 # Its delta could not be written: the edit's own row is already 'failed' with the reason.
                 outcome = EditSummary.of(e.edit)

@@ -229,15 +229,17 @@ def test_batch_edit_checks_the_whole_file_first_and_links_its_rows(cli, tmp_path
         ('{"phrase": "capital of India", "answer": "Paris"}\n', 2, "line 1: expected the keys phrase and target"),
         ('{"phrase": "capital of India", "target": " "}\n', 2, "line 1: empty target"),
     ]
-    for text, code, needle in cases:
+    # The file is read before any database is opened: the bad cases need no second run on PostgreSQL.
+    for text, code, needle in cases if cli.url.startswith("sqlite") else []:
         batch.write_text(text)
         r = cli("edit", "--batch", str(batch))
         assert r.returncode == code and r.stderr.count("\n") == 1 and needle in r.stderr, (text, r.stderr)
         assert "Traceback" not in r.stderr and rows(cli.url) == [] and delta_files(cli.data) == []
     r = cli("edit", "capital of India", "Paris", "--batch", str(batch))
     assert r.returncode == 2 and "not both" in r.stderr, r.stderr
-    r = cli("edit", "--batch", str(tmp_path / "missing.jsonl"))
-    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr, r.stderr
+    if cli.url.startswith("sqlite"):
+        r = cli("edit", "--batch", str(tmp_path / "missing.jsonl"))
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr, r.stderr
 
     batch.write_text(f'{india}\n{{"phrase": "currency of Japan", "target": "Euro"}}\n\n'
                      '{"phrase": "capital of Kenya", "target": "Nairobi"}\n')

@@ -137,7 +137,7 @@ def test_eval_passes_per_method_options_and_refuses_bad_ones(tiny_llama_dir, kbs
     """--option METHOD:KEY=VALUE reaches that method (and the saved run); a malformed one, a method not
     run and an option the method does not have are one-line errors."""
     base = ["eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "1", "--gold", "0", "--method", "ft-layer"]
-    for spec, needle in (("ft-layer", "expected METHOD:KEY=VALUE"), ("ft-layer:=3", "expected METHOD:KEY=VALUE"),
+    for spec, needle in (("ft-layer", "expected METHOD:KEY=VALUE"),
                          ("gated:v_steps=3", "gated is not one of the methods run (ft-layer)"),
                          ("ft-layer:no_such_option=1", "no_such_option")):
         bad = kbsync(kbsync_env, *base, "--option", spec)

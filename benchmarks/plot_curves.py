@@ -1,5 +1,6 @@
 """One PNG of stacked-edit curves from saved runs: `kbsync eval --sequential --json` files and
-`benchmarks/locate_sweep.py --json` files, their rows side by side (one line per method or configuration).
+`benchmarks/locate_sweep.py --json` files, and the state.json of a sequential run still going (its
+--state-dir folder), their rows side by side (one line per method or configuration).
 
     python benchmarks/plot_curves.py RUN.json [RUN2.json ...] --out benchmarks/figures/stacked.png [--title T]
 
@@ -21,6 +22,9 @@ from editor.curves import plot_curves  # noqa: E402
 def rows_of(path: Path) -> list[dict]:
     """The rows with a curve in one saved run, each labelled by its configuration (else its method)."""
     data = json.loads(path.read_text())
+    if isinstance(data, dict) and "made" in data and "curve" in data:
+        # A --state-dir's state.json: a sequential run still going (its folder is the method).
+        return [{"method": f"{path.parent.name} ({len(data['made'])} edits so far)", "curve": data["curve"]}]
     rows = data.get("rows", []) if isinstance(data, dict) else data
     return [{**r, "method": r.get("config") or r["method"]} for r in rows if r.get("curve")]
 

@@ -342,7 +342,10 @@ def measure(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseItem],
     """KL(before || after) and top-1 agreement on (prompt, pre-edit answer) for the candidate delta.
 
     tie_margin: only tokens where the base model's top-1 probability exceeds its runner-up by at
-    least this much are judged for a changed top-1 (0: every token it produced greedily).
+    least this much are judged for a changed top-1 (0: every token it produced greedily). The
+    answers of applied edits (origin "edit:ID") are judged at every token whatever the margin: a
+    near-tie there is where a later edit flips a fact the log says the model holds (the soak
+    benchmark found "capital of Brazil: Abuja" turned "Ankara" at KL 0.02, passed as unchanged).
 
     base: each item's pre-edit side (base_side or BaseCache.get) under the live weights. The
     edited distribution comes from a functional call with the delta added to the parameters,
@@ -414,7 +417,8 @@ def _score_items(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseI
             # seams, where the base model never committed to a token in the first place.
             top = base_lp.argmax(-1)
             two = base_lp.exp().topk(2, -1).values
-            clear = (two[:, 0] - two[:, 1]) >= tie_margin
+            margins = torch.tensor([0.0 if items[i].origin.startswith("edit:") else tie_margin for i in part])
+            clear = (two[:, 0] - two[:, 1]) >= margins[rows].to(two.dtype)
             flipped = (top == labels) & clear & (top != new_lp.argmax(-1))
             bad = torch.zeros(len(part), dtype=torch.long).index_add_(0, rows, flipped.long())
             for j, i in enumerate(part):

@@ -154,3 +154,21 @@ def test_a_gated_delta_is_scored_only_where_it_fires_with_the_full_checks_result
     assert_same_report(fast, full)
     assert [c.kl for c in fast.checks[:len(items)]] == [0.0] * len(items)
     assert all(c.kl > 0.01 for c in fast.checks[len(items):]), [c.kl for c in fast.checks]
+
+
+def test_an_applied_edits_answer_is_judged_at_every_token_whatever_the_tie_margin(adapter, items):
+    """The tie margin skips near-ties of ordinary retain items; an applied edit's answer (origin edit:ID) is
+    judged at every token, so a delta that flips it is a change even where the margin would hide it."""
+    base = base_side(adapter, items)
+    for scale in (0.05, 0.1, 0.2, 0.5, 1.0):
+        delta = small_delta(adapter, scale)
+        strict = measure(adapter, items, base, delta, tie_margin=0.0)
+        if strict.unchanged < 1.0:
+            break
+    assert strict.unchanged < 1.0, "no scale of the random delta flipped a retain answer"
+    # A margin no token clears: ordinary items are never judged changed...
+    assert measure(adapter, items, base, delta, tie_margin=1.01).unchanged == 1.0
+    # ...but the same prompts as applied edits' answers are judged exactly as with no margin.
+    as_edits = [RetainItem(it.prompt, it.question, f"edit:{k}") for k, it in enumerate(items, 1)]
+    judged = measure(adapter, as_edits, base, delta, tie_margin=1.01)
+    assert [c.unchanged for c in judged.checks] == [c.unchanged for c in strict.checks]

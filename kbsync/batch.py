@@ -83,8 +83,9 @@ def read_batch(path: str | Path) -> list[BatchItem]:
         if "phrase" in obj:
             try:
                 what: Fact | str = fact_from_phrase(obj["phrase"], target)
-            except KbsyncError as e:
-                raise type(e)(f"{where}: {e}") from None
+            except KbsyncError as e:  # the same kind of error (its exit status), naming the line
+                kind = type(e) if type(e) in (KbsyncError, NotFound, BadInput) else KbsyncError
+                raise kind(f"{where}: {e}") from None
             key: object = ("fact", what.key)
         else:
             what = obj["prompt"].strip()

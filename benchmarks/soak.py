@@ -88,6 +88,7 @@ jitter = 0.0
         self.counts = {"served": 0, "errors": 0, "unavailable": 0, "reverts": 0, "revert_errors": 0,
                        "restarts": 0, "restarts_survived": 0}
         self.error_lines: list[str] = []
+        self.restart_seconds: list[float] = []  # SIGKILL -> the restarted daemon's first successful poll
         self.client: DaemonClient | None = None
 
     # --- the daemon process ------------------------------------------------------------------
@@ -259,11 +260,13 @@ def main() -> None:
             while time.monotonic() < end:
                 time.sleep(1.0)
                 if time.monotonic() >= next_restart and time.monotonic() < end - 60:
+                    killed = time.monotonic()
                     soak.kill_daemon()
                     soak.client = None
                     soak.counts["restarts"] += 1
                     if soak.start_daemon():
                         soak.counts["restarts_survived"] += 1
+                        soak.restart_seconds.append(round(time.monotonic() - killed, 1))
                     next_restart = time.monotonic() + args.restart_every
             soak.stop.set()
             for t in threads:
@@ -303,6 +306,7 @@ def main() -> None:
         "daemon_rows": by_status, "owed_at_end": owed_end,
         "reverts": soak.counts["reverts"], "revert_errors": soak.counts["revert_errors"],
         "restarts": soak.counts["restarts"], "restarts_survived": soak.counts["restarts_survived"],
+        "restart_seconds": soak.restart_seconds,
         "facts_lost": sum(v["verdict"].startswith("LOST") for v in verdicts),
         "served_equals_rebuilt": served == rebuilt, "served": served, "rebuilt": rebuilt,
         "slots": verdicts, "errors": soak.error_lines[:50],
@@ -313,12 +317,14 @@ def main() -> None:
     t = Table(title=f"Soak: {args.minutes:g} min, a KB change every ~{args.change_every:g} s, {args.rate:g} requests/s, "
                     f"a revert every {args.revert_every:g} s, SIGKILL + restart every {args.restart_every:g} s")
     for col in ("KB changes", "requests", "errors", "unavailable", "p50 s", "p99 s", "applied", "rejected",
-                "failed", "noop", "reverted", "owed at end", "restarts survived", "facts lost", "served = rebuilt"):
+                "failed", "noop", "reverted", "owed at end", "restarts survived", "max restart s", "facts lost",
+                "served = rebuilt"):
         t.add_column(col, justify="right")
     t.add_row(str(result["kb_changes"]), str(result["requests_served"]), str(result["request_errors"]),
               str(result["unavailable_during_restarts"]), f"{result['latency_p50_s']}", f"{result['latency_p99_s']}",
               *(str(by_status.get(k, 0)) for k in ("applied", "rejected", "failed", "noop", "reverted")),
-              str(owed_end), f"{result['restarts_survived']}/{result['restarts']}", str(result["facts_lost"]),
+              str(owed_end), f"{result['restarts_survived']}/{result['restarts']}",
+              f"{max(soak.restart_seconds):.1f}" if soak.restart_seconds else "-", str(result["facts_lost"]),
               str(result["served_equals_rebuilt"]))
     console.print(t)
     t = Table(title="Each changed slot's last KB value")

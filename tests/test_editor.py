@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from editor.data import EditRecord, from_facts, load_counterfact, load_records, load_zsre
+from editor.data import from_facts, load_counterfact, load_records, load_zsre
 from editor.delta import Delta, DeltaError
 from editor.analysis import update_parts
 from editor.evaluate import _answers, evaluate, evaluate_sequential, known_gold

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from editor.delta import DeltaError
-from kbsync.audit import AuditLog, Edit
+from kbsync.audit import Edit
 from kbsync.config import load_settings
 from kbsync.corpus import default_fact_table
 from kbsync.errors import BadInput, KbsyncError, NotFound

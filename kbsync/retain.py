@@ -417,8 +417,9 @@ def _score_items(adapter: Any, items: Sequence[RetainItem], base: Sequence[BaseI
             # seams, where the base model never committed to a token in the first place.
             top = base_lp.argmax(-1)
             two = base_lp.exp().topk(2, -1).values
-            margins = torch.tensor([0.0 if items[i].origin.startswith("edit:") else tie_margin for i in part])
-            clear = (two[:, 0] - two[:, 1]) >= margins[rows].to(two.dtype)
+            margins = torch.tensor([0.0 if items[i].origin.startswith("edit:") else tie_margin for i in part],
+                                   device=rows.device)
+            clear = (two[:, 0] - two[:, 1]) >= margins[rows].to(device=two.device, dtype=two.dtype)
             flipped = (top == labels) & clear & (top != new_lp.argmax(-1))
             bad = torch.zeros(len(part), dtype=torch.long).index_add_(0, rows, flipped.long())
             for j, i in enumerate(part):

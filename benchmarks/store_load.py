@@ -48,9 +48,8 @@ def build(model: str, data_dir: str, cache_dir: str | None, n: int) -> int:
 
     from editor.delta import Delta
     from editor.memit.config import default_layers
-    from kbsync.audit.models import Edit
+    from kbsync.audit.models import BASE_FINGERPRINT, Edit
     from kbsync.pipeline import EditPipeline
-    from kbsync.audit.models import BASE_FINGERPRINT
 
     p = EditPipeline(settings_for(model, data_dir, cache_dir))
     served = p.load_served_model()

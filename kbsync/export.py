@@ -165,7 +165,6 @@ def export_store(settings: Any, dest: str | Path, adapter: Any = None) -> Export
     dest = check_destination(dest)
     check_writable(dest)
     from kbsync.audit.log import AuditLog
-    from kbsync.audit.models import BASE_FINGERPRINT
     from kbsync.served import ServedModel
     from kbsync.store import DeltaStore
 
@@ -182,8 +181,7 @@ def export_store(settings: Any, dest: str | Path, adapter: Any = None) -> Export
     served = ServedModel(adapter)
     # Rows of other base models sharing the log are not this model's; a delta whose row names this
     # model (or none) but was made for another is still refused by check_fits.
-    mine = {e.id for e in applied if e.metrics.get(BASE_FINGERPRINT, served.base_fingerprint) == served.base_fingerprint}
-    deltas = [(e, d) for e, d in deltas if e.id in mine]
+    deltas = [(e, d) for e, d in deltas if e.made_for(served.base_fingerprint)]
     applied = [e for e, _ in deltas]
     for edit, delta in deltas:
         served.push(delta, edit.id)  # check_fits first: another base model's delta is refused

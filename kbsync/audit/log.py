@@ -49,7 +49,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel, col, func, select
 
-from kbsync.audit.models import AUDIT_TABLES, BASE_FINGERPRINT, CHECK_KINDS, SOURCES, STATUSES, Edit, EditCheck
+from kbsync.audit.models import AUDIT_TABLES, CHECK_KINDS, SOURCES, STATUSES, Edit, EditCheck
 from kbsync.errors import BadInput, KbsyncError, NotFound
 
 PG_CONNECT_TIMEOUT = 5
@@ -389,7 +389,7 @@ class AuditLog:
             rows = list(s.exec(select(Edit).where(Edit.status == "applied").order_by(col(Edit.sequence))))
         # A row from before fingerprints were recorded names no model: it stays every model's, as it
         # was, and loading its delta still checks the shapes (ServedModel.check_fits).
-        return rows if base is None else [e for e in rows if e.metrics.get(BASE_FINGERPRINT, base) == base]
+        return rows if base is None else [e for e in rows if e.made_for(base)]
 
     def delta_paths(self) -> set[str]:
         """Every delta_path any edit row refers to (whatever its status)."""

@@ -94,6 +94,10 @@ class Edit(SQLModel, table=True):
     # Stacking order of applied deltas; assigned when an edit becomes applied, never reused.
     sequence: Optional[int] = Field(default=None, sa_column=sa.Column(sa.Integer, unique=True, nullable=True))
 
+    def made_for(self, base: str) -> bool:
+        """Whether this row's edit belongs to base model `base`; a row from before fingerprints names none: every model's."""
+        return self.metrics.get(BASE_FINGERPRINT, base) == base
+
     def as_json(self) -> dict[str, Any]:
         """The row as JSON-ready data (times ISO 8601 in UTC): what the API and `--json` print."""
         return json.loads(self.model_dump_json())

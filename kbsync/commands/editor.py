@@ -127,21 +127,22 @@ def _method_options(settings, adapter, editor: str | None, ft_lr: float, ft_step
 def parse_method_options(specs: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
     """{method: {key: value}} from METHOD:KEY=VALUE specs; BadInput naming a malformed one or a method not run."""
     from editor.evaluate import base_method
+    from kbsync.commands.edit import parse_option
 
     run = {base_method(m) for m in methods}
     out: dict[str, dict[str, Any]] = {}
     for spec in specs:
         name, colon, rest = spec.partition(":")
-        key, eq, raw = rest.partition("=")
-        name, key = base_method(name.strip()), key.strip()
-        if not colon or not eq or not name or not key:
-            raise BadInput(f"--option {spec!r}: expected METHOD:KEY=VALUE (e.g. gated:v_steps=40)")
+        name = base_method(name.strip())
+        malformed = BadInput(f"--option {spec!r}: expected METHOD:KEY=VALUE (e.g. gated:v_steps=40)")
+        if not colon or not name:
+            raise malformed
+        try:
+            key, value = parse_option(rest)  # KEY=VALUE as `kbsync edit -o` reads it
+        except BadInput:
+            raise malformed from None
         if name not in run:
             raise BadInput(f"--option {spec!r}: {name} is not one of the methods run ({', '.join(sorted(run))})")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
         out.setdefault(name, {})[key] = value
     return out
 

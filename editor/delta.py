@@ -223,6 +223,16 @@ class Delta:
             gates[m] = gates[m] + g if m in gates else g
         return Delta(dense, {**self.meta, **other.meta}, factors=factors, extras=extras, gates=gates)
 
+    @staticmethod
+    def sum(deltas: Iterable[Delta]) -> Delta:
+        """The sum of many deltas, added in pairs (a fold would copy the growing gate sets n times)."""
+        parts = list(deltas)
+        if not parts:
+            return Delta()
+        while len(parts) > 1:
+            parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+        return parts[0]
+
     def _params(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         params = dict(model.named_parameters())
         for name, shape in self.shapes().items():

@@ -144,6 +144,15 @@ class EditMethod(ABC):
     def on_applied(self, edit_id: int, delta: Delta) -> None:
         """A delta was added to the served model (its extras and meta; dense tensors may be absent)."""
 
+    def consolidate(self, deltas: list[Delta]) -> Delta:
+        """One delta standing for these applied deltas of this method (oldest first), made on the base model.
+
+        Called with the base weights in place and no gate firing. The default is their sum, which
+        serves exactly what the stack served (gates: the same vectors on the same patterns; weight
+        updates: the same total, up to float rounding); a method with a joint write re-solves instead.
+        """
+        return Delta.sum(deltas)
+
     def on_reset(self) -> None:
         """The served model went back to its base weights (deltas follow again through on_applied)."""
 

@@ -17,3 +17,9 @@ class BadInput(KbsyncError):
     """The user's input cannot be used as given (empty target, malformed phrase, ...)."""
 
     exit_code = 2
+
+
+class Busy(KbsyncError):
+    """Another operation holds what this one needs (an edit in flight); retry when it is done."""
+
+    exit_code = 3

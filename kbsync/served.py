@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 
-from adapters.gates import bank_for, gates_off
+from adapters.gates import bank_for, gates_off, restoring
 from editor.delta import Delta, DeltaError
 from kbsync.audit.log import AuditLog
-from kbsync.audit.models import BASE_FINGERPRINT, Edit
+from kbsync.audit.models import BASE_FINGERPRINT, CONSOLIDATES, Edit
 from kbsync.store import DeltaStore
 
 
@@ -50,9 +50,14 @@ class ServedModel:
     def add_listener(self, obj: Any) -> None:
         """Tell obj of every later reset and applied edit, after replaying on_reset and the applied edits in order."""
         self._listeners.append(obj)
-        _call(obj, "on_reset")
-        for edit_id in self.edit_ids:
-            _call(obj, "on_applied", edit_id, self.pushed[edit_id])
+        self.replay(obj)
+
+    def replay(self, obj: Any = None) -> None:
+        """Tell obj (None: every listener) on_reset, then on_applied of every delta held, in order."""
+        for who in [obj] if obj is not None else list(self._listeners):
+            _call(who, "on_reset")
+            for edit_id in self.edit_ids:
+                _call(who, "on_applied", edit_id, self.pushed[edit_id])
 
     def check_fits(self, delta: Delta, edit_id: int) -> None:
         """DeltaError naming the edit unless it was made for this base model and every tensor fits and is finite."""
@@ -110,20 +115,39 @@ class ServedModel:
             _call(obj, "on_applied", edit_id, record)
 
     @contextmanager
-    def as_base(self) -> Iterator[None]:
-        """The base weights in place and no gate firing for the block (statistics are of the base model), then the deltas again."""
+    def _base_weights(self) -> Iterator[None]:
+        """The base weights in place for the block, then the current ones again."""
         params = self._params()
         current = {n: params[n].detach().clone() for n in self._base}
         try:
             with torch.no_grad():
                 for name, base in self._base.items():
                     params[name].copy_(base)
-            with gates_off(self.adapter.model):
-                yield
+            yield
         finally:
             with torch.no_grad():
                 for name, w in current.items():
                     params[name].copy_(w)
+
+    @contextmanager
+    def as_base(self) -> Iterator[None]:
+        """The base weights in place and no gate firing for the block (statistics are of the base model), then the deltas again."""
+        with self._base_weights(), gates_off(self.adapter.model):
+            yield
+
+    @contextmanager
+    def bare(self) -> Iterator[None]:
+        """The base model for the block, whose own gates (a candidate's, applied inside it) do fire; then the deltas again.
+
+        as_base pauses every gate; here only the stack's are taken out, so a consolidated delta can be
+        judged on the base model exactly as it would be served. Weights touched inside the block that
+        no held delta touched must be restored by the caller (Delta.remove).
+        """
+        bank = bank_for(self.adapter.model) if any(d.gates for d in self.pushed.values()) else None
+        with self._base_weights(), restoring(self.adapter.model) if bank is not None else nullcontext():
+            if bank is not None:
+                bank.clear()
+            yield
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -140,8 +164,8 @@ class ServedModel:
             _call(obj, "on_reset")
 
     def sync(self, audit: AuditLog, store: DeltaStore) -> list[str]:
-        """Make the weights base + the store's applied deltas of this base model; returns what changed (one line each)."""
-        applied: list[Edit] = audit.applied_in_order(self.base_fingerprint)
+        """Make the weights base + the store's stacked deltas of this base model; returns what changed (one line each)."""
+        applied: list[Edit] = audit.stack_in_order(self.base_fingerprint)
         ids = [e.id for e in applied]
         if ids == self.edit_ids:
             return []
@@ -155,12 +179,17 @@ class ServedModel:
         for edit_id, delta in new:
             self.check_fits(delta, edit_id)
         if rebuild:
-            gone = [i for i in self.edit_ids if i not in ids]
-            done.append(f"rebuilt from base without edit(s) {', '.join(map(str, gone))}")
+            # Edits a new consolidation stands for are not gone: their facts come back in its delta.
+            folded = {i for e in applied if e.status == "consolidation" for i in e.metrics.get(CONSOLIDATES, [])}
+            gone = [i for i in self.edit_ids if i not in ids and i not in folded]
+            done.append(f"rebuilt from base without edit(s) {', '.join(map(str, gone))}" if gone
+                        else "rebuilt from base")
             self.reset()
+        kinds = {e.id: e.status for e in applied}
         for edit_id, delta in new:
             self.push(delta, edit_id, checked=True)
-            done.append(f"applied edit {edit_id}")
+            done.append(f"applied consolidation {edit_id}" if kinds[edit_id] == "consolidation"
+                        else f"applied edit {edit_id}")
         return done
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -93,8 +93,12 @@ class DeltaStore:
         except DeltaError as e:
             raise DeltaError(f"edit {edit.id}: {e}") from None
 
-    def commit(self, audit: AuditLog, edit: Edit, delta: Delta, checks: Iterable[EditCheck] = ()) -> Edit:
+    def commit(self, audit: AuditLog, edit: Edit, delta: Delta, checks: Iterable[EditCheck] = (),
+               finish: Callable[[int, str, str], Edit] | None = None) -> Edit:
         """Run the edit protocol under the lock: pending row, delta file, flip to applied (with sequence).
+
+        finish(row_id, delta_path, sha256), when given, is the flip instead (a consolidation's, which
+        supersedes the previous one in the same transaction).
 
         A delta that cannot be written (DeltaError: a full disk, a failing device; no partial file is
         left) marks the row 'failed' with the reason at once and raises CommitFailed carrying it.
@@ -110,11 +114,13 @@ class DeltaStore:
                 # (until then it would read as an edit in flight). If even that write fails, the repair does it.
                 failed = audit.update_status(row.id, "failed", reasons=[*row.reasons, str(e)])
                 raise CommitFailed(f"edit {row.id}: {e}", failed) from None
+            if finish is not None:
+                return finish(row.id, rel, sha)
             return audit.update_status(row.id, "applied", delta_path=rel, delta_sha256=sha)
 
     def verify(self, audit: AuditLog) -> list[Edit]:
-        """Check every applied edit's delta exists and matches its sha256; returns them in stacking order."""
-        applied = audit.applied_in_order()
+        """Check every stacked delta (edits, consolidations) exists and matches its sha256; returns the rows in order."""
+        applied = audit.stack_in_order()
         for edit in applied:
             if not edit.delta_path or not edit.delta_sha256:
                 raise DeltaError(f"edit {edit.id}: applied but has no delta recorded")

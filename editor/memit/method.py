@@ -120,6 +120,26 @@ class Memit(EditMethod):
         z = delta.extras.get(TARGET + self.z_module)
         return None if z is None else z.reshape(-1, z.shape[-1])[-1]
 
+    def consolidate(self, deltas: list[Delta]) -> Delta:
+        """The joint write, on the base weights, of each prompt's newest fact (requests and target vectors from the deltas).
+
+        Resets the method's applied-edit state (AlphaEdit's kept keys) to the base model's: the
+        caller replays the served stack into it afterwards (ServedModel.replay).
+        """
+        newest: dict[str, tuple[EditRequest, torch.Tensor]] = {}
+        for d in deltas:
+            z, raw = self.kept_target(d), d.meta.get("request")
+            if z is None or raw is None:
+                raise BadInput(f"a {self.name} delta without its {'target vector' if z is None else 'request'} "
+                               "cannot be re-solved: consolidate without it (--without ID)")
+            request = EditRequest.from_dict(raw)
+            newest.pop(request.prompt, None)  # the newer fact of the prompt replaces it, in its place in order
+            newest[request.prompt] = (request, z)
+        self.on_reset()
+        delta = self.joint([r for r, _ in newest.values()], torch.stack([z for _, z in newest.values()]))
+        delta.meta["joint"] = len(newest)
+        return delta
+
     def joint(self, requests: list[EditRequest], zs: torch.Tensor, scales: torch.Tensor | None = None) -> Delta:
         """One delta writing every request's target vector (rows of zs, from their edits' extras) at once.
 

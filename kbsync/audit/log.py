@@ -49,7 +49,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel, col, func, select
 
-from kbsync.audit.models import AUDIT_TABLES, CHECK_KINDS, SOURCES, STATUSES, Edit, EditCheck
+from kbsync.audit.models import AUDIT_TABLES, CHECK_KINDS, CONSOLIDATES, SOURCES, STATUSES, Edit, EditCheck
 from kbsync.errors import BadInput, KbsyncError, NotFound
 
 PG_CONNECT_TIMEOUT = 5
@@ -164,6 +164,8 @@ def _check_status(status: str) -> None:
         raise BadInput(f"unknown edit status {status!r}; known: {', '.join(STATUSES)}")
 
 
+# Rows whose delta stacks (in sequence order): edits, and the consolidations that replace some of them.
+STACKED = ("applied", "consolidation")
 # An attempt with one of these statuses leaves its KB change owed ...
 OWING = ("failed", "rejected")
 # ... until one of these settles the slot (see the module docstring).
@@ -296,7 +298,7 @@ class AuditLog:
         for c in checks:
             if c.kind not in CHECK_KINDS:
                 raise BadInput(f"unknown check kind {c.kind!r}; known: {', '.join(CHECK_KINDS)}")
-        wants_sequence = edit.status == "applied" and edit.sequence is None
+        wants_sequence = edit.status in STACKED and edit.sequence is None
 
         def work(s: Session) -> Edit:
             row = Edit.model_validate(edit.model_dump())
@@ -315,7 +317,7 @@ class AuditLog:
         return row
 
     def update_status(self, edit_id: int, status: str, **fields: Any) -> Edit:
-        """Set an edit's status and any other columns; becoming 'applied' assigns a sequence."""
+        """Set an edit's status and any other columns; becoming 'applied' (or 'consolidation') assigns a sequence."""
         _check_status(status)
         unknown = set(fields) - set(Edit.model_fields) | ({"id"} & set(fields))
         if unknown:
@@ -326,7 +328,7 @@ class AuditLog:
             for k, v in fields.items():
                 setattr(row, k, v)
             row.status = status
-            if status == "applied" and row.sequence is None:
+            if status in STACKED and row.sequence is None:
                 row.sequence = self._next_sequence(s)
             s.add(row)
             s.commit()
@@ -390,6 +392,48 @@ class AuditLog:
         # A row from before fingerprints were recorded names no model: it stays every model's, as it
         # was, and loading its delta still checks the shapes (ServedModel.check_fits).
         return rows if base is None else [e for e in rows if e.made_for(base)]
+
+    def stack_in_order(self, base: str | None = None, leaving: int | None = None) -> list[Edit]:
+        """The rows whose deltas the served model stacks, in order: each active consolidation, then the
+        applied edits none of them stands for; with base, only those of that base model; leaving: as
+        if that row were reverted (a reverted consolidation's edits stack one by one again)."""
+        with self._session() as s:
+            rows = list(s.exec(select(Edit).where(col(Edit.status).in_(STACKED)).order_by(col(Edit.sequence))))
+        rows = [e for e in rows if e.id != leaving]
+        if base is not None:
+            rows = [e for e in rows if e.made_for(base)]
+        covered = {i for e in rows if e.status == "consolidation" for i in e.metrics.get(CONSOLIDATES, [])}
+        return [e for e in rows if e.id not in covered]
+
+    def consolidation(self, base: str) -> Edit | None:
+        """The active consolidation row of base model `base`, if any."""
+        with self._session() as s:
+            rows = list(s.exec(select(Edit).where(Edit.status == "consolidation").order_by(col(Edit.sequence))))
+        rows = [e for e in rows if e.made_for(base)]
+        return rows[-1] if rows else None
+
+    def finish_consolidation(self, row_id: int, delta_path: str, delta_sha256: str, reverts: Sequence[int] = (),
+                             actor: str = "", source: str = "cli", reason: str = "") -> Edit:
+        """In one transaction: the pending consolidation row becomes the active one (sequence, delta), the
+        previous active one of its base model 'superseded', and each edit of `reverts` reverted."""
+
+        def work(s: Session) -> Edit:
+            row = self._get(s, row_id)
+            base = row.metrics.get("base_fingerprint", "")
+            for old in s.exec(select(Edit).where(Edit.status == "consolidation")):
+                if old.made_for(base):
+                    old.status = "superseded"
+                    old.metrics = {**old.metrics, "superseded_by": row_id}
+                    s.add(old)
+            for edit_id in reverts:
+                self._revert(s, self._get(s, edit_id), actor, source, reason)
+            row.status, row.delta_path, row.delta_sha256 = "consolidation", delta_path, delta_sha256
+            row.sequence = self._next_sequence(s)
+            s.add(row)
+            s.commit()
+            return row
+
+        return self._with_sequence_retry(work)
 
     def delta_paths(self) -> set[str]:
         """Every delta_path any edit row refers to (whatever its status)."""
@@ -458,42 +502,48 @@ class AuditLog:
         return self.record(row)
 
     def mark_reverted(self, edit_id: int, actor: str, source: str = "cli", reason: str = "", **fields: Any) -> Edit:
-        """Write a 'revert' row for an applied edit and mark that edit 'reverted'; returns the revert row."""
-        if source not in SOURCES:
-            raise BadInput(f"unknown edit source {source!r}; known: {', '.join(SOURCES)}")
+        """Write a 'revert' row for an applied edit (or an active consolidation) and mark it 'reverted'; returns the revert row."""
+        for k in fields:
+            if k not in Edit.model_fields or k in ("id", "status", "reverts_edit_id"):
+                raise TypeError(f"mark_reverted() got unknown or fixed field {k!r}")
         with self._session() as s:
-            orig = self._get(s, edit_id)
-            if orig.status != "applied":
-                raise BadInput(f"edit {edit_id} is {orig.status}; only applied edits can be reverted")
-            revert = Edit(
-                actor=actor,
-                source=source,
-                subject_id=orig.subject_id,
-                subject_label=orig.subject_label,
-                property=orig.property,
-                object_id=orig.object_id,
-                object_label=orig.object_label,
-                question=orig.question,
-                claim=orig.claim,
-                # The revert takes the model from the edit's answer back to the earlier one.
-                before_answer=orig.after_answer,
-                after_answer=orig.before_answer,
-                method="revert",
-                status="revert",
-                reasons=[reason] if reason else [],
-                delta_path=orig.delta_path,
-                delta_sha256=orig.delta_sha256,
-                kb_revision=orig.kb_revision,
-                reverts_edit_id=orig.id,
-            )
-            for k, v in fields.items():
-                if k not in Edit.model_fields or k in ("id", "status", "reverts_edit_id"):
-                    raise TypeError(f"mark_reverted() got unknown or fixed field {k!r}")
-                setattr(revert, k, v)
-            s.add(revert)
-            s.flush()
-            orig.status = "reverted"
-            orig.reverted_by = revert.id
-            s.add(orig)
+            revert = self._revert(s, self._get(s, edit_id), actor, source, reason, **fields)
             s.commit()
             return revert
+
+    @staticmethod
+    def _revert(s: Session, orig: Edit, actor: str, source: str, reason: str, **fields: Any) -> Edit:
+        """Add the 'revert' row of orig and flip orig to 'reverted' in session s (the caller commits)."""
+        if source not in SOURCES:
+            raise BadInput(f"unknown edit source {source!r}; known: {', '.join(SOURCES)}")
+        if orig.status not in STACKED:
+            raise BadInput(f"edit {orig.id} is {orig.status}; only applied edits can be reverted")
+        revert = Edit(
+            actor=actor,
+            source=source,
+            subject_id=orig.subject_id,
+            subject_label=orig.subject_label,
+            property=orig.property,
+            object_id=orig.object_id,
+            object_label=orig.object_label,
+            question=orig.question,
+            claim=orig.claim,
+            # The revert takes the model from the edit's answer back to the earlier one.
+            before_answer=orig.after_answer,
+            after_answer=orig.before_answer,
+            method="revert",
+            status="revert",
+            reasons=[reason] if reason else [],
+            delta_path=orig.delta_path,
+            delta_sha256=orig.delta_sha256,
+            kb_revision=orig.kb_revision,
+            reverts_edit_id=orig.id,
+        )
+        for k, v in fields.items():
+            setattr(revert, k, v)
+        s.add(revert)
+        s.flush()
+        orig.status = "reverted"
+        orig.reverted_by = revert.id
+        s.add(orig)
+        return revert

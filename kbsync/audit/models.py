@@ -14,7 +14,11 @@ from sqlmodel import Field, SQLModel
 # through reverts_edit_id); the undone edit itself moves to 'reverted'. 'dismiss' marks the row
 # written when a person drops an owed KB change (it points at the failed or rejected attempt
 # through reverts_edit_id; that attempt keeps its status, so history still says why it failed).
-STATUSES = ("pending", "applied", "rejected", "noop", "failed", "reverted", "revert", "dismiss")
+# 'consolidation' marks a row whose one delta replaces the deltas of the applied edits it lists in
+# metrics["consolidates"] (they stay 'applied': their facts are still held); a newer consolidation
+# of the same base model moves it to 'superseded'. See kbsync/consolidate.py.
+STATUSES = ("pending", "applied", "rejected", "noop", "failed", "reverted", "revert", "dismiss", "consolidation",
+            "superseded")
 SOURCES = ("cli", "daemon", "api")
 CHECK_KINDS = ("paraphrase", "retain")
 
@@ -51,6 +55,8 @@ def _json(default: Any) -> Any:
 
 # metrics key (and delta metadata key): the model_fingerprint() of the base model an edit was made for.
 BASE_FINGERPRINT = "base_fingerprint"
+# metrics key of a consolidation row: the ids of the applied edits its delta stands for.
+CONSOLIDATES = "consolidates"
 
 
 class Edit(SQLModel, table=True):

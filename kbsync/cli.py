@@ -11,7 +11,7 @@ import typer
 from kbsync.errors import KbsyncError
 
 # Each module registers its own commands; add a module here to add commands.
-COMMAND_MODULES = ["check", "kb", "edit", "audit", "editor", "daemon", "export"]
+COMMAND_MODULES = ["check", "kb", "edit", "audit", "consolidate", "editor", "daemon", "export"]
 
 app = typer.Typer(
     name="kbsync",

@@ -9,7 +9,7 @@ from typing import Any
 
 from kbsync.config import Settings
 from kbsync.daemon import api_token, daemon_holding, health, read_state, running_pid
-from kbsync.errors import BadInput, KbsyncError, NotFound
+from kbsync.errors import BadInput, Busy, KbsyncError, NotFound
 
 
 class DaemonError(KbsyncError):
@@ -45,6 +45,8 @@ class DaemonClient:
                 raise NotFound(msg) from None
             if e.code in (400, 413):  # 413: over one of the API's [serve] limits; the message names it
                 raise BadInput(msg) from None
+            if e.code == 409:  # an edit in flight: the same one line as without a daemon
+                raise Busy(msg) from None
             raise DaemonError(f"daemon at {self.url}: HTTP {e.code}: {msg}") from None
         except (OSError, urllib.error.URLError) as e:
             raise DaemonError(f"cannot reach the daemon at {self.url}: {getattr(e, 'reason', e)}") from None
@@ -78,6 +80,14 @@ class DaemonClient:
         """POST /edits/<id>/revert: the outcome (status 'revert', edit_id of the revert row)."""
         body = {k: v for k, v in (("actor", actor), ("reason", reason)) if v}
         return self._call("POST", f"/edits/{edit_id}/revert", body, auth=True)
+
+    def consolidate(self, without: list[int], dry_run: bool = False, actor: str | None = None,
+                    reason: str = "") -> dict[str, Any]:
+        """POST /consolidate: the consolidation's outcome (kbsync.consolidate.ConsolidationOutcome.to_dict)."""
+        body: dict[str, Any] = {"without": without, "dry_run": dry_run, "reason": reason}
+        if actor:
+            body["actor"] = actor
+        return self._call("POST", "/consolidate", body, auth=True)
 
     def edit_row(self, edit_id: int) -> dict[str, Any]:
         """GET /edits/<id>: one audit row."""
@@ -164,6 +174,19 @@ def revert_via_daemon(settings: Settings, edit_id: int, *, actor: str = "", reas
         return None
     out = client.revert(edit_id, actor=actor or _user() or None, reason=reason)
     return client.edit_row(int(out["edit_id"]))
+
+
+def consolidate_via_daemon(settings: Settings, without: list[int], *, dry_run: bool = False, actor: str = "",
+                           reason: str = "") -> dict[str, Any] | None:
+    """For `kbsync consolidate`: consolidate in the running daemon, whose model serves the edits; None when none runs."""
+    client = running_daemon(settings)
+    if client is None:
+        pid = daemon_holding(settings)
+        if pid is not None:
+            raise DaemonError(f"a kbsync daemon (pid {pid}) runs over {settings.store.data_path} but its API does "
+                              "not answer (still starting?); retry, or stop it first")
+        return None
+    return client.consolidate(without, dry_run=dry_run, actor=actor or _user() or None, reason=reason)
 
 
 def _user() -> str:

@@ -219,6 +219,14 @@ class Engine:
         with self.exclusive, torch.no_grad():  # a rebuild writes parameters that require grad in place
             return self.pipeline.load_served_model().sync(self.pipeline.audit, self.pipeline.store)
 
+    def consolidate(self, without: tuple[int, ...] = (), *, actor: str = "", source: str = "api", reason: str = "",
+                    dry_run: bool = False) -> dict[str, Any]:
+        """The applied edits as one checked delta (kbsync.consolidate); generation waits one phase at a time."""
+        with self.edit_lock:
+            out = self.pipeline.consolidate(without, actor=actor or default_actor(), source=source, reason=reason,
+                                            dry_run=dry_run)
+        return out.to_dict()
+
     def revert(self, edit_id: int, *, actor: str = "", source: str = "api", reason: str = "") -> EditSummary:
         """Undo an applied edit in the audit log and the live model."""
         with self.exclusive:

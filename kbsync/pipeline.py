@@ -18,7 +18,7 @@ from typing import Any
 
 from editor.methods import EditMethod, EditRequest, MethodContext, canonical, make_method, method_class
 from kbsync.audit.log import AuditLog
-from kbsync.audit.models import BASE_FINGERPRINT, Edit, EditCheck
+from kbsync.audit.models import BASE_FINGERPRINT, CONSOLIDATES, Edit, EditCheck
 from kbsync.check import Probe, ProbeResult, probes, run_probes
 from kbsync.config import Settings
 from kbsync.corpus import FactTable, default_fact_table, fact_from_phrase  # noqa: F401  (re-exported for callers)
@@ -408,6 +408,14 @@ class EditPipeline:
                 done += self.retain_cache.misses - misses
         return done
 
+    # --- consolidation -----------------------------------------------------------------------
+
+    def consolidate(self, without: tuple[int, ...] = (), **kwargs: Any) -> Any:
+        """The applied edits (minus `without`) as one checked delta; see kbsync.consolidate.consolidate."""
+        from kbsync.consolidate import consolidate
+
+        return consolidate(self, without, **kwargs)
+
     # --- revert ----------------------------------------------------------------------------
 
     def revert(self, edit_id: int, *, actor: str = "", source: str = "cli", reason: str = "") -> Edit:
@@ -422,14 +430,17 @@ class EditPipeline:
 
         with self.store.lock():
             orig = self.audit.get(edit_id)
-            if orig.status != "applied":
+            if orig.status not in ("applied", "consolidation"):
                 raise BadInput(f"edit {edit_id} is {orig.status}; only applied edits can be reverted")
-            served = self._served
             # The stack the edit belongs to: its own base model's (several may share the log).
             base = orig.metrics.get(BASE_FINGERPRINT)
+            folded = self.audit.consolidation(base) if base else None
+            if folded is not None and edit_id in folded.metrics.get(CONSOLIDATES, []):
+                return self._revert_consolidated(orig, folded, actor, source, reason)
+            served = self._served
             if served is not None and base not in (None, served.base_fingerprint):
                 served = None  # another model's edit: the served weights do not hold it
-            keep = [e for e in self.audit.applied_in_order(base) if e.id != edit_id]
+            keep = self.audit.stack_in_order(base, leaving=edit_id)
             deltas = []
             try:
                 for e in keep:
@@ -447,6 +458,19 @@ class EditPipeline:
                 for kept_id, delta in deltas:
                     served.push(delta, kept_id)
         return row
+
+
+    def _revert_consolidated(self, orig: Edit, folded: Edit, actor: str, source: str, reason: str) -> Edit:
+        """Revert an edit the active consolidation stands for: consolidate again without it (checked)."""
+        if self.load_served_model().base_fingerprint != orig.metrics.get(BASE_FINGERPRINT):
+            raise BadInput(f"edit {orig.id} is consolidated into edit {folded.id} of another base model; "
+                           "revert it from a process serving that model")
+        out = self.consolidate((orig.id,), actor=actor or default_actor(), source=source, reason=reason,
+                               wait=self.store.lock_timeout)
+        if out.status != "consolidation":
+            raise BadInput(f"cannot revert edit {orig.id}: consolidating without it was rejected (edit {out.edit.id}: "
+                           f"{'; '.join(out.edit.reasons)}); revert consolidation {folded.id} first, then the edit")
+        return self.audit.get(self.audit.get(orig.id).reverted_by)
 
 
 def method_options(options: dict[str, Any], name: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:

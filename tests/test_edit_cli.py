@@ -45,7 +45,7 @@ def cli(tmp_path, kbsync_env, tiny_llama_dir, audit_url):
             wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
         extra = ["--model", str(tiny_llama_dir)] if model else []
         cmd = [sys.executable, str(WORKER) if worker else "-m", *([] if worker else ["kbsync.cli"]), *args]
-        if args and args[0] in ("edit", "check"):
+        if args and args[0] in ("edit", "check", "consolidate"):
             cmd += [*extra, "--config", config or str(cfg)]
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if not wait:
@@ -256,3 +256,35 @@ def test_batch_edit_checks_the_whole_file_first_and_links_its_rows(cli, tmp_path
     assert json.loads(cli("history", "--batch", "0" * 12, "--json").stdout) == []
     bad = cli("history", "--batch", "x; drop")
     assert bad.returncode == 2 and "must be 1-32 lower-case hex digits" in bad.stderr, bad.stderr
+
+
+def test_consolidate_replaces_the_stack_by_one_checked_delta_and_can_leave_an_edit_out(cli, tmp_path):
+    """`kbsync consolidate` on two gated edits: one line, one consolidation row listing both, the answers
+    unchanged; --without takes one fact out (that edit reverted); bad ids and an empty stack are one line."""
+    cfg = tmp_path / "gated.toml"
+    cfg.write_text('[editor]\nmethod = "gated"\nfallback = []\n[editor.options.gated]\nembeddings = true\n'
+                   "prefixes = 0\n[regression]" + LOOSE.split("[regression]", 1)[1])
+    empty = cli("consolidate", config=str(cfg))
+    assert empty.returncode == 2 and "nothing to consolidate" in empty.stderr and len(empty.stderr.strip().splitlines()) == 1
+    india = cli("edit", "capital of India", "Paris", config=str(cfg))
+    peru = cli("edit", "capital of Peru", "Tokyo", config=str(cfg))
+    assert india.returncode == peru.returncode == 0, india.stderr + peru.stderr
+    first, second = sorted(e.id for e in rows(cli.url) if e.status == "applied")
+    r = cli("consolidate", "--reason", "nightly", config=str(cfg))
+    assert r.returncode == 0, r.stderr
+    said = " ".join(r.stdout.split())  # rich wraps at the terminal's width
+    assert "2 applied edit(s) now served as one delta" in said and "2/2 facts answered (the stack: 2)" in said, said
+    row = rows(cli.url)[0]
+    assert row.status == "consolidation" and row.metrics["consolidates"] == [first, second] and row.method == "consolidate"
+    assert answers(cli)[0] == "Paris" and answers(cli, "capital of Peru")[0] == "Tokyo"
+    bad = cli("consolidate", "--without", "9999", config=str(cfg))
+    assert bad.returncode == 2 and "edit 9999 is not an applied edit" in bad.stderr, bad.stderr
+    out = cli("consolidate", "--without", str(first), "--json", config=str(cfg))
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["status"] == "consolidation" and data["consolidates"] == [second] and data["without"] == [first]
+    by_id = {e.id: e for e in rows(cli.url)}
+    assert by_id[first].status == "reverted" and by_id[row.id].status == "superseded"
+    assert answers(cli)[0] == "New Delhi" and answers(cli, "capital of Peru")[0] == "Tokyo"
+    hist = cli("history", "--status", "consolidation")
+    assert hist.returncode == 0 and str(data["id"]) in hist.stdout, hist.stdout

@@ -329,6 +329,15 @@ def test_a_gated_edit_through_the_api_answers_in_chat_and_reverts(tmp_path: Path
         assert status == 200 and out["status"] == "applied" and out["method"] == "gated", out
         assert ask(server.url, "What is the capital of India?") == "Paris"
         assert ask(server.url, "What is the capital of Kenya?") == "Nairobi"
+        # Consolidated in the daemon: the served model is base + the one delta, answering the same.
+        assert call(f"{server.url}/consolidate", "POST", {})[0] == 401
+        status, err = call(f"{server.url}/consolidate", "POST", {"without": [99]}, token=TOKEN)
+        assert status == 400 and "edit 99 is not an applied edit" in err["error"]["message"]
+        status, con = call(f"{server.url}/consolidate", "POST", {"reason": "test"}, token=TOKEN)
+        assert status == 200 and con["status"] == "consolidation" and con["consolidates"] == [out["edit_id"]], con
+        assert server.engine.pipeline.load_served_model().edit_ids == [con["id"]]
+        assert ask(server.url, "What is the capital of India?") == "Paris"
+        # Reverting the consolidated edit is a consolidation without it.
         status, _ = call(f"{server.url}/edits/{out['edit_id']}/revert", "POST", {}, token=TOKEN)
         assert status == 200 and ask(server.url, "What is the capital of India?") == before
     finally:

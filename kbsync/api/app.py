@@ -8,6 +8,7 @@ GET  /edits?limit&status&subject&property   audit rows, newest first
 GET  /edits/{id}                     one audit row
 POST /edits                          an edit (EditBody); bearer token
 POST /edits/{id}/revert              undo an applied edit (RevertBody); bearer token
+POST /consolidate                    the applied edits as one checked delta (ConsolidateBody); bearer token
 GET  /openapi.json                   the schema of all of the above
 GET  /, /review/{id}                 the review page (kbsync.api.review)
 
@@ -35,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kbsync.api import errors, review
 from kbsync.api.errors import TooLarge
-from kbsync.api.schemas import ChatRequest, CompletionRequest, EditBody, RevertBody
+from kbsync.api.schemas import ChatRequest, CompletionRequest, ConsolidateBody, EditBody, RevertBody
 from kbsync.api.server import ApiServer
 from kbsync.batch import check_batch_id
 from kbsync.errors import BadInput
@@ -181,6 +182,13 @@ def build_app(api: ApiServer) -> FastAPI:
         """Revert an applied edit (actor and reason recorded)."""
         body = body or RevertBody()
         return api.engine.revert(edit_id, actor=body.actor or api.actor, source="api", reason=body.reason).to_dict()
+
+    @app.post("/consolidate", dependencies=[Depends(token)])
+    def consolidate(body: ConsolidateBody | None = None) -> dict[str, Any]:
+        """Rewrite the applied edits (minus body.without) from the base weights as one delta; the outcome."""
+        body = body or ConsolidateBody()
+        return api.engine.consolidate(tuple(body.without), actor=body.actor or api.actor, source="api",
+                                      reason=body.reason, dry_run=body.dry_run)
 
     return app
 

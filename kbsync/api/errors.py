@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from kbsync.errors import BadInput, KbsyncError, NotFound
+from kbsync.errors import BadInput, Busy, KbsyncError, NotFound
 
 log = logging.getLogger("kbsync.api")
 
@@ -89,6 +89,8 @@ def install(app: FastAPI) -> None:
             return error_response(str(exc), 404, "model_not_found", "model")
         if isinstance(exc, NotFound):
             return error_response(str(exc), 404, "not_found")
+        if isinstance(exc, Busy):
+            return error_response(str(exc), 409, "busy")
         return error_response(str(exc), 400, "invalid_request")
 
     @app.exception_handler(Exception)

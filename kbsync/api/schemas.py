@@ -63,6 +63,17 @@ class EditBody(BaseModel):
     batch: StrictStr = ""
 
 
+class ConsolidateBody(BaseModel):
+    """POST /consolidate: edits to leave out (reverted with it), whether to only judge, who and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    without: list[StrictInt] = Field(default_factory=list)
+    dry_run: StrictBool = False
+    actor: StrictStr | None = None
+    reason: StrictStr = ""
+
+
 class RevertBody(BaseModel):
     """POST /edits/{id}/revert: who reverts and why (both recorded)."""
 

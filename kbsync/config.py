@@ -111,6 +111,9 @@ class DaemonConfig:
     actor: str = "kbsync-daemon"
     start_timeout: float = 300.0
     stop_timeout: float = 300.0
+    # After a poll, consolidate (kbsync consolidate) once this many applied edits stack outside a
+    # consolidation; 0: never. A rejected consolidation is tried again this many edits later.
+    consolidate_every: int = 0
 
 
 @dataclass
@@ -330,6 +333,7 @@ RULES: dict[str, Check] = {
     "daemon.port": _between(0, 65535),
     "daemon.start_timeout": _seconds(positive=True),
     "daemon.stop_timeout": _seconds(positive=True),
+    "daemon.consolidate_every": _between(0, 1_000_000),
     "serve.max_prompts": _between(1, 10_000),
     "serve.max_prompt_chars": _between(1, 1_000_000),
     "serve.max_target_chars": _between(1, 100_000),

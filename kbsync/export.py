@@ -170,7 +170,7 @@ def export_store(settings: Any, dest: str | Path, adapter: Any = None) -> Export
 
     # Read-only: no table, lock or repair is written, so a daemon that holds the data dir is undisturbed.
     with AuditLog.open(settings.store.db_url, read_only=True) as audit:
-        applied = audit.applied_in_order()
+        applied = audit.stack_in_order()  # consolidations in place of the edits they stand for
     store = DeltaStore.for_settings(settings)
     # Every delta loaded (checksum-verified) before the model: a bad one fails fast.
     deltas = [(e, store.load(e)) for e in applied]

@@ -266,15 +266,23 @@ def test_warming_the_retain_cache_yields_to_the_next_poll(tmp_path: Path, tiny_l
 def test_the_changes_one_poll_finds_are_one_batch(tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB,
                                                  daemons: list[Daemon]) -> None:
     """Two KB changes seen by one poll: each its own audit row, linked by one batch id (kbsync history --batch);
-    a poll with one change has no batch."""
+    a poll with one change has no batch. With daemon.consolidate_every = 1 the poll that applied an edit
+    consolidates what it applied (a daemon row, serving the same answers); later edits stack on top of it."""
     d = make_daemon(tmp_path, tiny_llama_dir, kb.endpoint)
+    d.settings.daemon.consolidate_every = 1
     daemons.append(d)
     assert d.tick() is not None  # primed
     kb.set_fact("P36", "Nigeria", "Lagos")
     kb.set_fact("P36", "Kenya", "Mombasa")
     result = d.tick()
     assert result is not None and result.facts == 2
-    rows = [e for e in d.audit.history(limit=None) if e.source == "daemon"]
+    applied = [e for e in d.audit.history(status="applied", limit=None)]
+    folded = d.audit.history(status="consolidation", limit=None)
+    assert applied and len(folded) == 1 and folded[0].source == "daemon", [(e.id, e.status, e.reasons) for e in d.audit.history()]
+    assert folded[0].metrics["consolidates"] == sorted(e.id for e in applied)
+    for e in applied:  # served from the one consolidated delta now
+        assert ask(d, e.question) == e.object_label
+    rows = [e for e in d.audit.history(limit=None) if e.source == "daemon" and e.method != "consolidate"]
     batches = {e.subject_label: e.metrics.get("batch") for e in rows}
     assert set(batches) == {"Nigeria", "Kenya"} and len(set(batches.values())) == 1 and batches["Kenya"]
     assert {e.id for e in d.audit.history(batch=batches["Kenya"], limit=None)} == {e.id for e in rows}
@@ -282,3 +290,6 @@ def test_the_changes_one_poll_finds_are_one_batch(tmp_path: Path, tiny_llama_dir
     assert d.tick() is not None
     newest = [e for e in d.audit.history(limit=None) if e.source == "daemon"][0]
     assert newest.object_label == "Abuja" and "batch" not in newest.metrics
+    later = [e.id for e in d.audit.history(status="applied", limit=None) if e.id > folded[0].id]
+    assert d.engine.pipeline.load_served_model().edit_ids[0] == folded[0].id
+    assert d.engine.pipeline.load_served_model().edit_ids[1:] == sorted(later)

@@ -56,7 +56,7 @@ HISTORY_NARROW = ("id", "when (UTC)", "status", "fact", "target", "answer now", 
 
 
 def history(
-    status: Annotated[Optional[str], typer.Option("--status", help="Only this status (applied, rejected, noop, reverted, revert, failed, pending, dismiss).")] = None,
+    status: Annotated[Optional[str], typer.Option("--status", help="Only this status (applied, rejected, noop, reverted, revert, failed, pending, dismiss, consolidation, superseded).")] = None,
     owed_only: Annotated[bool, typer.Option("--owed", help="Only KB changes still owed: the model does not answer them yet.")] = False,
     subject: Annotated[Optional[str], typer.Option("--subject", help="Only this subject (label, any case, or id).")] = None,
     prop: Annotated[Optional[str], typer.Option("--property", help="Only this property id (e.g. P36).")] = None,
@@ -117,7 +117,8 @@ def history(
                              min_width={"id": len(str(max((e.id for e in rows), default=1))), "when (UTC)": 11,
                                         "status": 7}.get(col),
                              max_width={"fact": free, "target": free, "answer now": free, "method": 9}.get(col))
-    colour = {"applied": "green", "rejected": "red", "failed": "red", "reverted": "yellow", "revert": "yellow"}
+    colour = {"applied": "green", "rejected": "red", "failed": "red", "reverted": "yellow", "revert": "yellow",
+              "consolidation": "cyan"}
     for e in rows:
         st = f"[{colour[e.status]}]{esc(e.status)}" if e.status in colour else esc(e.status)
         if e.reverts_edit_id:

@@ -106,6 +106,8 @@ class Daemon:
         # Owed KB changes as of the last poll (the audit log is the truth; this feeds /health cheaply).
         self.owed = 0
         self.next_retry: str | None = None
+        # Stacked edits at the last rejected consolidation: the next try waits for consolidate_every more.
+        self._consolidation_refused_at = 0
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -297,6 +299,7 @@ class Daemon:
             result.committed = True
             self.failures, self.last_ok, self.last_error = 0, now_iso(), ""
             self._retry_owed(done_slots, result)
+            self._consolidate_if_due()
             result.seconds = time.monotonic() - started
             if facts:
                 log.info("poll: %d changed fact(s): %s (%.1f s)", len(facts), result.outcomes, result.seconds)
@@ -350,6 +353,31 @@ class Daemon:
             return
         if n:
             log.info("retain cache: %d item(s) computed for the served weights (%.1f s)", n, time.monotonic() - t)
+
+    def _consolidate_if_due(self) -> None:
+        """Consolidate when daemon.consolidate_every applied edits stack outside a consolidation (a failure is logged)."""
+        every = self.settings.daemon.consolidate_every
+        if not every:
+            return
+        served = self.engine.pipeline.load_served_model()
+        loose = sum(e.status == "applied" for e in self.audit.stack_in_order(served.base_fingerprint))
+        if loose < every or loose < self._consolidation_refused_at + every:
+            return
+        try:
+            out = self.engine.consolidate(source="daemon", actor=self.settings.daemon.actor,
+                                          reason=f"daemon.consolidate_every = {every}")
+        except KbsyncError as e:
+            log.warning("consolidation of %d stacked edit(s) failed: %s", loose, e)
+            self._consolidation_refused_at = loose
+            return
+        if out["status"] == "consolidation":
+            self._consolidation_refused_at = 0
+            log.info("consolidated %d edit(s) as edit %s (%.1f s)", len(out["consolidates"]), out["id"],
+                     out["metrics"]["seconds"])
+        else:
+            self._consolidation_refused_at = loose
+            log.warning("consolidation of %d stacked edit(s) rejected (edit %s): %s", loose, out["id"],
+                        "; ".join(out["reasons"]))
 
     def _edit(self, fact: Fact, batch: str = "") -> str:
         from kbsync.edit_engine import EditSummary

@@ -113,7 +113,7 @@ def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", 
     model and when there is nothing to consolidate; a rejected consolidation is recorded (its
     reasons say which facts it lost or which limit it broke) and changes nothing.
     """
-    from kbsync.pipeline import default_actor
+    from kbsync.pipeline import _Clock, default_actor
     from kbsync.store import StoreLocked
 
     served = pipeline.load_served_model()
@@ -138,15 +138,22 @@ def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", 
                 newest.pop(fact.request.prompt, None)
                 newest[fact.request.prompt] = fact
             facts = list(newest.values())
-            before = answers(adapter, facts, lock)
-            delta = _solve(pipeline, served, members, deltas)
-            delta, repaired = _repair(pipeline, served, delta, [f for f in facts if holds(f, before[f.edit_id])],
-                                      {e.id: canonical(e.method) for e in members})
-            outcome = _judge(pipeline, served, delta, facts, before, members, without)
+            phases: dict[str, float] = {"deltas": time.perf_counter() - start}
+            clock = _Clock(phases)
+            with clock("stack_answers"):
+                before = answers(adapter, facts, lock)
+            with clock("solve"):
+                delta = _solve(pipeline, served, members, deltas)
+            with clock("repair"):
+                delta, repaired = _repair(pipeline, served, delta, [f for f in facts if holds(f, before[f.edit_id])],
+                                          {e.id: canonical(e.method) for e in members})
+            with clock("judge"):
+                outcome = _judge(pipeline, served, delta, facts, before, members, without)
             outcome.edit.metrics["repaired"] = repaired
             row = outcome.edit
             row.actor, row.source = actor or default_actor(), source
             row.metrics["seconds"] = round(time.perf_counter() - start, 3)
+            row.metrics["phases"] = {k: round(v, 3) for k, v in phases.items()}
             if synced:
                 row.metrics["synced"] = synced
             outcome.dry_run = dry_run

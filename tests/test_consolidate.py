@@ -96,6 +96,7 @@ def test_a_consolidated_delta_answers_every_fact_the_stack_did_and_replaces_it(l
         row = p.audit.get(out.edit.id)
         assert row.metrics["consolidates"] == stacked[1] and row.sequence is not None and row.delta_sha256
         assert row.metrics["held_after"] >= row.metrics["held_before"] >= 45 and row.metrics["lost"] == []
+        assert set(row.metrics["phases"]) == {"deltas", "stack_answers", "solve", "repair", "judge"}
         # The served model is base + the one delta now; the edits stay 'applied' (their facts are held).
         assert p.load_served_model().edit_ids == [row.id] and stack == stacked[1]
         assert [e.id for e in p.audit.applied_in_order()] == stacked[1]
@@ -171,19 +172,20 @@ def test_alphaedit_edits_are_re_solved_jointly_and_a_mixed_stack_consolidates(ll
 def test_a_crash_mid_consolidation_leaves_the_previous_state_serving(llama4, stacked, tmp_path):
     """A process killed after writing the consolidated delta, before its row flips: the next start fails
     the pending row, moves the file to orphans/ and serves the 50 deltas as before."""
+    from adapters.tiny import save_tiny
+
     base, facts = llama4
     copy_store(stacked[0], tmp_path)
     s = settings(tmp_path, "gated", GATED)
+    model_dir = save_tiny(base, tmp_path / "llama4")
     script = textwrap.dedent(f"""
-        import copy, os, sys
+        import os, sys, pathlib
         sys.path.insert(0, {os.getcwd()!r})
         from tests.test_consolidate import settings, GATED
-        from adapters.tiny import PRESETS, build_tiny, tiny_facts
-        from kbsync.audit.log import AuditLog
         from kbsync.pipeline import EditPipeline
-        import pathlib
         s = settings(pathlib.Path({str(tmp_path)!r}), "gated", GATED)
-        p = EditPipeline(s, adapter=build_tiny(PRESETS["llama4"], tiny_facts(n=60)))
+        s.model.path = {str(model_dir)!r}
+        p = EditPipeline(s)
         def die(*a, **k):
             os._exit(9)  # the row is pending and the delta file written: the flip never happens
         p.audit.finish_consolidation = die

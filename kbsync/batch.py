@@ -2,7 +2,8 @@
 
 Each non-blank line is one object, either {"phrase": "capital of Namibia", "target": "Windhoek"} (a fact,
 resolved like `kbsync edit PHRASE TARGET`) or {"prompt": "The capital of Namibia is", "target":
-"Windhoek"} (raw form). A malformed line, an unknown relation or key, an empty target or a fact given
+"Windhoek"} (raw form), optionally with "subject": "Namibia" (the entity the prompt names, which the
+default gated method fires on; it must occur in the prompt). A malformed line, an unknown relation or key, an empty target or a fact given
 twice is a one-line error naming the line, and nothing is edited; so is a file with no edits.
 """
 
@@ -17,7 +18,7 @@ from kbsync.errors import BadInput, KbsyncError, NotFound
 from kbsync.facts import Fact
 from kbsync.match import normalise
 
-KEYS = ({"phrase", "target"}, {"prompt", "target"})
+KEYS = ({"phrase", "target"}, {"prompt", "target"}, {"prompt", "subject", "target"})
 # A batch id links the audit rows of one batch (metrics["batch"]); ids are short hex strings.
 BATCH_ID_CHARS = frozenset("0123456789abcdef")
 
@@ -29,6 +30,7 @@ class BatchItem:
     line: int
     what: Fact | str
     target: str
+    subject: str = ""  # raw form only: the entity the prompt names
 
     @property
     def label(self) -> str:
@@ -74,7 +76,7 @@ def read_batch(path: str | Path) -> list[BatchItem]:
                            '{"phrase": "capital of Namibia", "target": "Windhoek"})') from None
         if not isinstance(obj, dict) or set(obj) not in KEYS:
             got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise BadInput(f"{where}: expected the keys phrase and target, or prompt and target; got {got}")
+            raise BadInput(f"{where}: expected the keys phrase and target, or prompt, target (and subject); got {got}")
         if not all(isinstance(v, str) for v in obj.values()):
             raise BadInput(f"{where}: every value must be a string")
         target = " ".join(obj["target"].split())
@@ -91,11 +93,14 @@ def read_batch(path: str | Path) -> list[BatchItem]:
             what = obj["prompt"].strip()
             if not what:
                 raise BadInput(f"{where}: empty prompt: give the text the model should complete")
+            subject = obj.get("subject", "").strip()
+            if "subject" in obj and (not subject or subject not in what):
+                raise BadInput(f"{where}: subject {obj['subject']!r} does not occur in the prompt {what!r}")
             key = ("prompt", normalise(what))
         if key in seen:
             raise BadInput(f"{where}: the same fact as line {seen[key]}; give each fact once per batch")
         seen[key] = n
-        items.append(BatchItem(n, what, target))
+        items.append(BatchItem(n, what, target, "" if isinstance(what, Fact) else subject))
     if not items:
         raise BadInput(f"batch file {path} holds no edits")
     return items

@@ -57,9 +57,11 @@ class DaemonClient:
 
     def edit(self, phrase: str | None = None, target: str = "", *, prompt: str | None = None,
              method: str | None = None, options: dict[str, Any] | None = None, force: bool = False,
-             dry_run: bool = False, actor: str | None = None, batch: str = "") -> dict[str, Any]:
+             dry_run: bool = False, actor: str | None = None, batch: str = "", subject: str = "") -> dict[str, Any]:
         """POST /edits: apply an edit in the daemon's model; the outcome (status, edit_id, before, after, reasons)."""
         body: dict[str, Any] = {"target": target, "force": force, "dry_run": dry_run}
+        if subject:
+            body["subject"] = subject
         if phrase is not None:
             body["phrase"] = phrase
         elif prompt is not None:
@@ -133,7 +135,7 @@ def running_daemon(settings: Settings, timeout: float = 600.0) -> DaemonClient |
 
 def edit_via_daemon(settings: Settings, what: Any, target: str | None, *, method: str | None = None,
                     options: dict[str, Any] | None = None, force: bool = False, dry_run: bool = False,
-                    actor: str = "", batch: str = "") -> dict[str, Any] | None:
+                    actor: str = "", batch: str = "", subject: str = "") -> dict[str, Any] | None:
     """For `kbsync edit`: apply the edit in the running daemon's model; None when no daemon runs.
 
     what is a Fact (its subject and property are sent as a phrase) or a raw prompt string.
@@ -155,7 +157,7 @@ def edit_via_daemon(settings: Settings, what: Any, target: str | None, *, method
         return client.edit(phrase, target or what.object.label, method=method, options=options, force=force,
                            dry_run=dry_run, actor=actor or None, batch=batch)
     return client.edit(prompt=str(what), target=target or "", method=method, options=options, force=force,
-                       dry_run=dry_run, actor=actor or None, batch=batch)
+                       dry_run=dry_run, actor=actor or None, batch=batch, subject=subject)
 
 
 def revert_via_daemon(settings: Settings, edit_id: int, *, actor: str = "", reason: str = "") -> dict[str, Any] | None:

@@ -173,11 +173,12 @@ class Engine:
 
     def edit_prompt(self, prompt: str, target: str, *, method: str | None = None, force: bool = False,
                     dry_run: bool = False, source: str = "api", actor: str = "",
-                    options: dict[str, Any] | None = None, batch: str = "") -> EditSummary:
-        """Make the served model answer target to a raw prompt."""
+                    options: dict[str, Any] | None = None, batch: str = "", subject: str = "") -> EditSummary:
+        """Make the served model answer target to a raw prompt (subject: the entity it names, if given)."""
         with self.edit_lock, self._options(options):
             out = self.pipeline.edit_fact(prompt, target, method=method, force=force, dry_run=dry_run,
-                                          source=source, actor=actor or default_actor(), batch=batch)
+                                          source=source, actor=actor or default_actor(), batch=batch,
+                                          subject=subject)
         return EditSummary.of(out.edit, dry_run, out.earlier_attempts())
 
     @contextlib.contextmanager

@@ -152,14 +152,14 @@ class EditPipeline:
     # --- editing ---------------------------------------------------------------------------
 
     def _target(self, fact: Fact | str, target: str | None, source: str, actor: str, kb_revision: str,
-                method: str, batch: str = "") -> _Target:
-        tgt = self._target_of(fact, target, source, actor, kb_revision, method)
+                method: str, batch: str = "", subject: str = "") -> _Target:
+        tgt = self._target_of(fact, target, source, actor, kb_revision, method, subject)
         if batch:
             tgt.row.metrics["batch"] = batch
         return tgt
 
     def _target_of(self, fact: Fact | str, target: str | None, source: str, actor: str, kb_revision: str,
-                   method: str) -> _Target:
+                   method: str, subject: str = "") -> _Target:
         if isinstance(fact, Fact):
             if target is not None and normalise(target) != normalise(fact.object.label):
                 fact = Fact(fact.subject, fact.property, Entity("", target.strip()), fact.revision)
@@ -184,11 +184,14 @@ class EditPipeline:
             raise BadInput("empty prompt: give the text the model should complete")
         if not target:
             raise BadInput("empty target: say what the new answer is")
+        subject = subject.strip()
+        if subject and subject not in prompt:
+            raise BadInput(f"subject {subject!r} does not occur in the prompt {prompt!r}")
         q = is_question(prompt)
         row = Edit(question=prompt, object_label=target, source=source, actor=actor, method=method,
-                   kb_revision=kb_revision)
+                   kb_revision=kb_revision, subject_label=subject)
         return _Target([Probe("question" if q else "prompt", prompt, target, question=q)],
-                       EditRequest(prompt, target, question=q), row, None, (), "")
+                       EditRequest(prompt, target, question=q, subject=subject), row, None, (), "")
 
     def _keep(self, fact: Fact, question: bool) -> tuple[str, ...]:
         """The subject's other facts in the fact table, asked as the edit is (question or claim): their answers must stay."""
@@ -198,14 +201,15 @@ class EditPipeline:
 
     def edit_fact(self, fact: Fact | str, target: str | None = None, *, method: str | None = None,
                   force: bool = False, dry_run: bool = False, source: str = "cli", actor: str = "",
-                  kb_revision: str = "", batch: str = "") -> EditOutcome:
+                  kb_revision: str = "", batch: str = "", subject: str = "") -> EditOutcome:
         """Write one fact (or a raw prompt -> target) into the served model.
 
         fact: a Fact (its object is the new answer unless target is given), or a raw prompt
         string with target required. method: a registered edit method (default: settings).
         force: commit even if the regression check fails (recorded). dry_run: everything but
         the commit; nothing is written. batch: the id linking the rows of one batch (recorded as
-        metrics["batch"]). Returns the outcome; its edit has status 'applied', 'rejected' or
+        metrics["batch"]). subject: with a raw prompt, the entity it names (it must occur in it;
+        locate-and-edit and gated methods read and write the model there). Returns the outcome; its edit has status 'applied', 'rejected' or
         'noop'. Raises KbsyncError subclasses for bad input, before writing.
         """
         timings: dict[str, float] = {}
@@ -216,7 +220,7 @@ class EditPipeline:
         # Record the canonical method name ("ft" is an alias of "ft-layer").
         name = canonical(method or self.settings.editor.method)
         actor = actor or default_actor()
-        tgt = self._target(fact, target, source, actor, kb_revision, name, batch)
+        tgt = self._target(fact, target, source, actor, kb_revision, name, batch, subject)
         row = tgt.row
         # Each `with self.model_lock` block is a phase: it finds the weights base + applied deltas
         # and leaves them so (methods train in place and restore; the candidate delta is taken off
@@ -244,7 +248,7 @@ class EditPipeline:
                 method_class(n)  # an unknown name is a one-line error before any work, not when reached
             for i, attempt in enumerate(names):
                 if i:  # a row of its own for the next method's attempt
-                    tgt = self._target(fact, target, source, actor, kb_revision, attempt, batch)
+                    tgt = self._target(fact, target, source, actor, kb_revision, attempt, batch, subject)
                     tgt.row.before_answer = before[0].prediction
                     outcome = EditOutcome(tgt.row, before, timings=timings, dry_run=dry_run, repairs=self.repairs,
                                           synced=synced, earlier=[*outcome.earlier, outcome.edit])

@@ -228,6 +228,8 @@ def test_batch_edit_checks_the_whole_file_first_and_links_its_rows(cli, tmp_path
         ('{"phrase": "capitol of India", "target": "Paris"}\n', 2, "facts.jsonl line 1: unknown relation"),
         ('{"phrase": "capital of India", "answer": "Paris"}\n', 2, "line 1: expected the keys phrase and target"),
         ('{"phrase": "capital of India", "target": " "}\n', 2, "line 1: empty target"),
+        ('{"prompt": "The capital of India is", "subject": "Peru", "target": "Paris"}\n', 2,
+         "line 1: subject 'Peru' does not occur in the prompt"),
     ]
     # The file is read before any database is opened: the bad cases need no second run on PostgreSQL.
     for text, code, needle in cases if cli.url.startswith("sqlite") else []:
@@ -267,8 +269,14 @@ def test_consolidate_replaces_the_stack_by_one_checked_delta_and_can_leave_an_ed
     empty = cli("consolidate", config=str(cfg))
     assert empty.returncode == 2 and "nothing to consolidate" in empty.stderr and len(empty.stderr.strip().splitlines()) == 1
     india = cli("edit", "capital of India", "Paris", config=str(cfg))
-    peru = cli("edit", "capital of Peru", "Tokyo", config=str(cfg))
+    wrong = cli("edit", "--prompt", "What is the capital of Peru?", "--subject", "Chile", "--target", "Tokyo",
+                config=str(cfg))
+    assert wrong.returncode == 2 and "--subject 'Chile' does not occur in the prompt" in wrong.stderr, wrong.stderr
+    # A raw prompt that names its subject is gated too (no fact table entry needed).
+    peru = cli("edit", "--prompt", "What is the capital of Peru?", "--subject", "Peru", "--target", "Tokyo",
+               config=str(cfg))
     assert india.returncode == peru.returncode == 0, india.stderr + peru.stderr
+    assert rows(cli.url)[0].method == "gated" and rows(cli.url)[0].subject_label == "Peru"
     first, second = sorted(e.id for e in rows(cli.url) if e.status == "applied")
     r = cli("consolidate", "--reason", "nightly", config=str(cfg))
     assert r.returncode == 0, r.stderr

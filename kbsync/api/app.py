@@ -169,12 +169,14 @@ def build_app(api: ApiServer) -> FastAPI:
         opts = {"method": body.method or None, "force": body.force, "options": body.options,
                 "dry_run": body.dry_run, "source": "api", "actor": body.actor or api.actor,
                 "batch": check_batch_id(body.batch)}
+        if body.subject and body.prompt is None:
+            raise BadInput("'subject' goes with 'prompt' (a phrase names its subject itself)")
         if body.phrase is not None:
             pid, subject = parse_phrase(body.phrase)
             fact = api.resolve_fact(pid, subject)
             return api.engine.edit(fact, body.target, kb_revision=body.kb_revision, **opts).to_dict()
         if body.prompt is not None:
-            return api.engine.edit_prompt(body.prompt, body.target, **opts).to_dict()
+            return api.engine.edit_prompt(body.prompt, body.target, subject=body.subject, **opts).to_dict()
         raise BadInput("give 'phrase' (e.g. \"capital of Namibia\") or 'prompt', and 'target'")
 
     @app.post("/edits/{edit_id}/revert", dependencies=[Depends(token)])

@@ -52,6 +52,8 @@ class EditBody(BaseModel):
 
     phrase: StrictStr | None = None
     prompt: StrictStr | None = None
+    # With a prompt: the entity it names (it must occur in it), where gated and locate-and-edit methods edit.
+    subject: StrictStr = ""
     target: StrictStr
     method: StrictStr | None = None
     options: dict[str, Any] = Field(default_factory=dict)

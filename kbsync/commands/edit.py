@@ -35,7 +35,8 @@ def edit(
     target: Annotated[Optional[str], typer.Argument(help="The new answer, e.g. Windhoek.")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help='Raw form: the text to complete, e.g. "The capital of Namibia is".')] = None,
     raw_target: Annotated[Optional[str], typer.Option("--target", help="Raw form: the new completion.")] = None,
-    batch_file: Annotated[Optional[Path], typer.Option("--batch", help='Edit every fact of a JSON-lines file ({"phrase": ..., "target": ...} or {"prompt": ..., "target": ...} per line), each checked and audited, the rows linked by one batch id; the whole file is checked first.')] = None,
+    subject: Annotated[Optional[str], typer.Option("--subject", help="Raw form: the entity the prompt names (it must occur in it); the default gated method fires on it.")] = None,
+    batch_file: Annotated[Optional[Path], typer.Option("--batch", help='Edit every fact of a JSON-lines file ({"phrase": ..., "target": ...} or {"prompt": ..., "subject": ..., "target": ...} per line), each checked and audited, the rows linked by one batch id; the whole file is checked first.')] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="Edit method (ke, ke-loop, ft-layer (alias ft), ft-all, zhu); default from settings.")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Method option KEY=VALUE (e.g. lr=1e-3), repeatable.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Commit even if the regression check fails (recorded).")] = False,
@@ -72,8 +73,12 @@ def edit(
             raise BadInput("empty --prompt: give the text the model should complete")
         if not (raw_target or "").strip():
             raise BadInput("empty target: say what the new answer is")
+        if subject is not None and (not subject.strip() or subject.strip() not in prompt):
+            raise BadInput(f"--subject {subject!r} does not occur in the prompt {prompt!r}")
         what: Any = prompt
     else:
+        if subject is not None:
+            raise BadInput("--subject goes with --prompt (a fact phrase names its subject itself)")
         if phrase is None or target is None:
             raise BadInput('usage: kbsync edit "capital of Namibia" Windhoek (or --prompt TEXT --target ANSWER)')
         what = fact_from_phrase(phrase, target)
@@ -81,7 +86,7 @@ def edit(
     from kbsync.daemon_client import edit_via_daemon
 
     served = edit_via_daemon(settings, what, raw_target, method=method, options=dict(settings.editor.options),
-                             force=force, dry_run=dry_run, actor=actor or "")
+                             force=force, dry_run=dry_run, actor=actor or "", subject=subject or "")
     if served is not None:
         _show_daemon(served, as_json)
         if served.get("status") == "rejected":
@@ -93,7 +98,8 @@ def edit(
 
     pipeline = EditPipeline(settings, audit=audit)
     try:
-        out = pipeline.edit_fact(what, raw_target, method=method, force=force, dry_run=dry_run, actor=actor or "")
+        out = pipeline.edit_fact(what, raw_target, method=method, force=force, dry_run=dry_run, actor=actor or "",
+                                 subject=subject or "")
     finally:
         pipeline.close()
     for line in out.repairs:
@@ -129,14 +135,14 @@ def _edit_batch(settings: Any, items: list[Any], *, method: str | None, force: b
                 if pipeline is None:
                     out = edit_via_daemon(settings, item.what, item.target, method=method,
                                           options=dict(settings.editor.options), force=force, dry_run=dry_run,
-                                          actor=actor, batch=batch)
+                                          actor=actor, batch=batch, subject=item.subject)
                     if out is None:
                         raise BadInput("the daemon stopped during the batch; the rest was not edited")
                     row = {"line": item.line, "status": out.get("status"), "edit_id": out.get("edit_id"),
                            "method": out.get("method"), "reasons": out.get("reasons") or [], "via": "daemon"}
                 else:
                     done = pipeline.edit_fact(item.what, item.target, method=method, force=force, dry_run=dry_run,
-                                              actor=actor, batch=batch)
+                                              actor=actor, batch=batch, subject=item.subject)
                     row = {"line": item.line, "status": done.status, "edit_id": None if dry_run else done.edit.id,
                            "method": done.edit.method, "reasons": list(done.edit.reasons)}
             except Exception:

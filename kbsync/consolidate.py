@@ -152,6 +152,8 @@ def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", 
             outcome.edit.metrics["repaired"] = repaired
             row = outcome.edit
             row.actor, row.source = actor or default_actor(), source
+            if reason:  # why a person (or the daemon's schedule) asked for it; its own reasons say why it was refused
+                row.metrics["reason"] = reason
             row.metrics["seconds"] = round(time.perf_counter() - start, 3)
             row.metrics["phases"] = {k: round(v, 3) for k, v in phases.items()}
             if synced:

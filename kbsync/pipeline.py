@@ -381,8 +381,8 @@ class EditPipeline:
 
     # --- retain cache ------------------------------------------------------------------------
 
-    def _retain_items(self, exclude_key: tuple[str, str] | None = None, exclude_prompt: str = "") -> list[Any]:
-        """The configured retain sample for the served state, minus the slot being edited."""
+    def _retain_items(self, exclude_key: Any = None, exclude_prompt: Any = "") -> list[Any]:
+        """The configured retain sample for the served state, minus the slot(s) or prompt(s) being edited."""
         reg = self.settings.regression
         return sample_retain(self.table or default_fact_table(), self._applied(), reg.retain_size,
                              reg.seed, exclude_key, exclude_prompt, default_relations())

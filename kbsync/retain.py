@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -112,24 +112,27 @@ def sample_retain(
     applied: Sequence[Edit],
     size: int,
     seed: int,
-    exclude_key: tuple[str, str] | None = None,
-    exclude_prompt: str = "",
+    exclude_key: tuple[str, str] | Collection[tuple[str, str]] | None = None,
+    exclude_prompt: str | Collection[str] = "",
     relations: dict[str, Relation] | None = None,
 ) -> list[RetainItem]:
     """Applied edits' facts (newest first) then a seeded sample of table facts, size items in all.
 
-    Excludes the slot being edited (subject id + property, or the raw prompt) and table facts
-    whose slot an applied edit has overwritten (the table's object is no longer the truth).
+    Excludes the slot(s) being edited (subject id + property, or the raw prompt; one, or a batch's
+    several) and table facts whose slot an applied edit has overwritten (the table's object is no
+    longer the truth).
     """
     relations = relations or default_relations()
     items: list[RetainItem] = []
-    seen: set[str] = {exclude_prompt} if exclude_prompt else set()
+    excluded = {exclude_key} if isinstance(exclude_key, tuple) else set(exclude_key or ())
+    prompts = [exclude_prompt] if isinstance(exclude_prompt, str) else list(exclude_prompt)
+    seen: set[str] = {p for p in prompts if p}
     overwritten: set[tuple[str, str]] = set()
     for e in reversed(list(applied)):
         key = (e.subject_id, e.property)
         if e.property:
             overwritten.add(key)
-        if (exclude_key and e.property and key == exclude_key) or not e.question or e.question in seen:
+        if (e.property and key in excluded) or not e.question or e.question in seen:
             continue
         if len(items) < size:
             seen.add(e.question)
@@ -152,7 +155,7 @@ def sample_retain(
     for item, key in pool:
         if len(items) >= size:
             break
-        if key == exclude_key or key in overwritten or item.prompt in seen:
+        if key in excluded or key in overwritten or item.prompt in seen:
             continue
         seen.add(item.prompt)
         items.append(item)

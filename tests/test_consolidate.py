@@ -228,3 +228,36 @@ def test_a_consolidation_while_an_edit_holds_the_store_is_refused(llama4, stacke
         assert p.load_served_model().edit_ids == stacked[1]
     finally:
         p.close()
+
+
+def test_a_batch_is_one_update_and_a_fact_it_cannot_take_goes_the_single_way(llama4, tmp_path):
+    """Ten capitals and one subject-less raw prompt as one batch: the ten gated proposals are made on the
+    same model and judged together (each its own row and delta, metrics.joint = 10, one batch id), the raw
+    prompt (which a gate cannot take) goes through the single edit and its fallback; all revert alone."""
+    from kbsync.batch import BatchItem
+    from kbsync.batch_edit import edit_batch
+
+    base, facts = llama4
+    s = settings(tmp_path, "gated", GATED)
+    s.editor.fallback = ["ft-layer"]
+    s.editor.options["ft-layer"] = {"lr": 1e-3, "max_steps": 50}
+    s.regression.max_mean_kl, s.regression.max_kl, s.regression.min_unchanged = 100.0, 1000.0, 0.0
+    s.regression.min_paraphrase_accuracy = 0.0
+    p = EditPipeline(s, adapter=copy.deepcopy(base))
+    try:
+        targets = moved(facts, 10)
+        items = [BatchItem(n + 1, f, f.object.label) for n, f in enumerate(targets)]
+        items.append(BatchItem(11, "The currency of Japan is the", "Peso"))
+        out = edit_batch(p, items, batch="ab12")
+        assert out.joint == list(range(10)), [(o.status, o.edit.reasons) for o in out.outcomes]
+        rows = [o.edit for o in out.outcomes]
+        assert all(r.status == "applied" and r.method == "gated" and r.metrics["joint"] == 10 for r in rows[:10])
+        assert rows[10].method == "ft-layer" and "joint" not in rows[10].metrics  # gated refused it (no subject)
+        assert {r.metrics["batch"] for r in rows} == {"ab12"} and len({r.id for r in rows}) == 11
+        assert ask(p, targets) == [f.object.label for f in targets]
+        p.revert(rows[3].id)  # one fact of the joint update, reverted alone
+        after = ask(p, targets)
+        assert after[3] == base.predict([p.audit.get(rows[3].id).question])[0]
+        assert [a for i, a in enumerate(after) if i != 3] == [f.object.label for i, f in enumerate(targets) if i != 3]
+    finally:
+        p.close()

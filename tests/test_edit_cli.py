@@ -249,6 +249,7 @@ def test_batch_edit_checks_the_whole_file_first_and_links_its_rows(cli, tmp_path
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["counts"] == {"applied": 2, "noop": 1} and [e["line"] for e in out["edits"]] == [1, 2, 4], out
+    assert out["joint"] == [1, 2]  # no daemon: the two edits proposed on one model and judged together
     got = {e.id: e for e in rows(cli.url)}
     assert sorted(got) == sorted(e["edit_id"] for e in out["edits"])
     assert {e.metrics.get("batch") for e in got.values()} == {out["batch"]} and len(out["batch"]) == 12
@@ -284,6 +285,7 @@ def test_consolidate_replaces_the_stack_by_one_checked_delta_and_can_leave_an_ed
     assert "2 applied edit(s) now served as one delta" in said and "2/2 facts answered (the stack: 2)" in said, said
     row = rows(cli.url)[0]
     assert row.status == "consolidation" and row.metrics["consolidates"] == [first, second] and row.method == "consolidate"
+    assert row.metrics["reason"] == "nightly"
     assert answers(cli)[0] == "Paris" and answers(cli, "capital of Peru")[0] == "Tokyo"
     bad = cli("consolidate", "--without", "9999", config=str(cfg))
     assert bad.returncode == 2 and "edit 9999 is not an applied edit" in bad.stderr, bad.stderr

@@ -115,9 +115,21 @@ def edit(
         raise typer.Exit(EXIT_REJECTED)
 
 
+def _batch_line(item: Any, row: dict[str, Any], results: list[dict[str, Any]], as_json: bool) -> None:
+    """Keep one fact's result and print its line (unless --json)."""
+    row["fact"] = item.label
+    results.append(row)
+    if not as_json:
+        ident = f"edit {row['edit_id']}" if row["edit_id"] is not None else "not recorded (dry run)"
+        colour = {"applied": "green", "rejected": "red"}.get(row["status"], "yellow")
+        console.print(f"line {item.line}: {esc(item.label)}: [{colour}]{esc(str(row['status']))}[/] "
+                      f"({esc(ident)}, {esc(str(row['method']))})"
+                      + ("" if row["status"] == "applied" else f" {esc('; '.join(row['reasons']))}"))
+
+
 def _edit_batch(settings: Any, items: list[Any], *, method: str | None, force: bool, dry_run: bool, actor: str,
                 as_json: bool) -> None:
-    """Each fact of a batch in file order, through the running daemon if there is one, else here; one line each."""
+    """A batch through the running daemon (one fact at a time), else here as one update (kbsync.batch_edit); a line each."""
     from kbsync.batch import new_batch_id
     from kbsync.daemon_client import edit_via_daemon, running_daemon
 
@@ -129,35 +141,33 @@ def _edit_batch(settings: Any, items: list[Any], *, method: str | None, force: b
         from kbsync.pipeline import EditPipeline
 
         pipeline = EditPipeline(settings, audit=AuditLog.open(settings.store.db_url))
+    joint: list[int] = []
     try:
-        for item in items:
+        if pipeline is not None:
+            # Here, one update: every fact proposed on the same model and judged together (kbsync.batch_edit).
+            from kbsync.batch_edit import edit_batch
+
+            done = edit_batch(pipeline, items, method=method, force=force, dry_run=dry_run, actor=actor, batch=batch)
+            joint = [items[i].line for i in done.joint]
+            for item, out in zip(items, done.outcomes):
+                _batch_line(item, {"line": item.line, "status": out.status,
+                                   "edit_id": None if dry_run else out.edit.id, "method": out.edit.method,
+                                   "reasons": list(out.edit.reasons)}, results, as_json)
+        for item in items if pipeline is None else []:
             try:
-                if pipeline is None:
-                    out = edit_via_daemon(settings, item.what, item.target, method=method,
-                                          options=dict(settings.editor.options), force=force, dry_run=dry_run,
-                                          actor=actor, batch=batch, subject=item.subject)
-                    if out is None:
-                        raise BadInput("the daemon stopped during the batch; the rest was not edited")
-                    row = {"line": item.line, "status": out.get("status"), "edit_id": out.get("edit_id"),
-                           "method": out.get("method"), "reasons": out.get("reasons") or [], "via": "daemon"}
-                else:
-                    done = pipeline.edit_fact(item.what, item.target, method=method, force=force, dry_run=dry_run,
-                                              actor=actor, batch=batch, subject=item.subject)
-                    row = {"line": item.line, "status": done.status, "edit_id": None if dry_run else done.edit.id,
-                           "method": done.edit.method, "reasons": list(done.edit.reasons)}
+                out = edit_via_daemon(settings, item.what, item.target, method=method,
+                                      options=dict(settings.editor.options), force=force, dry_run=dry_run,
+                                      actor=actor, batch=batch, subject=item.subject)
+                if out is None:
+                    raise BadInput("the daemon stopped during the batch; the rest was not edited")
             except Exception:
                 # The facts before this one are each applied (or not) and audited on their own: say so, then fail.
                 print(f"kbsync: batch {batch} stopped at line {item.line} ({item.label}); "
                       f"{len(results)} of {len(items)} edits done before it", file=sys.stderr)
                 raise
-            row["fact"] = item.label
-            results.append(row)
-            if not as_json:
-                ident = f"edit {row['edit_id']}" if row["edit_id"] is not None else "not recorded (dry run)"
-                colour = {"applied": "green", "rejected": "red"}.get(row["status"], "yellow")
-                console.print(f"line {item.line}: {esc(item.label)}: [{colour}]{esc(str(row['status']))}[/] "
-                              f"({esc(ident)}, {esc(str(row['method']))})"
-                              + ("" if row["status"] == "applied" else f" {esc('; '.join(row['reasons']))}"))
+            _batch_line(item, {"line": item.line, "status": out.get("status"), "edit_id": out.get("edit_id"),
+                               "method": out.get("method"), "reasons": out.get("reasons") or [], "via": "daemon"},
+                        results, as_json)
     finally:
         if pipeline is not None:
             pipeline.close()
@@ -165,10 +175,12 @@ def _edit_batch(settings: Any, items: list[Any], *, method: str | None, force: b
     for r in results:
         counts[str(r["status"])] = counts.get(str(r["status"]), 0) + 1
     if as_json:
-        print(json.dumps({"batch": batch, "dry_run": dry_run, "counts": counts, "edits": results}, indent=2))
+        print(json.dumps({"batch": batch, "dry_run": dry_run, "counts": counts, "joint": joint, "edits": results},
+                         indent=2))
     else:
         console.print(f"batch {batch}{' (dry run)' if dry_run else ''}: "
-                      + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+                      + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+                      + (f"; lines {', '.join(map(str, joint))} judged as one update" if joint else ""))
     if counts.get("rejected"):
         raise typer.Exit(EXIT_REJECTED)
 

@@ -245,6 +245,11 @@ def test_batch_edit_checks_the_whole_file_first_and_links_its_rows(cli, tmp_path
 
     batch.write_text(f'{india}\n{{"phrase": "currency of Japan", "target": "Euro"}}\n\n'
                      '{"phrase": "capital of Kenya", "target": "Nairobi"}\n')
+    # --singles: one fact after another (each on the model the previous one left); a dry run writes nothing.
+    r = cli("edit", "--batch", str(batch), "--method", "ft-layer", "--singles", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    dry = json.loads(r.stdout)
+    assert dry["counts"] == {"applied": 2, "noop": 1} and dry["joint"] == [] and rows(cli.url) == [], dry
     r = cli("edit", "--batch", str(batch), "--method", "ft-layer", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)

@@ -37,6 +37,7 @@ def edit(
     raw_target: Annotated[Optional[str], typer.Option("--target", help="Raw form: the new completion.")] = None,
     subject: Annotated[Optional[str], typer.Option("--subject", help="Raw form: the entity the prompt names (it must occur in it); the default gated method fires on it.")] = None,
     batch_file: Annotated[Optional[Path], typer.Option("--batch", help='Edit every fact of a JSON-lines file ({"phrase": ..., "target": ...} or {"prompt": ..., "subject": ..., "target": ...} per line), each checked and audited, the rows linked by one batch id; the whole file is checked first.')] = None,
+    singles: Annotated[bool, typer.Option("--singles", help="(--batch) Edit the facts one after another, each checked on the model the previous one left, instead of as one update.")] = False,
     method: Annotated[Optional[str], typer.Option("--method", help="Edit method (ke, ke-loop, ft-layer (alias ft), ft-all, zhu); default from settings.")] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="Method option KEY=VALUE (e.g. lr=1e-3), repeatable.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Commit even if the regression check fails (recorded).")] = False,
@@ -64,7 +65,8 @@ def edit(
         from kbsync.batch import read_batch
 
         items = read_batch(batch_file)
-        _edit_batch(settings, items, method=method, force=force, dry_run=dry_run, actor=actor or "", as_json=as_json)
+        _edit_batch(settings, items, method=method, force=force, dry_run=dry_run, actor=actor or "", as_json=as_json,
+                    singles=singles)
         return
     if prompt is not None or raw_target is not None:
         if phrase is not None or target is not None:
@@ -115,6 +117,12 @@ def edit(
         raise typer.Exit(EXIT_REJECTED)
 
 
+def _row(item: Any, out: Any, dry_run: bool) -> dict[str, Any]:
+    """One fact's result from its EditOutcome."""
+    return {"line": item.line, "status": out.status, "edit_id": None if dry_run else out.edit.id,
+            "method": out.edit.method, "reasons": list(out.edit.reasons)}
+
+
 def _batch_line(item: Any, row: dict[str, Any], results: list[dict[str, Any]], as_json: bool) -> None:
     """Keep one fact's result and print its line (unless --json)."""
     row["fact"] = item.label
@@ -128,8 +136,9 @@ def _batch_line(item: Any, row: dict[str, Any], results: list[dict[str, Any]], a
 
 
 def _edit_batch(settings: Any, items: list[Any], *, method: str | None, force: bool, dry_run: bool, actor: str,
-                as_json: bool) -> None:
-    """A batch through the running daemon (one fact at a time), else here as one update (kbsync.batch_edit); a line each."""
+                as_json: bool, singles: bool = False) -> None:
+    """A batch through the running daemon (one fact at a time), else here as one update (kbsync.batch_edit) or,
+    with singles, one fact at a time; a line each."""
     from kbsync.batch import new_batch_id
     from kbsync.daemon_client import edit_via_daemon, running_daemon
 
@@ -143,31 +152,35 @@ def _edit_batch(settings: Any, items: list[Any], *, method: str | None, force: b
         pipeline = EditPipeline(settings, audit=AuditLog.open(settings.store.db_url))
     joint: list[int] = []
     try:
-        if pipeline is not None:
+        if pipeline is not None and not singles:
             # Here, one update: every fact proposed on the same model and judged together (kbsync.batch_edit).
             from kbsync.batch_edit import edit_batch
 
             done = edit_batch(pipeline, items, method=method, force=force, dry_run=dry_run, actor=actor, batch=batch)
             joint = [items[i].line for i in done.joint]
             for item, out in zip(items, done.outcomes):
-                _batch_line(item, {"line": item.line, "status": out.status,
-                                   "edit_id": None if dry_run else out.edit.id, "method": out.edit.method,
-                                   "reasons": list(out.edit.reasons)}, results, as_json)
-        for item in items if pipeline is None else []:
+                _batch_line(item, _row(item, out, dry_run), results, as_json)
+        # One fact at a time: through the daemon (its API edits one fact per request), or here with --singles.
+        for item in items if pipeline is None or singles else []:
             try:
-                out = edit_via_daemon(settings, item.what, item.target, method=method,
-                                      options=dict(settings.editor.options), force=force, dry_run=dry_run,
-                                      actor=actor, batch=batch, subject=item.subject)
-                if out is None:
-                    raise BadInput("the daemon stopped during the batch; the rest was not edited")
+                if pipeline is not None:
+                    row = _row(item, pipeline.edit_fact(item.what, item.target, method=method, force=force,
+                                                        dry_run=dry_run, actor=actor, batch=batch,
+                                                        subject=item.subject), dry_run)
+                else:
+                    out = edit_via_daemon(settings, item.what, item.target, method=method,
+                                          options=dict(settings.editor.options), force=force, dry_run=dry_run,
+                                          actor=actor, batch=batch, subject=item.subject)
+                    if out is None:
+                        raise BadInput("the daemon stopped during the batch; the rest was not edited")
+                    row = {"line": item.line, "status": out.get("status"), "edit_id": out.get("edit_id"),
+                           "method": out.get("method"), "reasons": out.get("reasons") or [], "via": "daemon"}
             except Exception:
                 # The facts before this one are each applied (or not) and audited on their own: say so, then fail.
                 print(f"kbsync: batch {batch} stopped at line {item.line} ({item.label}); "
                       f"{len(results)} of {len(items)} edits done before it", file=sys.stderr)
                 raise
-            _batch_line(item, {"line": item.line, "status": out.get("status"), "edit_id": out.get("edit_id"),
-                               "method": out.get("method"), "reasons": out.get("reasons") or [], "via": "daemon"},
-                        results, as_json)
+            _batch_line(item, row, results, as_json)
     finally:
         if pipeline is not None:
             pipeline.close()

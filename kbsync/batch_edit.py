@@ -17,7 +17,7 @@ of one subject in one batch are judged together, so an interaction shows up as a
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +43,13 @@ class BatchOutcome:
 
 
 def edit_batch(pipeline: Any, items: Sequence[Any], *, method: str | None = None, force: bool = False,
-               dry_run: bool = False, actor: str = "", batch: str = "", source: str = "cli") -> BatchOutcome:
-    """Edit every item (kbsync.batch.BatchItem) as one update where it can, as a single edit where it cannot."""
+               dry_run: bool = False, actor: str = "", batch: str = "", source: str = "cli",
+               single: Callable[[int], Any] | None = None) -> BatchOutcome:
+    """Edit every item (kbsync.batch.BatchItem) as one update where it can, as a single edit where it cannot.
+
+    single(i), when given, edits item i the single way instead of pipeline.edit_fact (the daemon's,
+    which records a failure as an owed change instead of raising); its result is item i's outcome.
+    """
     from kbsync.pipeline import EditOutcome, _checks, default_actor
 
     start = time.perf_counter()
@@ -130,6 +135,7 @@ def edit_batch(pipeline: Any, items: Sequence[Any], *, method: str | None = None
             done[i] = out
     for i, it in enumerate(items):  # the rest, one at a time with the fallback methods
         if i not in done:
-            done[i] = pipeline.edit_fact(it.what, it.target, method=method, force=force, dry_run=dry_run,
-                                         source=source, actor=actor, batch=batch, subject=it.subject)
+            done[i] = single(i) if single is not None else pipeline.edit_fact(
+                it.what, it.target, method=method, force=force, dry_run=dry_run, source=source, actor=actor,
+                batch=batch, subject=it.subject)
     return BatchOutcome([done[i] for i in range(len(items))], joint, time.perf_counter() - start)

@@ -31,7 +31,7 @@ from kbsync.audit.models import Edit
 from kbsync.config import Settings
 from kbsync.errors import KbsyncError
 from kbsync.facts import Fact, render
-from kbsync.pipeline import EditPipeline, default_actor
+from kbsync.pipeline import EditOutcome, EditPipeline, default_actor
 from kbsync.store import DeltaStore
 
 log = logging.getLogger("kbsync.daemon")
@@ -180,6 +180,19 @@ class Engine:
                                           source=source, actor=actor or default_actor(), batch=batch,
                                           subject=subject)
         return EditSummary.of(out.edit, dry_run, out.earlier_attempts())
+
+    def edit_batch(self, facts: list[Fact], *, method: str | None = None, source: str = "daemon", actor: str = "",
+                   batch: str = "", single: Any = None) -> list[Any]:
+        """Facts (each to its own object) as one update (kbsync.batch_edit); per fact an EditSummary, or single(i)'s result."""
+        from kbsync.batch import BatchItem
+        from kbsync.batch_edit import edit_batch
+
+        items = [BatchItem(n + 1, f, f.object.label) for n, f in enumerate(facts)]
+        with self.edit_lock:
+            out = edit_batch(self.pipeline, items, method=method, source=source, actor=actor or default_actor(),
+                             batch=batch, single=single)
+        return [EditSummary.of(o.edit, False, o.earlier_attempts()) if isinstance(o, EditOutcome) else o
+                for o in out.outcomes]
 
     @contextlib.contextmanager
     def _options(self, options: dict[str, Any] | None) -> Iterator[None]:

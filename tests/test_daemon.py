@@ -293,3 +293,31 @@ def test_the_changes_one_poll_finds_are_one_batch(tmp_path: Path, tiny_llama_dir
     later = [e.id for e in d.audit.history(status="applied", limit=None) if e.id > folded[0].id]
     assert d.engine.pipeline.load_served_model().edit_ids[0] == folded[0].id
     assert d.engine.pipeline.load_served_model().edit_ids[1:] == sorted(later)
+
+
+def test_a_polls_changes_are_one_gated_update(tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB,
+                                              daemons: list[Daemon]) -> None:
+    """With the gated method, the two changes one poll finds are proposed on one model and judged together:
+    each applied as its own row and delta (metrics.joint = 2, one batch id), both answered, each revertible."""
+    from tests.test_serve import tiny_settings
+
+    s = tiny_settings(tmp_path, tiny_llama_dir)
+    s.kb.endpoint, s.kb.watchlist = kb.endpoint, ["India|P36", "Peru|P36"]
+    s.kb.timeout, s.kb.max_retries, s.kb.backoff_base = 5, 1, 0.05
+    s.daemon.poll_interval = 0.3
+    s.daemon.method, s.daemon.method_options = "gated", {"embeddings": True, "prefixes": 0}
+    d = Daemon(s).open()
+    daemons.append(d)
+    assert d.tick() is not None  # primed
+    peru = ask(d, "What is the capital of Peru?")
+    kb.set_fact("P36", "India", "Paris")
+    kb.set_fact("P36", "Peru", "Tokyo")
+    result = d.tick()
+    assert result is not None and result.outcomes == {"applied": 2}, [(e.method, e.reasons, e.metrics.get("joint")) for e in d.audit.history()]
+    rows = d.audit.history(status="applied", limit=None)
+    assert {e.subject_label for e in rows} == {"India", "Peru"}
+    assert all(e.method == "gated" and e.metrics["joint"] == 2 for e in rows), [e.metrics for e in rows]
+    assert len({e.metrics["batch"] for e in rows}) == 1 and len({e.delta_path for e in rows}) == 2
+    assert ask(d, "What is the capital of India?") == "Paris" and ask(d, "What is the capital of Peru?") == "Tokyo"
+    d.engine.revert(next(e.id for e in rows if e.subject_label == "Peru"))
+    assert ask(d, "What is the capital of Peru?") == peru and ask(d, "What is the capital of India?") == "Paris"

@@ -279,16 +279,24 @@ class Daemon:
             # The changes one poll found are one batch: their rows share metrics.batch (kbsync history --batch).
             batch = new_batch_id() if len({f.key for f in facts}) > 1 else ""
             done_slots: set[tuple[str, str]] = set()
+            todo: list[Fact] = []
             for fact in facts:
-                if self.stopping.is_set():
-                    log.info("stopping: %d fact(s) left for the next start", len(facts) - sum(result.outcomes.values()))
-                    result.seconds = time.monotonic() - started
-                    return result
                 if fact.key in done_slots:
                     # A multi-valued slot reports each value; the model takes one answer per question.
                     result.outcomes["skipped"] = result.outcomes.get("skipped", 0) + 1
                     continue
                 done_slots.add(fact.key)
+                todo.append(fact)
+            if len(todo) > 1:
+                # One update (kbsync/batch_edit.py): proposed on one model, judged together; a fact it
+                # cannot take goes the single way (_edit: fallbacks, a failure recorded as owed).
+                for status in self._edit_joint(todo, batch):
+                    result.outcomes[status] = result.outcomes.get(status, 0) + 1
+            for fact in todo if len(todo) == 1 else []:
+                if self.stopping.is_set():
+                    log.info("stopping: %d fact(s) left for the next start", len(facts) - sum(result.outcomes.values()))
+                    result.seconds = time.monotonic() - started
+                    return result
                 status = self._edit(fact, batch)
                 result.outcomes[status] = result.outcomes.get(status, 0) + 1
             # Every fact of the poll has an audit row now (failures too), so the cursor may move on.
@@ -353,6 +361,39 @@ class Daemon:
             return
         if n:
             log.info("retain cache: %d item(s) computed for the served weights (%.1f s)", n, time.monotonic() - t)
+
+    def _edit_joint(self, facts: list[Fact], batch: str) -> list[str]:
+        """A poll's facts as one update; each fact's status (the ones it cannot take edited by _edit)."""
+        method, actor = self.settings.daemon.method or None, self.settings.daemon.actor
+        singles: dict[int, str] = {}
+
+        def single(i: int) -> str:
+            singles[i] = self._edit(facts[i], batch)
+            return singles[i]
+
+        self.in_flight = {"subject": f"{len(facts)} facts as one update", "batch": batch, "since": now_iso()}
+        self.write_state()
+        try:
+            out = self.engine.edit_batch(facts, method=method, source="daemon", actor=actor, batch=batch,
+                                         single=single)
+        except Exception as e:
+            # The joint part failed before its commits (the audit log, the store): every fact the single way.
+            log.warning("batch %s: the joint update failed (%s); editing its %d facts one by one", batch, e, len(facts))
+            out = [singles.get(i) or self._edit(f, batch) for i, f in enumerate(facts)]
+        finally:
+            self.in_flight = None
+        statuses = []
+        for i, o in enumerate(out):
+            if isinstance(o, str):  # edited by _edit, which logged and counted it
+                statuses.append(o)
+                continue
+            f = facts[i]
+            log.info("%s of %s = %s (rev %s): %s (edit %s, one update of %d)", get_relation(f.property).label,
+                     f.subject.label, f.object.label, f.revision, o.status, o.edit_id, len(facts))
+            self.counts[o.status] = self.counts.get(o.status, 0) + 1
+            statuses.append(o.status)
+        self.write_state()
+        return statuses
 
     def _consolidate_if_due(self) -> None:
         """Consolidate when daemon.consolidate_every applied edits stack outside a consolidation (a failure is logged)."""

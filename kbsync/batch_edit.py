@@ -1,6 +1,7 @@
 """A batch of facts as one update: every proposal made on the same model, judged together, each committed as its own row.
 
-`kbsync edit --batch FILE` (without a daemon) hands the batch here. Singles would each re-check the
+`kbsync edit --batch FILE` (without a daemon) and the daemon (the changes one poll finds,
+Engine.edit_batch) hand their facts here. Singles would each re-check the
 model the previous one left; here the configured method proposes every fact on the model as the
 batch found it, the proposals are summed and judged once: each fact's own probes with all of them
 applied (one batched generation per prompt style), and one retain check of the sum. A fact whose

@@ -133,7 +133,7 @@ def install(app: FastAPI, api: ApiServer) -> None:
                     f"{lines}</table>")
 
         revert = ""
-        if e.status == "applied":
+        if e.status in ("applied", "consolidation"):  # a consolidation reverts to its edits' own deltas
             revert = (f"<h2>Revert</h2><form id=revert data-url='/edits/{e.id}/revert'>"
                       "token <input name=token type=password size=24 required> actor <input name=actor size=12> "
                       "reason <input name=reason size=30> <button>Revert this edit</button></form>"

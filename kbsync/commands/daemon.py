@@ -104,7 +104,8 @@ def _counts(settings) -> dict[str, int]:
             rows = c.execute(sa.select(Edit.status, sa.func.count()).where(Edit.source == "daemon").group_by(Edit.status))
             counts = {status: n for status, n in rows}
         owed = len(audit.owed())
-    return {**{k: counts.get(k, 0) for k in ("pending", "applied", "rejected", "noop", "failed", "reverted")},
+    return {**{k: counts.get(k, 0) for k in ("pending", "applied", "rejected", "noop", "failed", "reverted",
+                                             "consolidation")},
             "owed": owed}
 
 

@@ -125,6 +125,8 @@ def edit_batch(pipeline: Any, items: Sequence[Any], *, method: str | None = None
             t, r = targets[i], proposals[i]
             t.row.metrics.update({BASE_FINGERPRINT: served.base_fingerprint, "joint": len(joint),
                                   "seconds": {"batch": round(time.perf_counter() - start, 3)}})
+            if "fires_on" in r.delta.meta:  # a gated edit's scope, as a single edit records it
+                t.row.metrics["fires_on"] = list(r.delta.meta["fires_on"])
             out = EditOutcome(t.row, before[i], after[i], retain, dry_run=dry_run, repairs=pipeline.repairs,
                               synced=synced)
             if not dry_run:

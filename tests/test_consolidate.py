@@ -252,6 +252,7 @@ def test_a_batch_is_one_update_and_a_fact_it_cannot_take_goes_the_single_way(lla
         assert out.joint == list(range(10)), [(o.status, o.edit.reasons) for o in out.outcomes]
         rows = [o.edit for o in out.outcomes]
         assert all(r.status == "applied" and r.method == "gated" and r.metrics["joint"] == 10 for r in rows[:10])
+        assert all(r.metrics["fires_on"] for r in rows[:10])  # each row says what its gate fires on
         assert rows[10].method == "ft-layer" and "joint" not in rows[10].metrics  # gated refused it (no subject)
         assert {r.metrics["batch"] for r in rows} == {"ab12"} and len({r.id for r in rows}) == 11
         assert ask(p, targets) == [f.object.label for f in targets]

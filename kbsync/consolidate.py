@@ -29,7 +29,7 @@ from typing import Any
 
 from editor.delta import Delta
 from editor.methods import EditRequest, canonical
-from kbsync.audit.models import BASE_FINGERPRINT, CONSOLIDATES, Edit, EditCheck
+from kbsync.audit.models import BASE_FINGERPRINT, CONSOLIDATES, Edit
 from kbsync.corpus import default_fact_table
 from kbsync.errors import BadInput, Busy
 from kbsync.match import match
@@ -113,7 +113,7 @@ def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", 
     model and when there is nothing to consolidate; a rejected consolidation is recorded (its
     reasons say which facts it lost or which limit it broke) and changes nothing.
     """
-    from kbsync.pipeline import _Clock, default_actor
+    from kbsync.pipeline import _checks, _Clock, default_actor
     from kbsync.store import StoreLocked
 
     served = pipeline.load_served_model()
@@ -162,9 +162,7 @@ def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", 
             if dry_run:
                 row.status = "consolidation" if row.status == "pending" else row.status  # what it would be
                 return outcome
-            checks = [EditCheck(kind="retain", prompt=c.item.prompt, expected=c.before, before=c.before,
-                                after=c.after, kl=c.kl, ok=c.unchanged) for c in outcome.retain.checks] \
-                if outcome.retain else []
+            checks = _checks([], [], outcome.retain) if outcome.retain else []  # the retain rows, as an edit's
             if row.status == "rejected":
                 outcome.edit = audit.record(row, checks)
                 return outcome
@@ -249,12 +247,7 @@ def _judge(pipeline: Any, served: Any, delta: Delta, facts: list[Held], before: 
         shown = ", ".join(f"edit {i} ({before[i]!r} -> {after[i]!r})" for i in lost[:5])
         reasons.append(f"loses {len(lost)} of the {len(held)} facts the stack held: {shown}"
                        + (" ..." if len(lost) > 5 else ""))
-    if m["mean_kl"] > reg.max_mean_kl:
-        reasons.append(f"mean retain KL {m['mean_kl']:.4g} > {reg.max_mean_kl:g}")
-    if m["max_kl"] > reg.max_kl:
-        reasons.append(f"max retain KL {m['max_kl']:.4g} > {reg.max_kl:g}")
-    if m["unchanged"] < reg.min_unchanged:
-        reasons.append(f"unchanged retain answers {m['unchanged']:.1%} < {reg.min_unchanged:.1%}")
+    reasons += retain.broken_limits(reg)
     ids = [e.id for e in members]
     row = Edit(method="consolidate", status="rejected" if reasons else "pending", reasons=reasons,
                question=f"consolidation of {len(ids)} applied edit(s)" + (f" without {', '.join(map(str, without))}"

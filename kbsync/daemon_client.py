@@ -167,12 +167,8 @@ def revert_via_daemon(settings: Settings, edit_id: int, *, actor: str = "", reas
     holds this data directory but does not answer is an error: reverting behind its back would
     leave it serving the edit.
     """
-    client = running_daemon(settings)
+    client = _holding_daemon(settings)
     if client is None:
-        pid = daemon_holding(settings)
-        if pid is not None:
-            raise DaemonError(f"a kbsync daemon (pid {pid}) runs over {settings.store.data_path} but its API does "
-                              "not answer (still starting?); retry, or stop it first")
         return None
     out = client.revert(edit_id, actor=actor or _user() or None, reason=reason)
     return client.edit_row(int(out["edit_id"]))
@@ -181,14 +177,25 @@ def revert_via_daemon(settings: Settings, edit_id: int, *, actor: str = "", reas
 def consolidate_via_daemon(settings: Settings, without: list[int], *, dry_run: bool = False, actor: str = "",
                            reason: str = "") -> dict[str, Any] | None:
     """For `kbsync consolidate`: consolidate in the running daemon, whose model serves the edits; None when none runs."""
+    client = _holding_daemon(settings)
+    if client is None:
+        return None
+    return client.consolidate(without, dry_run=dry_run, actor=actor or _user() or None, reason=reason)
+
+
+def _holding_daemon(settings: Settings) -> DaemonClient | None:
+    """The running daemon's client; None when none holds the data dir; DaemonError when one holds it but does not answer.
+
+    For changes its served model must make itself (revert, consolidate): done behind its back, it
+    would go on serving the old stack.
+    """
     client = running_daemon(settings)
     if client is None:
         pid = daemon_holding(settings)
         if pid is not None:
             raise DaemonError(f"a kbsync daemon (pid {pid}) runs over {settings.store.data_path} but its API does "
                               "not answer (still starting?); retry, or stop it first")
-        return None
-    return client.consolidate(without, dry_run=dry_run, actor=actor or _user() or None, reason=reason)
+    return client
 
 
 def _user() -> str:

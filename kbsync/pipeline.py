@@ -337,12 +337,7 @@ class EditPipeline:
         reasons = []
         if not after[0].ok:
             reasons.append(f"the edit did not take: the model answers {after[0].prediction!r}")
-        if m["mean_kl"] > reg.max_mean_kl:
-            reasons.append(f"mean retain KL {m['mean_kl']:.4g} > {reg.max_mean_kl:g}")
-        if m["max_kl"] > reg.max_kl:
-            reasons.append(f"max retain KL {m['max_kl']:.4g} > {reg.max_kl:g}")
-        if m["unchanged"] < reg.min_unchanged:
-            reasons.append(f"unchanged retain answers {m['unchanged']:.1%} < {reg.min_unchanged:.1%}")
+        reasons += retain.broken_limits(reg)
         if para_acc is not None and para_acc < reg.min_paraphrase_accuracy:
             reasons.append(f"paraphrase accuracy {para_acc:.1%} < {reg.min_paraphrase_accuracy:.1%}")
         if reg.keep_applied and (undone := self._undone(retain)):

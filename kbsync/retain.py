@@ -97,6 +97,17 @@ class RetainReport:
         return {"mean_kl": self.mean_kl, "max_kl": self.max_kl, "unchanged": self.unchanged,
                 "retain_size": len(self.checks), "finite": self.finite}
 
+    def broken_limits(self, reg: Any) -> list[str]:
+        """One reason per regression limit (reg: [regression] settings) this check breaks: mean KL, max KL, unchanged."""
+        reasons = []
+        if self.mean_kl > reg.max_mean_kl:
+            reasons.append(f"mean retain KL {self.mean_kl:.4g} > {reg.max_mean_kl:g}")
+        if self.max_kl > reg.max_kl:
+            reasons.append(f"max retain KL {self.max_kl:.4g} > {reg.max_kl:g}")
+        if self.unchanged < reg.min_unchanged:
+            reasons.append(f"unchanged retain answers {self.unchanged:.1%} < {reg.min_unchanged:.1%}")
+        return reasons
+
     def changed(self) -> list[RetainCheck]:
         """The items whose answer changed, worst KL first."""
         return sorted((c for c in self.checks if not c.unchanged), key=lambda c: -c.kl)

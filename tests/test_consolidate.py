@@ -21,10 +21,9 @@ from kbsync.consolidate import ConsolidationBusy
 from kbsync.errors import BadInput
 from kbsync.pipeline import EditPipeline
 from kbsync.facts import Entity, Fact
+from tests.test_locate_edit import LOCATE  # the alphaedit settings its 50-edit test measured on the tiny Llama
 
 GATED = {"embeddings": True, "prefixes": 0}
-LOCATE = {"position": "last", "layers": (1, 2), "clamp_norm": 1.0, "v_loss_stop": 0.3, "v_steps": 12, "l2": 1.0,
-          "stats_tokens": 3000, "prefixes": 0}
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# (again when a dependency is missing: an older venv lacks pytest-xdist, fastapi, uvicorn or openai)
-.venv/bin/python -c "import xdist, fastapi, uvicorn, openai" 2>/dev/null || KBSYNC_SETUP_STATS=0 bash scripts/setup.sh
+# (again when a dependency is missing: an older venv lacks pytest-xdist, fastapi, uvicorn or openai,
+# or has a pytest whose ids drop xdist's groups, see pyproject.toml)
+.venv/bin/python -c "import xdist, fastapi, uvicorn, openai, pytest
+assert tuple(int(v) for v in pytest.__version__.split('.')[:2]) < (9, 2)" 2>/dev/null || KBSYNC_SETUP_STATS=0 bash scripts/setup.sh
 
 # The review page's test drives a real headless chromium. In CI a browser that cannot be installed
 # fails the run; elsewhere (no root, no network) that one test is skipped.

@@ -24,6 +24,8 @@ from kbsync.facts import Entity, Fact
 from tests.test_locate_edit import LOCATE  # the alphaedit settings its 50-edit test measured on the tiny Llama
 
 GATED = {"embeddings": True, "prefixes": 0}
+# scripts/test.sh runs --dist loadgroup: the tests on the 50-edit stack share one worker, which builds it once.
+STACK = pytest.mark.xdist_group("consolidate_stack")
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +83,7 @@ def copy_store(src, dst):
     shutil.copy(src / "audit.db", dst / "audit.db")
 
 
+@STACK
 def test_a_consolidated_delta_answers_every_fact_the_stack_did_and_replaces_it(llama4, stacked, tmp_path):
     base, facts = llama4
     copy_store(stacked[0], tmp_path)
@@ -112,6 +115,7 @@ def test_a_consolidated_delta_answers_every_fact_the_stack_did_and_replaces_it(l
         p.close()
 
 
+@STACK
 def test_consolidating_without_an_edit_takes_out_exactly_that_fact(llama4, stacked, tmp_path):
     base, facts = llama4
     copy_store(stacked[0], tmp_path)
@@ -168,6 +172,7 @@ def test_alphaedit_edits_are_re_solved_jointly_and_a_mixed_stack_consolidates(ll
         p.close()
 
 
+@STACK
 def test_a_crash_mid_consolidation_leaves_the_previous_state_serving(llama4, stacked, tmp_path):
     """A process killed after writing the consolidated delta, before its row flips: the next start fails
     the pending row, moves the file to orphans/ and serves the 50 deltas as before."""
@@ -204,6 +209,7 @@ def test_a_crash_mid_consolidation_leaves_the_previous_state_serving(llama4, sta
         p.close()
 
 
+@STACK
 def test_a_consolidation_while_an_edit_holds_the_store_is_refused(llama4, stacked, tmp_path):
     base, _ = llama4
     copy_store(stacked[0], tmp_path)

@@ -114,6 +114,9 @@ class DaemonConfig:
     # After a poll, consolidate (kbsync consolidate) once this many applied edits stack outside a
     # consolidation; 0: never. A rejected consolidation is tried again this many edits later.
     consolidate_every: int = 0
+    # Also consolidate at these times of day, UTC ("HH:MM", e.g. ["03:00"] for a quiet hour): at the
+    # first poll from then on, if any applied edit stacks outside the consolidation. Either trigger may fire.
+    consolidate_at: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -292,6 +295,14 @@ def _device(value: Any) -> str | None:
     return None if isinstance(value, str) and DEVICE_PATTERN.fullmatch(value) else "auto, cpu, cuda or cuda:N"
 
 
+CLOCK_TIME = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
+
+
+def _clock_times(v: list[str]) -> str | None:
+    ok = all(isinstance(t, str) and CLOCK_TIME.fullmatch(t.strip()) for t in v)
+    return None if ok else 'a list of UTC times of day "HH:MM" (00:00 to 23:59), e.g. ["03:00"]'
+
+
 def _modes() -> Check:
     from kbsync.kb import MODES
 
@@ -334,6 +345,7 @@ RULES: dict[str, Check] = {
     "daemon.start_timeout": _seconds(positive=True),
     "daemon.stop_timeout": _seconds(positive=True),
     "daemon.consolidate_every": _between(0, 1_000_000),
+    "daemon.consolidate_at": _clock_times,
     "serve.max_prompts": _between(1, 10_000),
     "serve.max_prompt_chars": _between(1, 1_000_000),
     "serve.max_target_chars": _between(1, 100_000),

@@ -63,6 +63,8 @@ def test_unknown_sections_and_top_level_keys_are_errors(tmp_path):
     ('[daemon]\nport = "80"', "daemon.port must be a whole number, not '80'"),
     ("[daemon]\nport = 80.5", "daemon.port must be a whole number, not 80.5"),
     ("[daemon]\nmethod_options = 3", "daemon.method_options must be a table ([daemon.method_options] in the config file), not 3"),
+    ('[daemon]\nconsolidate_at = ["3:00"]', 'daemon.consolidate_at must be a list of UTC times of day "HH:MM" (00:00 to 23:59), e.g. ["03:00"], not [\'3:00\']'),
+    ('[daemon]\nconsolidate_at = ["03:00", "24:00"]', 'daemon.consolidate_at must be a list of UTC times of day "HH:MM" (00:00 to 23:59), e.g. ["03:00"], not [\'03:00\', \'24:00\']'),
     ("[regression]\nretain_size = -1", "regression.retain_size must be between 0 and 1000000, not -1"),
     ('[regression]\nretain_size = "200"', "regression.retain_size must be a whole number, not '200'"),
     ("[regression]\nmin_unchanged = 1.5", "regression.min_unchanged must be between 0 and 1, not 1.5"),

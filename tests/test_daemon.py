@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kbsync.daemon import Daemon, parse_watchlist, read_state
+from kbsync.daemon.core import next_clock_time
 from kbsync.errors import BadInput
 from kbsync.kb.local import LocalKB
 from kbsync.retain import BaseCache
@@ -293,6 +294,41 @@ def test_the_changes_one_poll_finds_are_one_batch(tmp_path: Path, tiny_llama_dir
     later = [e.id for e in d.audit.history(status="applied", limit=None) if e.id > folded[0].id]
     assert d.engine.pipeline.load_served_model().edit_ids[0] == folded[0].id
     assert d.engine.pipeline.load_served_model().edit_ids[1:] == sorted(later)
+
+
+def test_the_daemon_consolidates_at_a_scheduled_time_of_day(tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB,
+                                                            daemons: list[Daemon]) -> None:
+    """daemon.consolidate_at = ["03:00"]: the first poll from 03:00 UTC on consolidates what stacks (a daemon
+    row whose reason names the slot), the next slot is a day later, and a slot with nothing new stacked writes
+    nothing; before the slot a poll only edits."""
+    from datetime import datetime, timezone
+
+    d = make_daemon(tmp_path, tiny_llama_dir, kb.endpoint)
+    daemons.append(d)
+    d.settings.daemon.consolidate_at = ["03:00"]
+    now = datetime(2026, 12, 1, 2, 50, tzinfo=timezone.utc)
+    d.clock = lambda: now
+    d.next_consolidation = next_clock_time(d.settings.daemon.consolidate_at, now)
+    assert d.next_consolidation == datetime(2026, 12, 1, 3, 0, tzinfo=timezone.utc)
+    assert next_clock_time(["15:30", "03:00"], datetime(2026, 12, 1, 15, 30, tzinfo=timezone.utc)) == \
+        datetime(2026, 12, 2, 3, 0, tzinfo=timezone.utc)
+    assert next_clock_time([], now) is None
+    assert d.tick() is not None  # primed
+    kb.set_fact("P36", "Nigeria", "Lagos")
+    assert d.tick().outcomes == {"applied": 1}
+    assert d.audit.history(status="consolidation", limit=None) == []
+    assert d.summary()["next_consolidation"] == "2026-12-01T03:00:00+00:00"
+    now = datetime(2026, 12, 1, 3, 4, tzinfo=timezone.utc)
+    assert d.tick() is not None
+    folded = d.audit.history(status="consolidation", limit=None)
+    assert len(folded) == 1 and folded[0].source == "daemon", [(e.id, e.status, e.reasons) for e in d.audit.history()]
+    assert folded[0].metrics["reason"] == "daemon.consolidate_at 03:00 UTC"
+    assert ask(d, "What is the capital of Nigeria?") == "Lagos"
+    assert d.next_consolidation == datetime(2026, 12, 2, 3, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 12, 2, 3, 1, tzinfo=timezone.utc)  # nothing stacked since: no row
+    assert d.tick() is not None
+    assert [e.id for e in d.audit.history(status="consolidation", limit=None)] == [folded[0].id]
+    assert d.next_consolidation == datetime(2026, 12, 3, 3, 0, tzinfo=timezone.utc)
 
 
 def test_a_polls_changes_are_one_gated_update(tmp_path: Path, tiny_llama_dir: Path, kb: LocalKB,

@@ -69,7 +69,8 @@ def status(config: ConfigOpt = None, data_dir: DataDirOpt = None, db: DbOpt = No
     else:
         table = Table(title="kbsync daemon", show_header=False)
         table.add_row("running", f"[green]yes (pid {pid})" if live else "[red]no")
-        for key in ("url", "endpoint", "last_poll", "last_ok", "polls", "failures", "last_error", "in_flight"):
+        for key in ("url", "endpoint", "last_poll", "last_ok", "polls", "failures", "last_error", "in_flight",
+                    "next_consolidation"):
             if info.get(key) not in (None, ""):
                 table.add_row(key.replace("_", " "), esc(info[key]))
         cur = info["cursor"]

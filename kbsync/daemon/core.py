@@ -50,6 +50,16 @@ def owed_retry_at(owed: Any, settings: Settings) -> datetime:
     return owed.next_retry(settings.daemon.poll_interval, OWED_RETRY_MAX)
 
 
+def next_clock_time(times: list[str], after: datetime) -> datetime | None:
+    """The first of the UTC times of day ("HH:MM") strictly after `after`; None for no times."""
+    slots = []
+    for t in times:
+        hour, minute = (int(x) for x in t.strip().split(":"))
+        at = after.astimezone(timezone.utc).replace(hour=hour, minute=minute, second=0, microsecond=0)
+        slots.append(at if at > after else at + timedelta(days=1))
+    return min(slots, default=None)
+
+
 class _Until:
     """An Event-like stop signal for a loop of chunks: set when `event` is, or, from the second look on
     (so one chunk always runs), once the monotonic clock reaches `deadline`."""
@@ -108,6 +118,8 @@ class Daemon:
         self.next_retry: str | None = None
         # Stacked edits at the last rejected consolidation: the next try waits for consolidate_every more.
         self._consolidation_refused_at = 0
+        self.clock = lambda: datetime.now(timezone.utc)  # tests move it to a scheduled consolidation
+        self.next_consolidation = next_clock_time(settings.daemon.consolidate_at, self.clock())
 
     # --- wiring -------------------------------------------------------------------------
 
@@ -396,25 +408,35 @@ class Daemon:
         return statuses
 
     def _consolidate_if_due(self) -> None:
-        """Consolidate when daemon.consolidate_every applied edits stack outside a consolidation (a failure is logged)."""
-        every = self.settings.daemon.consolidate_every
-        if not every:
+        """Consolidate when daemon.consolidate_every applied edits stack outside a consolidation, or at a
+        daemon.consolidate_at time when any does (a failure is logged)."""
+        d = self.settings.daemon
+        now = self.clock()
+        slot = self.next_consolidation if self.next_consolidation is not None and now >= self.next_consolidation else None
+        if not d.consolidate_every and slot is None:
             return
         served = self.engine.pipeline.load_served_model()
         loose = sum(e.status == "applied" for e in self.audit.stack_in_order(served.base_fingerprint))
-        if loose < every or loose < self._consolidation_refused_at + every:
+        if slot is not None:
+            # A slot missed while an edit ran is taken once, at the next poll, not once per missed day.
+            self.next_consolidation = next_clock_time(d.consolidate_at, now)
+            if loose:
+                self._consolidate(loose, f"daemon.consolidate_at {slot:%H:%M} UTC")
             return
+        if loose >= d.consolidate_every and loose >= self._consolidation_refused_at + d.consolidate_every:
+            self._consolidate(loose, f"daemon.consolidate_every = {d.consolidate_every}")
+
+    def _consolidate(self, loose: int, reason: str) -> None:
         try:
-            out = self.engine.consolidate(source="daemon", actor=self.settings.daemon.actor,
-                                          reason=f"daemon.consolidate_every = {every}")
+            out = self.engine.consolidate(source="daemon", actor=self.settings.daemon.actor, reason=reason)
         except KbsyncError as e:
             log.warning("consolidation of %d stacked edit(s) failed: %s", loose, e)
             self._consolidation_refused_at = loose
             return
         if out["status"] == "consolidation":
             self._consolidation_refused_at = 0
-            log.info("consolidated %d edit(s) as edit %s (%.1f s)", len(out["consolidates"]), out["id"],
-                     out["metrics"]["seconds"])
+            log.info("consolidated %d edit(s) as edit %s (%.1f s; %s)", len(out["consolidates"]), out["id"],
+                     out["metrics"]["seconds"], reason)
         else:
             self._consolidation_refused_at = loose
             log.warning("consolidation of %d stacked edit(s) rejected (edit %s): %s", loose, out["id"],
@@ -493,6 +515,7 @@ class Daemon:
                 "last_ok": self.last_ok, "failures": self.failures, "last_error": self.last_error,
                 "backoff_s": round(backoff, 1), "in_flight": self.in_flight, "daemon_edits": dict(self.counts),
                 "owed": self.owed, "next_retry": self.next_retry,
+                "next_consolidation": self.next_consolidation.isoformat(timespec="seconds") if self.next_consolidation else None,
                 "endpoint": self.client.endpoint if self.client else None, "cursor": self.cursor_name,
                 "export": self.exporter.summary() if self.exporter else None}
 

@@ -22,8 +22,8 @@ without it; reverting the consolidation row goes back to the individual deltas.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,8 @@ from kbsync.errors import BadInput, Busy
 from kbsync.match import match
 from kbsync.retain import RetainReport, check_dict, is_question, measure, sample_retain
 
-# Facts are probed in chunks, each under the model lock: a request waits for one chunk at most.
+# Facts are probed (and retain items scored) in chunks, each under the model lock: a request waits
+# for one chunk at most, however many edits the stack holds.
 CHUNK = 16
 
 
@@ -85,11 +86,11 @@ def request_of(edit: Edit, delta: Delta) -> EditRequest:
     return EditRequest(edit.question, edit.object_label, question=is_question(edit.question))
 
 
-def answers(adapter: Any, facts: Sequence[Held], lock: Any) -> dict[int, str]:
-    """The model's greedy answer to each fact's prompt, a chunk at a time under lock."""
+def answers(adapter: Any, facts: Sequence[Held], hold: Callable[[], AbstractContextManager[Any]]) -> dict[int, str]:
+    """The model's greedy answer to each fact's prompt, a chunk at a time inside a fresh hold() (the model lock)."""
     out: dict[int, str] = {}
     for i in range(0, len(facts), CHUNK):
-        with lock:
+        with hold():
             for question in (True, False):
                 group = [f for f in facts[i:i + CHUNK] if f.request.question == question]
                 if group:
@@ -102,6 +103,24 @@ def holds(fact: Held, answer: str) -> bool:
     """Whether an answer is the fact's target under the match rules."""
     r = fact.request
     return match(answer, r.target, r.aliases, r.claim_prefix).ok
+
+
+@contextmanager
+def on_base(pipeline: Any, served: Any, delta: Delta | None = None) -> Iterator[None]:
+    """The model lock, the base model (ServedModel.bare) and the candidate applied, for one chunk of work.
+
+    Taken and given back per chunk, so generation waits for one chunk, not for a whole phase over
+    every fact; apply/remove is bit-exact, so the served weights between chunks are the stack's.
+    """
+    with pipeline.model_lock, served.bare():
+        if delta is None:
+            yield
+            return
+        delta.apply(served.adapter.model)
+        try:
+            yield
+        finally:
+            delta.remove(served.adapter.model)
 
 
 def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", source: str = "cli",
@@ -141,7 +160,7 @@ def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", 
             phases: dict[str, float] = {"deltas": time.perf_counter() - start}
             clock = _Clock(phases)
             with clock("stack_answers"):
-                before = answers(adapter, facts, lock)
+                before = answers(adapter, facts, lambda: lock)
             with clock("solve"):
                 delta = _solve(pipeline, served, members, deltas)
             with clock("repair"):
@@ -200,22 +219,20 @@ def _repair(pipeline: Any, served: Any, delta: Delta, held: list[Held], methods:
     few facts can fall short. Each is proposed again by its own method with the candidate applied,
     and the proposals are added to the candidate. Returns the delta and the repaired edits' ids.
     """
-    with pipeline.model_lock, served.bare():
-        delta.apply(served.adapter.model)
-        try:
-            now = answers(served.adapter, held, nullcontext())
-            missed = [f for f in held if not holds(f, now[f.edit_id])]
-            fixes = []
-            for f in missed:
+    now = answers(served.adapter, held, lambda: on_base(pipeline, served, delta))
+    missed = [f for f in held if not holds(f, now[f.edit_id])]
+    fixes = []
+    try:
+        for f in missed:  # one proposal per hold: as long as one edit's method phase
+            with on_base(pipeline, served, delta):
                 method = pipeline.method(methods[f.edit_id])
                 method.on_reset()
                 method.on_applied(-1, delta)  # AlphaEdit: the candidate's keys are those to keep
                 result = method.propose(f.request)
-                if result.success:
-                    fixes.append((f.edit_id, result.delta))
-        finally:
-            delta.remove(served.adapter.model)
-            served.replay()
+            if result.success:
+                fixes.append((f.edit_id, result.delta))
+    finally:
+        served.replay()
     if not fixes:
         return delta, []
     out = Delta.sum([delta, *(d for _, d in fixes)])
@@ -231,14 +248,13 @@ def _judge(pipeline: Any, served: Any, delta: Delta, facts: list[Held], before: 
     # Table facts only: the edited slots (every applied edit's, those left out included) are meant to differ.
     items = [i for i in sample_retain(pipeline.table or default_fact_table(), applied, reg.retain_size + len(applied), reg.seed)
              if not i.origin.startswith("edit:")][:reg.retain_size]
-    with pipeline.model_lock, served.bare():
-        base = pipeline.retain_cache.get(adapter, items)
-        retain = measure(adapter, items, base, delta, reg.tie_margin)
-        delta.apply(adapter.model)
-        try:
-            after = answers(adapter, facts, nullcontext())  # the lock is held for the whole judgement
-        finally:
-            delta.remove(adapter.model)
+    checks = []
+    for i in range(0, len(items), CHUNK):
+        with on_base(pipeline, served):
+            chunk = items[i:i + CHUNK]
+            checks += measure(adapter, chunk, pipeline.retain_cache.get(adapter, chunk), delta, reg.tie_margin).checks
+    retain = RetainReport(checks)
+    after = answers(adapter, facts, lambda: on_base(pipeline, served, delta))
     held = [f for f in facts if holds(f, before[f.edit_id])]
     lost = [f.edit_id for f in held if not holds(f, after[f.edit_id])]
     m = retain.summary()

@@ -116,6 +116,52 @@ def test_a_consolidated_delta_answers_every_fact_the_stack_did_and_replaces_it(l
 
 
 @STACK
+def test_a_consolidation_holds_the_model_for_one_chunk_of_facts_at_a_time(llama4, stacked, tmp_path):
+    """Generation waits for one chunk, however many edits stack: no hold of the model lock answers more
+    than CHUNK prompts or scores more than CHUNK retain items, and the served answers between holds are the stack's."""
+    import threading
+
+    from kbsync import consolidate as c
+
+    base, facts = llama4
+    copy_store(stacked[0], tmp_path)
+    p = EditPipeline(settings(tmp_path, "gated", GATED), adapter=copy.deepcopy(base))
+    try:
+        targets = moved(facts, 50)
+        before = ask(p, targets)
+        holds: list[int] = []  # prompts answered inside each hold
+
+        class CountingLock:
+            def __init__(self):
+                self.inner = threading.RLock()
+
+            def __enter__(self):
+                self.inner.acquire()
+                holds.append(0)
+
+            def __exit__(self, *exc):
+                self.inner.release()
+
+        predict = p.adapter.predict
+
+        def counted(prompts, *a, **k):
+            if holds:
+                holds[-1] += len(prompts)
+            return predict(prompts, *a, **k)
+
+        p.model_lock, p.adapter.predict = CountingLock(), counted
+        out = p.consolidate()
+        assert out.status == "consolidation", out.edit.reasons
+        assert out.edit.metrics["facts"] > c.CHUNK
+        # stack answers, repair and judge answers: each fact once per phase, a chunk per hold
+        assert len(holds) >= 3 * (out.edit.metrics["facts"] // c.CHUNK) and max(holds) <= c.CHUNK, holds
+        p.adapter.predict = predict
+        assert ask(p, targets) == before
+    finally:
+        p.close()
+
+
+@STACK
 def test_consolidating_without_an_edit_takes_out_exactly_that_fact(llama4, stacked, tmp_path):
     base, facts = llama4
     copy_store(stacked[0], tmp_path)

@@ -14,6 +14,7 @@ stack's curve beside it; writes JSON (resumable: finished rows are skipped).
     python benchmarks/consolidate.py --state benchmarks/out/seq100/alphaedit_shrink_True --limit 100 \\
         --at 10,25,50,100 --method memit --method alphaedit --grid cov_weight=0,15000
     python benchmarks/consolidate.py ... --method alphaedit --anchors 200 --grid anchor_weight=1,10
+    python benchmarks/consolidate.py --state DIR/ft-layer --at 100 --method ft-layer --grid consolidate_lr=1e-4
 """
 
 from __future__ import annotations
@@ -53,6 +54,24 @@ def targets(state: Path, n: int, method: Any) -> tuple[Any, Any]:
     return torch.stack(rows), torch.tensor(scales)
 
 
+def score(adapter: Any, base: Any, records: list[Any], delta: Any) -> dict[str, float]:
+    """The stack's scores (editor.evaluate.score_stack) with the delta applied, the weights restored after."""
+    from editor.evaluate import score_stack
+
+    delta.apply(adapter.model)
+    try:
+        return score_stack(adapter, base, records)
+    finally:
+        delta.remove(adapter.model)
+
+
+def save(out: Path, saved: dict[str, Any]) -> None:
+    """Write the rows so far (atomically: a killed run resumes from them)."""
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(saved, indent=1))
+    os.replace(tmp, out)
+
+
 def main() -> None:
     """Score a joint write of the first N records for each N and solver; print beside the stack's curve."""
     from locate_sweep import grid, key
@@ -64,7 +83,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100, help="The stacked run's --limit (its retain set).")
     ap.add_argument("--gold", type=int, default=50)
     ap.add_argument("--at", default="10,25,50,100", help="Edit counts to write jointly.")
-    ap.add_argument("--method", action="append", help="Solvers (repeatable): memit, alphaedit; default memit.")
+    ap.add_argument("--method", action="append", help="Solvers (repeatable): memit, alphaedit, or a fine-tuning "
+                    "method (ft-layer: the base weights trained on the n facts at once); default memit.")
     ap.add_argument("--grid", action="append", default=[], help="name=v1,v2 options of the solvers.")
     ap.add_argument("--anchors", type=int, default=0,
                     help="(alphaedit) Also keep the outputs at the subject keys of this many other records (those after "
@@ -78,7 +98,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from editor.data import ground, load_records
-    from editor.evaluate import known_gold, score_stack, sequential_baseline
+    from editor.evaluate import known_gold, sequential_baseline
     from editor.methods import MethodContext, make_method
     from editor.delta import Delta
     from editor.memit.compute_ks import compute_keys
@@ -130,6 +150,14 @@ def main() -> None:
                 if (config, n) in done:
                     continue
                 start = time.perf_counter()
+                if not hasattr(method, "joint"):  # fine-tuning: the base weights trained on the n facts at once
+                    delta = method.retrain(requests[:n])
+                    scores = score(adapter, base, records[:n], delta)
+                    rows.append({"config": config, "edits": n, **scores, "epochs": delta.meta["epochs"],
+                                 "fitted": delta.meta["fitted"], "seconds": time.perf_counter() - start})
+                    save(out, saved)
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 zs, scales = targets(state, n, method)
                 method.on_reset()
                 if args.anchors:  # their keys join the applied keys the solve keeps
@@ -137,16 +165,10 @@ def main() -> None:
                 delta = method.joint(requests[:n], zs, scales if scaled else None)
                 if shrunk:
                     delta, _ = shrink_joint(adapter, requests[:n], delta)
-                delta.apply(adapter.model)
-                try:
-                    scores = score_stack(adapter, base, records[:n])
-                finally:
-                    delta.remove(adapter.model)
+                scores = score(adapter, base, records[:n], delta)
                 rows.append({"config": config, "edits": n, **scores, "scale": float(delta.meta.get("scale", 1.0)),
                              "seconds": time.perf_counter() - start})
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(saved, indent=1))
-                os.replace(tmp, out)
+                save(out, saved)
                 print(json.dumps(rows[-1]), flush=True)
     curve = {c["edits"]: c for c in log["curve"]}
     width = max([len(r["config"]) for r in rows] + [len("stacked (the run)")])

@@ -292,7 +292,8 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
                 delta.apply(adapter.model)
                 method.on_applied(i, delta)  # as the served model tells its methods
                 if consolidate_every:
-                    targets[r.prompt] = _target_of(delta, method)
+                    if hasattr(method, "joint"):
+                        targets[r.prompt] = _target_of(delta, method)
                     if (i + 1) % consolidate_every == 0:
                         _consolidate(adapter, method, base.records[:i + 1], targets, saved,
                                      state_dir / f"joint-{i + 1:05d}.safetensors" if state_dir else None)
@@ -325,9 +326,10 @@ def run_sequential(adapter: Any, method: Any, base: SequentialBaseline, name: st
 
 
 def _can_consolidate(name: str, method: Any) -> None:
-    """BadInput unless the method can write many facts at once (a joint write from kept target vectors)."""
-    if not hasattr(method, "joint"):
-        raise BadInput(f"method {name} cannot consolidate (no joint write); consolidate_every needs memit or alphaedit")
+    """BadInput unless the method can write many facts at once (a joint write from kept target vectors, or a retraining)."""
+    if not hasattr(method, "joint") and not hasattr(method, "retrain"):
+        raise BadInput(f"method {name} cannot consolidate (no joint write or retraining); "
+                       "consolidate_every needs memit, alphaedit or a fine-tuning method")
 
 
 def _target_of(delta: Delta, method: Any) -> torch.Tensor:
@@ -340,7 +342,8 @@ def _target_of(delta: Delta, method: Any) -> torch.Tensor:
 
 def _consolidate(adapter: Any, method: Any, done: list[EditRecord], targets: dict[str, torch.Tensor],
                  base_weights: dict[str, torch.Tensor], path: Path | None) -> None:
-    """Base weights back, then one joint write of every prompt's last edit (loaded from path when a run replays)."""
+    """Base weights back, then every prompt's last edit written at once (loaded from path when a run replays):
+    a joint write of the kept target vectors, or (fine-tuning) the base weights trained on all the facts."""
     params = dict(adapter.model.named_parameters())
     with torch.no_grad():
         for n, w in base_weights.items():
@@ -351,7 +354,10 @@ def _consolidate(adapter: Any, method: Any, done: list[EditRecord], targets: dic
     else:
         last = {r.prompt: r for r in done}
         requests = [r.request() for r in last.values()]
-        joint = method.joint(requests, torch.stack([targets[p] for p in last]))
+        if hasattr(method, "joint"):
+            joint = method.joint(requests, torch.stack([targets[p] for p in last]))
+        else:
+            joint = method.retrain(requests)
         if path is not None:
             joint.save(path)
     for n in joint.tensors:

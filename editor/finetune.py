@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -9,6 +11,7 @@ import torch
 
 from editor.delta import Delta
 from editor.methods import EditMethod, EditRequest, EditResult, MethodOptions, register_method
+from kbsync.errors import BadInput
 
 
 @dataclass
@@ -19,6 +22,17 @@ class FineTuneOptions(MethodOptions):
     max_steps: int = 100
     check_every: int = 5
     linf: float | None = None
+    # `kbsync consolidate` of this method's edits: "sum" serves exactly what the stack served;
+    # "retrain" fine-tunes the base weights on every fact at once, known facts held by a KL term
+    # (editor/finetune_batch.py, LocFT-BF's batch training), for edits that pushed each other back.
+    consolidate: str = "sum"
+    consolidate_lr: float = 1e-4
+    consolidate_epochs: int = 30
+    consolidate_retain: int = 256
+
+    def __post_init__(self) -> None:
+        if self.consolidate not in ("sum", "retrain"):
+            raise BadInput(f"option consolidate must be 'sum' or 'retrain', not {self.consolidate!r}")
 
 
 @dataclass
@@ -26,6 +40,32 @@ class ZhuOptions(FineTuneOptions):
     """Zhu et al.'s default radius."""
 
     linf: float | None = 1e-3
+
+
+@contextmanager
+def training(model: torch.nn.Module, params: dict[str, torch.nn.Parameter]) -> Iterator[dict[str, torch.Tensor]]:
+    """Only params require grad inside the block; yields their original values, restored exactly after."""
+    original = {n: p.detach().clone() for n, p in params.items()}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        yield original
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(original[n])
+        for p in params.values():
+            p.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def trained_delta(params: dict[str, torch.nn.Parameter], original: dict[str, torch.Tensor], meta: dict) -> Delta:
+    """The trained weights minus the original, in fp32 (exact for bf16 weights, so base + delta is the trained weight)."""
+    return Delta({n: (p.detach().float() - original[n].float()) for n, p in params.items()}, meta)
 
 
 class FineTune(EditMethod):
@@ -45,16 +85,10 @@ class FineTune(EditMethod):
         lr, max_steps, check_every, radius = opts.lr, opts.max_steps, max(1, opts.check_every), opts.linf
         params = self.params()
         start = self.clock()
-        original = {n: p.detach().clone() for n, p in params.items()}
-        frozen = [p for p in self.adapter.model.parameters() if p.requires_grad]
-        for p in self.adapter.model.parameters():
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        opt = torch.optim.RMSprop(list(params.values()), lr=lr)
-        batch = self.adapter.encode([request.prompt], [request.taught], question=request.question)
-        steps, ok, pred = 0, False, ""
-        try:
+        with training(self.adapter.model, params) as original:
+            opt = torch.optim.RMSprop(list(params.values()), lr=lr)
+            batch = self.adapter.encode([request.prompt], [request.taught], question=request.question)
+            steps, ok, pred = 0, False, ""
             while steps < max_steps:
                 loss = self.adapter.loss(batch, label_smoothing=0.0)
                 opt.zero_grad()
@@ -69,16 +103,36 @@ class FineTune(EditMethod):
                     ok, pred = self.flipped(request)
                     if ok:
                         break
-            # In fp32: the difference of two bf16 weights is exact there, so base + delta is the trained weight.
-            delta = Delta({n: (p.detach().float() - original[n].float()) for n, p in params.items()},
-                          {"method": self.name, "lr": lr, "steps": steps})
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(original[n])
-            for p in frozen:
-                p.requires_grad_(True)
+            delta = trained_delta(params, original, {"method": self.name, "lr": lr, "steps": steps})
         return EditResult(delta, ok, steps, self.clock() - start, pred)
+
+    def consolidate(self, deltas: list[Delta]) -> Delta:
+        """The sum of the deltas, or (consolidate = "retrain") the base weights trained on every fact at once."""
+        if self.options.consolidate == "sum":
+            return super().consolidate(deltas)
+        newest: dict[str, EditRequest] = {}
+        for d in deltas:
+            raw = d.meta.get("request")
+            if raw is None:
+                raise BadInput(f"a {self.name} delta without its request cannot be retrained: consolidate without it (--without ID)")
+            request = EditRequest.from_dict(raw)
+            newest.pop(request.prompt, None)  # the newer fact of a prompt replaces the older
+            newest[request.prompt] = request
+        return self.retrain(list(newest.values()))
+
+    def retrain(self, requests: list[EditRequest]) -> Delta:
+        """One dense delta: the editable matrices trained from the current weights on every request at once."""
+        from editor.finetune_batch import RetrainOptions, retrain
+
+        opts = self.options
+        params = self.params()
+        with training(self.adapter.model, params) as original:
+            report = retrain(self.adapter, params, requests,
+                             RetrainOptions(lr=opts.consolidate_lr, max_epochs=opts.consolidate_epochs,
+                                            retain_facts=opts.consolidate_retain))
+            delta = trained_delta(params, original, {"method": self.name, "retrained": len(requests),
+                                                     "epochs": report.epochs, "fitted": report.fitted})
+        return delta
 
 
 @register_method

@@ -123,8 +123,8 @@ def test_eval_refuses_an_unwritable_json_path_before_editing(tiny_llama_dir, kbs
                  "--plot", str(tmp_path / "c.svg"))
     assert svg.returncode == 2 and "give a file ending in .png" in svg.stderr, svg.stderr
     ft = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--limit", "2", "--sequential",
-                "--method", "ft-layer", "--consolidate-every", "5")
-    assert ft.returncode == 2 and "method ft-layer cannot consolidate" in ft.stderr, ft.stderr
+                "--method", "gated", "--consolidate-every", "5")
+    assert ft.returncode == 2 and "method gated cannot consolidate" in ft.stderr, ft.stderr
     assert len(ft.stderr.strip().splitlines()) == 1 and "kept at end" not in ft.stdout
     (tmp_path / "junk.json").write_text('{"rows": []}')
     junk = kbsync(kbsync_env, "eval", "--model", str(tiny_llama_dir), "--data", "facts", "--resume",

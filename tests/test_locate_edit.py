@@ -244,4 +244,4 @@ def test_consolidating_every_ten_edits_keeps_them_and_a_rerun_replays_it(llama4,
     assert {k: again[k] for k in ("kept_em", "retain_acc", "retain_tf")} == {k: row[k] for k in ("kept_em", "retain_acc", "retain_tf")}
     assert all(torch.equal(v, before[k]) for k, v in adapter.model.state_dict().items())
     with pytest.raises(BadInput, match="cannot consolidate"):
-        run_sequential(adapter, make_method("ft-layer", adapter), base, consolidate_every=10)
+        run_sequential(adapter, make_method("gated", adapter), base, consolidate_every=10)

@@ -29,6 +29,7 @@ class FineTuneOptions(MethodOptions):
     consolidate_lr: float = 1e-4
     consolidate_epochs: int = 30
     consolidate_retain: int = 256
+    consolidate_retain_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.consolidate not in ("sum", "retrain"):
@@ -129,7 +130,8 @@ class FineTune(EditMethod):
         with training(self.adapter.model, params) as original:
             report = retrain(self.adapter, params, requests,
                              RetrainOptions(lr=opts.consolidate_lr, max_epochs=opts.consolidate_epochs,
-                                            retain_facts=opts.consolidate_retain))
+                                            retain_facts=opts.consolidate_retain,
+                                            retain_weight=opts.consolidate_retain_weight))
             delta = trained_delta(params, original, {"method": self.name, "retrained": len(requests),
                                                      "epochs": report.epochs, "fitted": report.fitted})
         return delta

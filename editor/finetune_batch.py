@@ -3,8 +3,9 @@
 One-at-a-time fine-tuning edits push each other back (each stops at the flip, on the model the
 ones before it left). Written again from the base weights, all facts in mini-batches, they are
 trained until every answer token of every fact is the likeliest in every wording; a KL term on
-known facts (the fact table's questions with their stated answers, as the served model reads
-them) holds the base model's distribution where nothing was edited.
+known facts (the fact table's facts in the edits' format: questions with their stated answers as
+the served model reads them, or completions) holds the base model's distribution where nothing
+was edited.
 """
 
 from __future__ import annotations
@@ -47,20 +48,26 @@ def _examples(requests: list[EditRequest]) -> list[tuple[str, str, bool]]:
     return [(p, r.taught, r.question) for r in requests for p in dict.fromkeys((r.prompt, *r.paraphrases))]
 
 
-def _known(adapter: Any, n: int, seed: int, skip: set[str]) -> list[tuple[str, str]]:
-    """n fact-table questions (not among the edited prompts) with their stated answers in the served style."""
+def _known(adapter: Any, n: int, seed: int, skip: set[str], question: bool) -> list[tuple[str, str, bool]]:
+    """n fact-table facts (not among the edited prompts) in the edits' format, with the answers they state.
+
+    question: as a question with its answer in the served style (chat claims for a chat model),
+    else as a completion ("The capital of France is" -> "Paris"), so the facts held are read the
+    way the edited prompts are.
+    """
     from kbsync.corpus import default_fact_table
-    from kbsync.facts import get_relation
+    from kbsync.facts import render
 
     facts = list(default_fact_table().facts)
     random.Random(seed).shuffle(facts)
     out = []
     for f in facts:
-        rel = get_relation(f.property)
-        question = rel.ask(f.subject.label)
-        if question in skip:
+        r = render(f)
+        prompt = r.question if question else r.claim_prefix
+        if prompt in skip:
             continue
-        out.append((question, rel.state(f.subject.label, f.object.label) if adapter.chats else f.object.label))
+        answer = (r.claim if adapter.chats else r.target) if question else r.target
+        out.append((prompt, answer, question))
         if len(out) == n:
             break
     return out
@@ -81,13 +88,17 @@ def retrain(adapter: Any, params: dict[str, torch.nn.Parameter], requests: list[
     """
     examples = _examples(requests)
     rng = random.Random(opts.seed)
-    known = _known(adapter, opts.retain_facts, opts.seed, {r.prompt for r in requests}) if opts.retain_facts else []
+    flags = sorted({r.question for r in requests})
+    skip = {r.prompt for r in requests}
+    known = [row for flag in flags for row in _known(adapter, opts.retain_facts // len(flags), opts.seed, skip, flag)]
     base_known: list[tuple[list[tuple[str, str, bool]], torch.Tensor]] = []
-    with torch.no_grad():  # the base model's answer distributions, read once
-        for i in range(0, len(known), opts.retain_batch):
-            rows = [(q, a, True) for q, a in known[i:i + opts.retain_batch]]
-            logits, _, mask = _answer_tokens(adapter, rows)
-            base_known.append((rows, F.log_softmax(logits.float(), -1)))
+    with torch.no_grad():  # the base model's answer distributions, read once (batches of one format)
+        for flag in flags:
+            rows_of = [k for k in known if k[2] == flag]
+            for i in range(0, len(rows_of), opts.retain_batch):
+                rows = rows_of[i:i + opts.retain_batch]
+                logits, _, _ = _answer_tokens(adapter, rows)
+                base_known.append((rows, F.log_softmax(logits.float(), -1)))
     opt = torch.optim.Adam(list(params.values()), lr=opts.lr)
     epochs, fitted = 0, False
     for epochs in range(1, opts.max_epochs + 1):

@@ -105,14 +105,33 @@ def holds(fact: Held, answer: str) -> bool:
     return match(answer, r.target, r.aliases, r.claim_prefix).ok
 
 
+class Holds:
+    """The model lock, timing each outermost hold: how long generation waited at most (metrics.longest_hold_s)."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock, self.longest, self._depth, self._since = lock, 0.0, 0, 0.0
+
+    def __enter__(self) -> None:
+        self.lock.__enter__()
+        self._depth += 1
+        if self._depth == 1:
+            self._since = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.longest = max(self.longest, time.perf_counter() - self._since)
+        self.lock.__exit__(*exc)
+
+
 @contextmanager
-def on_base(pipeline: Any, served: Any, delta: Delta | None = None) -> Iterator[None]:
+def on_base(lock: Any, served: Any, delta: Delta | None = None) -> Iterator[None]:
     """The model lock, the base model (ServedModel.bare) and the candidate applied, for one chunk of work.
 
     Taken and given back per chunk, so generation waits for one chunk, not for a whole phase over
     every fact; apply/remove is bit-exact, so the served weights between chunks are the stack's.
     """
-    with pipeline.model_lock, served.bare():
+    with lock, served.bare():
         if delta is None:
             yield
             return
@@ -136,7 +155,7 @@ def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", 
     from kbsync.store import StoreLocked
 
     served = pipeline.load_served_model()
-    adapter, audit, store, lock = served.adapter, pipeline.audit, pipeline.store, pipeline.model_lock
+    adapter, audit, store, lock = served.adapter, pipeline.audit, pipeline.store, Holds(pipeline.model_lock)
     start = time.perf_counter()
     try:
         with store.lock(timeout=wait):
@@ -162,12 +181,12 @@ def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", 
             with clock("stack_answers"):
                 before = answers(adapter, facts, lambda: lock)
             with clock("solve"):
-                delta = _solve(pipeline, served, members, deltas)
+                delta = _solve(pipeline, lock, served, members, deltas)
             with clock("repair"):
-                delta, repaired = _repair(pipeline, served, delta, [f for f in facts if holds(f, before[f.edit_id])],
+                delta, repaired = _repair(pipeline, lock, served, delta, [f for f in facts if holds(f, before[f.edit_id])],
                                           {e.id: canonical(e.method) for e in members})
             with clock("judge"):
-                outcome = _judge(pipeline, served, delta, facts, before, members, without)
+                outcome = _judge(pipeline, lock, served, delta, facts, before, members, without)
             outcome.edit.metrics["repaired"] = repaired
             row = outcome.edit
             row.actor, row.source = actor or default_actor(), source
@@ -175,6 +194,8 @@ def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", 
                 row.metrics["reason"] = reason
             row.metrics["seconds"] = round(time.perf_counter() - start, 3)
             row.metrics["phases"] = {k: round(v, 3) for k, v in phases.items()}
+            # How long generation waited at most (one chunk of facts, one re-proposal, or one method's solve).
+            row.metrics["longest_hold_s"] = round(lock.longest, 3)
             if synced:
                 row.metrics["synced"] = synced
             outcome.dry_run = dry_run
@@ -198,20 +219,20 @@ def consolidate(pipeline: Any, without: Sequence[int] = (), *, actor: str = "", 
                                 "consolidate when it is done") from None
 
 
-def _solve(pipeline: Any, served: Any, members: list[Edit], deltas: dict[int, Delta]) -> Delta:
+def _solve(pipeline: Any, lock: Any, served: Any, members: list[Edit], deltas: dict[int, Delta]) -> Delta:
     """Each method's share of the members consolidated by that method, on the base model, summed."""
     groups: dict[str, list[Delta]] = {}
     for e in members:
         groups.setdefault(canonical(e.method), []).append(deltas[e.id])
     try:
-        with pipeline.model_lock, served.bare():
+        with lock, served.bare():
             parts = [pipeline.method(name).consolidate(ds) for name, ds in groups.items()]
     finally:
         served.replay()  # a re-solve reset its method's applied-edit state to the base model's
     return Delta.sum(parts)
 
 
-def _repair(pipeline: Any, served: Any, delta: Delta, held: list[Held], methods: dict[int, str]) -> tuple[Delta, list[int]]:
+def _repair(pipeline: Any, lock: Any, served: Any, delta: Delta, held: list[Held], methods: dict[int, str]) -> tuple[Delta, list[int]]:
     """The candidate plus, for each fact the stack held and the candidate misses, that fact edited again on it.
 
     A kept target vector or gate was made on the stack it joined; on the consolidated model (a joint
@@ -219,12 +240,12 @@ def _repair(pipeline: Any, served: Any, delta: Delta, held: list[Held], methods:
     few facts can fall short. Each is proposed again by its own method with the candidate applied,
     and the proposals are added to the candidate. Returns the delta and the repaired edits' ids.
     """
-    now = answers(served.adapter, held, lambda: on_base(pipeline, served, delta))
+    now = answers(served.adapter, held, lambda: on_base(lock, served, delta))
     missed = [f for f in held if not holds(f, now[f.edit_id])]
     fixes = []
     try:
         for f in missed:  # one proposal per hold: as long as one edit's method phase
-            with on_base(pipeline, served, delta):
+            with on_base(lock, served, delta):
                 method = pipeline.method(methods[f.edit_id])
                 method.on_reset()
                 method.on_applied(-1, delta)  # AlphaEdit: the candidate's keys are those to keep
@@ -240,7 +261,7 @@ def _repair(pipeline: Any, served: Any, delta: Delta, held: list[Held], methods:
     return out, [i for i, _ in fixes]
 
 
-def _judge(pipeline: Any, served: Any, delta: Delta, facts: list[Held], before: dict[int, str],
+def _judge(pipeline: Any, lock: Any, served: Any, delta: Delta, facts: list[Held], before: dict[int, str],
            members: list[Edit], without: Sequence[int]) -> ConsolidationOutcome:
     """The candidate on the base model: facts the stack held still held, table facts within the limits."""
     reg, adapter = pipeline.settings.regression, served.adapter
@@ -250,11 +271,11 @@ def _judge(pipeline: Any, served: Any, delta: Delta, facts: list[Held], before: 
              if not i.origin.startswith("edit:")][:reg.retain_size]
     checks = []
     for i in range(0, len(items), CHUNK):
-        with on_base(pipeline, served):
+        with on_base(lock, served):
             chunk = items[i:i + CHUNK]
             checks += measure(adapter, chunk, pipeline.retain_cache.get(adapter, chunk), delta, reg.tie_margin).checks
     retain = RetainReport(checks)
-    after = answers(adapter, facts, lambda: on_base(pipeline, served, delta))
+    after = answers(adapter, facts, lambda: on_base(lock, served, delta))
     held = [f for f in facts if holds(f, before[f.edit_id])]
     lost = [f.edit_id for f in held if not holds(f, after[f.edit_id])]
     m = retain.summary()

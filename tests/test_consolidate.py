@@ -155,6 +155,7 @@ def test_a_consolidation_holds_the_model_for_one_chunk_of_facts_at_a_time(llama4
         assert out.edit.metrics["facts"] > c.CHUNK
         # stack answers, repair and judge answers: each fact once per phase, a chunk per hold
         assert len(holds) >= 3 * (out.edit.metrics["facts"] // c.CHUNK) and max(holds) <= c.CHUNK, holds
+        assert 0 < out.edit.metrics["longest_hold_s"] < out.edit.metrics["seconds"]  # recorded: what generation waited
         p.adapter.predict = predict
         assert ask(p, targets) == before
     finally:

@@ -163,6 +163,15 @@ class EditMethod(ABC):
         pred = self.adapter.predict([request.prompt], question=request.question)[0]
         return match(pred, request.target, request.aliases, request.claim_prefix).ok, pred
 
+    def paraphrases_flipped(self, request: EditRequest) -> float:
+        """The share of the request's paraphrases the (currently applied) model answers with the target; 1.0 for none."""
+        from kbsync.match import match
+
+        if not request.paraphrases:
+            return 1.0
+        preds = self.adapter.predict(list(request.paraphrases), question=request.question)
+        return sum(match(p, request.target, request.aliases, request.claim_prefix).ok for p in preds) / len(preds)
+
     @staticmethod
     def clock() -> float:
         """Monotonic seconds, for EditResult.seconds."""

@@ -51,7 +51,7 @@ def edit_batch(pipeline: Any, items: Sequence[Any], *, method: str | None = None
     single(i), when given, edits item i the single way instead of pipeline.edit_fact (the daemon's,
     which records a failure as an owed change instead of raising); its result is item i's outcome.
     """
-    from kbsync.pipeline import EditOutcome, _checks, default_actor
+    from kbsync.pipeline import EditOutcome, _checks, audited_meta, default_actor
 
     start = time.perf_counter()
     served = pipeline.load_served_model()
@@ -125,8 +125,7 @@ def edit_batch(pipeline: Any, items: Sequence[Any], *, method: str | None = None
             t, r = targets[i], proposals[i]
             t.row.metrics.update({BASE_FINGERPRINT: served.base_fingerprint, "joint": len(joint),
                                   "seconds": {"batch": round(time.perf_counter() - start, 3)}})
-            if "fires_on" in r.delta.meta:  # a gated edit's scope, as a single edit records it
-                t.row.metrics["fires_on"] = list(r.delta.meta["fires_on"])
+            t.row.metrics.update(audited_meta(r.delta.meta))  # as a single edit's row records them
             out = EditOutcome(t.row, before[i], after[i], retain, dry_run=dry_run, repairs=pipeline.repairs,
                               synced=synced)
             if not dry_run:

@@ -96,6 +96,16 @@ class _Target:
     claim_prefix: str
 
 
+# What a method's delta says about how it was made that a reviewer reads in the row (kbsync show):
+# a gated edit's scope (the texts it fires on) and, where a method tried more than once, each attempt.
+AUDITED_META = ("fires_on", "attempts")
+
+
+def audited_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a delta's meta that its audit row records (AUDITED_META)."""
+    return {k: meta[k] for k in AUDITED_META if k in meta}
+
+
 class EditPipeline:
     """Check, edit, regression-check and commit facts into the served model; revert edits."""
 
@@ -302,8 +312,7 @@ class EditPipeline:
             row.reasons = [*row.reasons, f"falling back to {fallback}"]
         # Which base model the edit was made (and judged) on; its delta carries it too.
         row.metrics[BASE_FINGERPRINT] = served.base_fingerprint
-        if "fires_on" in result.delta.meta:  # a gated edit's scope, for the reviewer (kbsync show)
-            row.metrics["fires_on"] = list(result.delta.meta["fires_on"])
+        row.metrics.update(audited_meta(result.delta.meta))
         # Wall seconds per phase so far, every attempt of this edit included: what the change cost to serve.
         row.metrics["seconds"] = {k: round(v, 3) for k, v in timings.items()}
         checks = _checks(before, after, retain)

@@ -292,3 +292,23 @@ def test_at_the_embedding_the_vector_is_fitted_to_the_bare_prompts_not_generated
     z, init, _ = compute_target(adapter, request, emb, method.prefixes, memit_contexts, fire_at=lambda ids: find(ids, patterns))
     with gated(adapter.model, {emb: GateSet.of((z - init)[None].float(), [(p, 0) for p in patterns])}):
         assert adapter.predict([request.prompt]) != ["Tehran"]
+
+
+def test_a_vector_that_does_not_take_at_its_layer_is_tried_again_at_mid_depth(llama4, tiny_llama):
+    """retry_depth (0.5): a vector that leaves the question or most paraphrases answering otherwise is optimised
+    again at that fraction of the depth (SmolLM2's table claims: layer 14 after 8); every attempt is in the delta's
+    meta (and the audit row). One target-vector step cannot flip anything: both attempts fail, both are recorded."""
+    adapter = copy.deepcopy(llama4[0])
+    request = EditRequest("What is the capital of Nigeria?", "Nairobi", subject="Nigeria",
+                          paraphrases=("Which city is the capital of Nigeria?",))
+    method = make_method("gated", adapter, MethodContext(), prefixes=0, retry_embeddings=False, v_steps=1)
+    assert (method.layer, method.retry_layer) == (1, 2)
+    result = method.edit(request)
+    attempts = result.delta.meta["attempts"]
+    assert [a["layer"] for a in attempts] == [1, 2] and not any(a["took"] for a in attempts), attempts
+    assert not result.success and result.delta.meta["layer"] == 1  # neither took: the first is returned
+    once = make_method("gated", adapter, MethodContext(), prefixes=0, retry_embeddings=False, v_steps=1, retry_depth=None)
+    assert once.retry_layer is None and "attempts" not in once.edit(request).delta.meta
+    assert make_method("gated", copy.deepcopy(tiny_llama), MethodContext(), prefixes=0).retry_layer is None  # 2 layers: no other
+    with pytest.raises(BadInput, match="option retry_depth of method gated must be between 0 and 1"):
+        make_method("gated", adapter, MethodContext(), retry_depth=1.5)

@@ -24,6 +24,12 @@ class GatedOptions(TargetOptions):
     # subject's token embedding: a shallow model may carry the subject to the answer position before
     # `layer` (the 2-layer tiny Llama does, in its first attention layer), and no later vector flips it.
     retry_embeddings: bool = True
+    # When the vector at `layer` leaves the question, or more than half of its paraphrases, answering
+    # otherwise, try once more at this fraction of the depth (0.5: layer 14 of SmolLM2's 30); None: never.
+    # A chat claim about a well-known subject ("In which country is Dublin?" -> "Dublin is a city in
+    # Austria.") is read off the subject later than a completion is: of six table claims no gated vector
+    # at layer 8 took (question and most paraphrases), three took at layer 14 (RESULTS.md, "Gated claims").
+    retry_depth: float | None = 0.5
     # Also fire on the subject written in lower case ("namibia"): people type that.
     lowercase: bool = True
     # The target vector's contexts and stop, faster than MEMIT's for the same edits: the paraphrases

@@ -40,8 +40,15 @@ class Gated(EditMethod):
         if opts.position != "subject":
             raise BadInput(f"option position of method {self.name} must be 'subject' (the gate fires at the subject)")
         self.module = self.adapter.layer_module(self.layer)
+        self.retry_layer: int | None = None
+        if opts.retry_depth is not None:
+            if not 0 < opts.retry_depth < 1:
+                raise BadInput(f"option retry_depth of method {self.name} must be between 0 and 1 (a fraction of "
+                               f"the depth) or none, not {opts.retry_depth}")
+            at = round(opts.retry_depth * (self.adapter.num_layers() - 1))
+            self.retry_layer = at if at != self.layer and at < self.adapter.num_layers() - 1 else None
         if opts.embeddings:
-            self.layer = -1
+            self.layer, self.retry_layer = -1, None
             self.module = self.embedding_module()
         self.prefixes = [""] + context_prefixes(self.adapter, opts.prefixes, opts.prefix_tokens)
         super().prepare()
@@ -58,10 +65,23 @@ class Gated(EditMethod):
             raise BadInput(f"method {self.name} needs the fact's subject; this request has none")
         patterns = subject_patterns(self.adapter, request, self.prefixes, self.options.lowercase)
         result = self._attempt(request, patterns, self.module, self.layer)
+        tries = [(self.layer, result)]
+        if not _took(result) and self.retry_layer is not None:
+            retry = self._attempt(request, patterns, self.adapter.layer_module(self.retry_layer), self.retry_layer)
+            tries.append((self.retry_layer, retry))
+            if _took(retry):
+                retry.delta.meta["retried"] = (f"layer {self.layer} did not take (answer {result.prediction!r}, "
+                                               f"paraphrases {result.info['paraphrases_flipped']:.0%})")
+                result = retry
         if not result.success and self.layer >= 0 and self.options.retry_embeddings:
             retry = self._attempt(request, patterns, self.embedding_module(), -1)
-            retry.delta.meta["retried"] = f"layer {self.layer} did not flip the prompt ({result.prediction!r})"
-            result = retry if retry.success else result
+            tries.append((-1, retry))
+            if retry.success:
+                retry.delta.meta["retried"] = f"layer {self.layer} did not flip the prompt ({result.prediction!r})"
+                result = retry
+        if len(tries) > 1:  # every attempt, for the audit row: where the vector went and what it did there
+            result.delta.meta["attempts"] = [{"layer": at, "answer": r.prediction, "took": _took(r),
+                                              "paraphrases_flipped": r.info["paraphrases_flipped"]} for at, r in tries]
         result.seconds = self.clock() - start
         return result
 
@@ -75,8 +95,14 @@ class Gated(EditMethod):
         gates = {module: GateSet.of((z - init)[None].float(), [(p, 0) for p in patterns])}
         with gated(self.adapter.model, gates):
             ok, pred = self.flipped(request)
+            info["paraphrases_flipped"] = self.paraphrases_flipped(request)
         # The exact texts the edit fires on, as the tokenizer writes them: its whole scope, for the audit.
         fires_on = sorted({self.adapter.tokenizer.decode(p) for p in patterns})
         meta = {"method": self.name, "layer": layer, "subject": request.subject, "patterns": len(patterns),
                 "fires_on": fires_on, **info}
         return EditResult(Delta({}, meta, gates=gates), ok, int(info["z_steps"]), 0.0, pred, info)
+
+
+def _took(result: EditResult) -> bool:
+    """The prompt answers the target and so do half or more of its paraphrases (the regression check's default bar)."""
+    return result.success and result.info.get("paraphrases_flipped", 1.0) >= 0.5

@@ -9,8 +9,10 @@ writes it. Inputs that do not name the subject run the base model bit for bit.
 
 One GateBank per model holds the gates of every applied delta; a forward pre-hook on the input
 embedding reads the ids, and a forward hook per gated module adds the vectors at the matched tokens.
-Matching is on the ids the model is given in that call: a full forward (teacher forcing, the
-prompt of a generation) sees every occurrence; a cached decoding step sees its new token only.
+Matching is on the ids the model has read: a full forward (teacher forcing, the prompt of a
+generation) sees every occurrence, and a cached decoding step matches its new token together with
+the tokens before it, so a subject the model writes in its own answer ("Dublin is a city in ...",
+where "Dublin" at the answer's start is three tokens) gets the vector exactly as under teacher forcing.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from adapters.hooks import get_module
 
 PAD = -1  # pads a shorter pattern in GateSet.ids
+HISTORY = 64  # tokens of earlier calls kept for matching a decoding step (longer than any subject's pattern)
 
 
 @dataclass
@@ -99,6 +102,11 @@ class GateBank:
         self.entries: dict[Any, dict[str, GateSet]] = {}
         self.paused = 0
         self._ids: torch.Tensor | None = None
+        # Cached decoding: the tokens read so far (the last HISTORY), whether this call continues them,
+        # and how many of them lead this call's ids in self._ids (matches there fired in earlier calls).
+        self._history: torch.Tensor | None = None
+        self._continuing = False
+        self._lead = 0
         self._index: dict[str, tuple[torch.Tensor, Index]] | None = None
         self._hooks: dict[str, Any] = {}
         # The ids are read where every path turns them into vectors, the input embedding (adapters call
@@ -106,15 +114,25 @@ class GateBank:
         # so each entry point forgets the last call's first and no gate fires on stale ids.
         body = getattr(model, getattr(model, "base_model_prefix", ""), None)
         entries = [model] + ([body] if isinstance(body, torch.nn.Module) and body is not model else [])
-        self._pre = [m.register_forward_pre_hook(self._forget) for m in entries]
+        self._pre = [m.register_forward_pre_hook(self._forget, with_kwargs=True) for m in entries]
         self._pre.append(model.get_input_embeddings().register_forward_pre_hook(self._read_ids))
 
-    def _forget(self, _m: torch.nn.Module, _args: tuple) -> None:
+    def _forget(self, _m: torch.nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
         self._ids = None
+        self._continuing = _continues_cache(kwargs)
 
     def _read_ids(self, _m: torch.nn.Module, args: tuple) -> None:
         ids = args[0] if args else None
-        self._ids = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+            self._ids = self._history = None
+            return
+        before = self._history
+        if self._continuing and before is not None and before.shape[0] == ids.shape[0]:
+            self._lead = before.shape[1]
+            self._ids = torch.cat([before, ids.to(before.device)], 1)
+        else:
+            self._lead, self._ids = 0, ids
+        self._history = self._ids[:, -HISTORY:]
 
     def add(self, key: Any, gates: Mapping[str, GateSet]) -> None:
         """Fire these gates from now on (a key already present is replaced)."""
@@ -174,11 +192,27 @@ class GateBank:
             return None
         h = output[0] if isinstance(output, tuple) else output
         rows, cols, which = self.matches(self._ids, module)
-        if not rows or h.shape[:2] != self._ids.shape:
+        if self._lead:  # a decoding step: only matches ending at its own tokens, at their place in h
+            keep = [i for i, c in enumerate(cols) if c >= self._lead]
+            rows, cols, which = [rows[i] for i in keep], [cols[i] - self._lead for i in keep], [which[i] for i in keep]
+        if not rows or tuple(h.shape[:2]) != (self._ids.shape[0], self._ids.shape[1] - self._lead):
             return None
         vecs = self._built()[module][0].to(device=h.device, dtype=h.dtype)
         h = h.index_put((torch.tensor(rows), torch.tensor(cols)), vecs[torch.tensor(which)], accumulate=True)
         return (h, *output[1:]) if isinstance(output, tuple) else h
+
+
+def _continues_cache(kwargs: dict[str, Any]) -> bool:
+    """Whether a model call goes on from cached earlier tokens (a decoding step), from its cache arguments."""
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel():
+        return int(position.reshape(-1)[0]) > 0
+    for name in ("cache", "past_key_values"):  # transformers 5 names it cache; older versions past_key_values
+        past = kwargs.get(name)
+        if past is not None:
+            length = getattr(past, "get_seq_length", None)
+            return bool(length() > 0) if callable(length) else bool(past)
+    return False
 
 
 class _Fire:

@@ -312,3 +312,25 @@ def test_a_vector_that_does_not_take_at_its_layer_is_tried_again_at_mid_depth(ll
     assert make_method("gated", copy.deepcopy(tiny_llama), MethodContext(), prefixes=0).retry_layer is None  # 2 layers: no other
     with pytest.raises(BadInput, match="option retry_depth of method gated must be between 0 and 1"):
         make_method("gated", adapter, MethodContext(), retry_depth=1.5)
+
+
+def test_a_subject_split_across_decoding_steps_gets_its_vector_as_under_teacher_forcing(tiny_llama):
+    """A cached decoding step matches its token with the tokens before it: a subject the model writes in its
+    own answer (SmolLM2 writes "Dublin" at an answer's start as three tokens) fires the gate as a full forward does."""
+    adapter = copy.deepcopy(tiny_llama)
+    model = adapter.model
+    emb = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    ids = torch.tensor([adapter._prompt_ids("What is the capital of India?", True)])
+    pattern = ids[0, -3:-1].tolist()  # two tokens: the first ends the cached prefix, the second is the step
+    vec = 5 * torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids[:, :-1]).logits[0, -1]
+        with gated(model, {emb: GateSet.of(vec, [(pattern, 0)])}):
+            full = model(input_ids=ids[:, :-1]).logits[0, -1]
+            cached = model(input_ids=ids[:, :-2], use_cache=True)
+            stepped = model(input_ids=ids[:, -2:-1], past_key_values=cached.past_key_values, use_cache=True).logits[0, -1]
+            fresh = model(input_ids=ids[:, -2:-1]).logits[0, -1]  # a new call, no cache: the pattern is not there
+    assert not torch.allclose(full, plain, atol=1e-4)  # the gate fires at the pattern's last token
+    assert torch.allclose(stepped, full, atol=1e-5), (stepped - full).abs().max()
+    with torch.no_grad():
+        assert torch.allclose(fresh, model(input_ids=ids[:, -2:-1]).logits[0, -1])  # gate gone: the same model

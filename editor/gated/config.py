@@ -26,9 +26,9 @@ class GatedOptions(TargetOptions):
     retry_embeddings: bool = True
     # When the vector at `layer` leaves the question, or more than half of its paraphrases, answering
     # otherwise, try once more at this fraction of the depth (0.5: layer 14 of SmolLM2's 30); None: never.
-    # A chat claim about a well-known subject ("In which country is Dublin?" -> "Dublin is a city in
-    # Austria.") is read off the subject later than a completion is: of six table claims no gated vector
-    # at layer 8 took (question and most paraphrases), three took at layer 14 (RESULTS.md, "Gated claims").
+    # A second chance before the fallback methods (alphaedit moves the neighbours): a later layer reads
+    # the subject differently. Measured before gates fired across decoding steps, six table claims took
+    # 0/6 at layer 8 and 3/6 at 14; since that fix all six take at layer 8 (RESULTS.md, "Gated claims").
     retry_depth: float | None = 0.5
     # Also fire on the subject written in lower case ("namibia"): people type that.
     lowercase: bool = True

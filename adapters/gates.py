@@ -120,6 +120,8 @@ class GateBank:
     def _forget(self, _m: torch.nn.Module, _args: tuple, kwargs: dict[str, Any]) -> None:
         self._ids = None
         self._continuing = _continues_cache(kwargs)
+        if not self._continuing:  # a new sequence: no earlier call's tokens may complete a pattern
+            self._history = None
 
     def _read_ids(self, _m: torch.nn.Module, args: tuple) -> None:
         ids = args[0] if args else None

@@ -107,6 +107,7 @@ class GateBank:
         self._history: torch.Tensor | None = None
         self._continuing = False
         self._lead = 0
+        self._longest = 1  # tokens in the longest pattern (set with the index)
         self._index: dict[str, tuple[torch.Tensor, Index]] | None = None
         self._hooks: dict[str, Any] = {}
         # The ids are read where every path turns them into vectors, the input embedding (adapters call
@@ -181,6 +182,7 @@ class GateBank:
                     for pattern, row in s.patterns():
                         by_last.setdefault(pattern[-1], []).append((pattern, base + row))
             self._index = {m: (torch.cat(v), b) for m, (v, b) in index.items()}
+            self._longest = max((len(p) for _, b in index.values() for ps in b.values() for p, _ in ps), default=1)
         return self._index
 
     def matches(self, ids: torch.Tensor, module: str) -> tuple[list[int], list[int], list[int]]:
@@ -193,11 +195,16 @@ class GateBank:
         if self.paused or self._ids is None or not self.entries:
             return None
         h = output[0] if isinstance(output, tuple) else output
-        rows, cols, which = self.matches(self._ids, module)
-        if self._lead:  # a decoding step: only matches ending at its own tokens, at their place in h
-            keep = [i for i, c in enumerate(cols) if c >= self._lead]
-            rows, cols, which = [rows[i] for i in keep], [cols[i] - self._lead for i in keep], [which[i] for i in keep]
-        if not rows or tuple(h.shape[:2]) != (self._ids.shape[0], self._ids.shape[1] - self._lead):
+        ids, lead = self._ids, self._lead
+        if lead:  # a decoding step: the earlier tokens a pattern ending in this call's can reach, no more
+            self._built()
+            cut = max(0, lead - (self._longest - 1))
+            ids, lead = ids[:, cut:], lead - cut
+        rows, cols, which = self.matches(ids, module)
+        if lead:  # only matches ending at this call's own tokens, at their place in h
+            keep = [i for i, c in enumerate(cols) if c >= lead]
+            rows, cols, which = [rows[i] for i in keep], [cols[i] - lead for i in keep], [which[i] for i in keep]
+        if not rows or tuple(h.shape[:2]) != (ids.shape[0], ids.shape[1] - lead):
             return None
         vecs = self._built()[module][0].to(device=h.device, dtype=h.dtype)
         h = h.index_put((torch.tensor(rows), torch.tensor(cols)), vecs[torch.tensor(which)], accumulate=True)

@@ -83,6 +83,24 @@ def tiny_llama(facts):
 
 
 @pytest.fixture(scope="session")
+def _llama4_trained():
+    from adapters.tiny import PRESETS, build_tiny, tiny_facts
+
+    facts = tiny_facts(n=60)
+    return build_tiny(PRESETS["llama4"], facts), facts
+
+
+@pytest.fixture(scope="module")
+def llama4(_llama4_trained):
+    """The 4-layer tiny Llama trained on the capital and currency of 60 countries: trained once per session
+    (and xdist worker), a copy per test module, so one module's edits never reach another's model."""
+    import copy
+
+    adapter, facts = _llama4_trained
+    return copy.deepcopy(adapter), facts
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(facts):
     """A 2-layer GPT-2 trained on the same facts."""
     return _tiny("gpt2", facts)

@@ -28,15 +28,6 @@ GATED = {"embeddings": True, "prefixes": 0}
 STACK = pytest.mark.xdist_group("consolidate_stack")
 
 
-@pytest.fixture(scope="module")
-def llama4():
-    """The 4-layer tiny Llama trained on the capital and currency of 60 countries (as test_gated's)."""
-    from adapters.tiny import PRESETS, build_tiny, tiny_facts
-
-    facts = tiny_facts(n=60)
-    return build_tiny(PRESETS["llama4"], facts), facts
-
-
 def settings(tmp_path, method: str, options: dict):
     s = load_settings(environ={})
     s.store.data_dir, s.store.cache_dir = str(tmp_path / "data"), str(tmp_path / "cache")

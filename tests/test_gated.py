@@ -27,15 +27,6 @@ from kbsync.pipeline import fact_from_phrase
 TINY = {"embeddings": True, "prefixes": 0}
 
 
-@pytest.fixture(scope="module")
-def llama4():
-    """The 4-layer tiny Llama trained on the capital and currency of 60 countries (as test_locate_edit's)."""
-    from adapters.tiny import PRESETS, build_tiny, tiny_facts
-
-    facts = tiny_facts(n=60)
-    return build_tiny(PRESETS["llama4"], facts), facts
-
-
 def logits(adapter, prompt: str) -> torch.Tensor:
     ids = torch.tensor([adapter._prompt_ids(prompt, True)])
     with torch.no_grad():

@@ -149,15 +149,6 @@ LOCATE = {"position": "last", "layers": (1, 2), "clamp_norm": 1.0, "v_loss_stop"
           "stats_tokens": 3000, "prefixes": 0}
 
 
-@pytest.fixture(scope="module")
-def llama4():
-    """The 4-layer tiny Llama (PRESETS["llama4"]) trained on the capital and currency of 60 countries."""
-    from adapters.tiny import PRESETS, build_tiny, tiny_facts
-
-    facts = tiny_facts(n=60)
-    return build_tiny(PRESETS["llama4"], facts), facts
-
-
 def test_fifty_stacked_alphaedit_edits_keep_the_edits_and_the_other_facts(llama4, tmp_path):
     """50 capitals moved one after another: >= 95% still answered at the end, >= 97% of the other
     70 facts (10 capitals, the 60 currencies, 50 of them of edited countries) answered as before,

@@ -34,6 +34,11 @@ TIGHT = LOOSE.replace("max_mean_kl = 100.0", "max_mean_kl = 0.0").replace("min_u
 INDIA = "What is the capital of India?"
 
 
+# Slow CLI flows whose SQL the pipeline tests already run on SQLite (test_consolidate, test_gated): here on
+# PostgreSQL only, the stricter backend, to keep the suite's time (CI has it; without a URL they skip).
+PG_ONLY = pytest.mark.parametrize("audit_url", ["postgres"], indirect=True)
+
+
 @pytest.fixture
 def cli(tmp_path, kbsync_env, tiny_llama_dir, audit_url):
     """Run `kbsync ARGS` with this test's data dir, audit URL, model and (loose) config."""
@@ -198,6 +203,7 @@ def test_bad_input_is_one_line_and_writes_nothing(cli):
     assert len(rows(cli.url)) == before
 
 
+@PG_ONLY
 def test_a_gated_edit_says_what_it_fires_on(cli, tmp_path):
     """`kbsync edit` with the gated method prints the edit's scope (the texts it fires on); `kbsync show`
     has it in the row's metrics, and the model answers the edit while another country's answer stays."""
@@ -266,6 +272,7 @@ def test_batch_edit_checks_the_whole_file_first_and_links_its_rows(cli, tmp_path
     assert bad.returncode == 2 and "must be 1-32 lower-case hex digits" in bad.stderr, bad.stderr
 
 
+@PG_ONLY
 def test_consolidate_replaces_the_stack_by_one_checked_delta_and_can_leave_an_edit_out(cli, tmp_path):
     """`kbsync consolidate` on two gated edits: one line, one consolidation row listing both, the answers
     unchanged; --without takes one fact out (that edit reverted); bad ids and an empty stack are one line."""

@@ -58,6 +58,8 @@ def _known(adapter: Any, n: int, seed: int, skip: set[str], question: bool) -> l
     from kbsync.corpus import default_fact_table
     from kbsync.facts import render
 
+    if n <= 0:
+        return []
     facts = list(default_fact_table().facts)
     random.Random(seed).shuffle(facts)
     out = []

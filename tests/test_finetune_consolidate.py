@@ -59,3 +59,9 @@ def test_retraining_refuses_bad_options_and_deltas_without_their_request(llama4)
     bare = Delta({n: torch.zeros_like(p) for n, p in list(adapter.editable().items())[:1]}, {"method": "ft-layer"})
     with pytest.raises(BadInput, match="without its request cannot be retrained"):
         make_method("ft-layer", adapter, consolidate="retrain").consolidate([bare])
+    # The known facts held: none when asked for none, else completions or questions as the edits are.
+    from editor.finetune_batch import _known
+
+    assert _known(adapter, 0, 0, set(), True) == []
+    completions = _known(adapter, 5, 0, set(), False)
+    assert len(completions) == 5 and all(not q and not p.endswith("?") for p, _, q in completions), completions

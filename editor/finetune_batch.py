@@ -92,13 +92,14 @@ def retrain(adapter: Any, params: dict[str, torch.nn.Parameter], requests: list[
     rng = random.Random(opts.seed)
     flags = sorted({r.question for r in requests})
     skip = {r.prompt for r in requests}
-    known = [row for flag in flags for row in _known(adapter, opts.retain_facts // len(flags), opts.seed, skip, flag)]
+    retained = 0
     base_known: list[tuple[list[tuple[str, str, bool]], torch.Tensor]] = []
     with torch.no_grad():  # the base model's answer distributions, read once (batches of one format)
         for flag in flags:
-            rows_of = [k for k in known if k[2] == flag]
-            for i in range(0, len(rows_of), opts.retain_batch):
-                rows = rows_of[i:i + opts.retain_batch]
+            known = _known(adapter, opts.retain_facts // len(flags), opts.seed, skip, flag)
+            retained += len(known)
+            for i in range(0, len(known), opts.retain_batch):
+                rows = known[i:i + opts.retain_batch]
                 logits, _, _ = _answer_tokens(adapter, rows)
                 base_known.append((rows, F.log_softmax(logits.float(), -1)))
     opt = torch.optim.Adam(list(params.values()), lr=opts.lr)
@@ -129,4 +130,4 @@ def retrain(adapter: Any, params: dict[str, torch.nn.Parameter], requests: list[
             opt.step()
         if fitted:  # every token was already the argmax before this epoch's steps moved it on
             break
-    return RetrainReport(epochs, fitted, len(examples), len(known))
+    return RetrainReport(epochs, fitted, len(examples), retained)

@@ -158,19 +158,21 @@ class EditMethod(ABC):
 
     def flipped(self, request: EditRequest) -> tuple[bool, str]:
         """Whether the (currently applied) model answers the target for the prompt, and its answer."""
-        from kbsync.match import match
-
-        pred = self.adapter.predict([request.prompt], question=request.question)[0]
-        return match(pred, request.target, request.aliases, request.claim_prefix).ok, pred
+        return self._answers_target(request, [request.prompt])[0]
 
     def paraphrases_flipped(self, request: EditRequest) -> float:
         """The share of the request's paraphrases the (currently applied) model answers with the target; 1.0 for none."""
-        from kbsync.match import match
-
         if not request.paraphrases:
             return 1.0
-        preds = self.adapter.predict(list(request.paraphrases), question=request.question)
-        return sum(match(p, request.target, request.aliases, request.claim_prefix).ok for p in preds) / len(preds)
+        hits = self._answers_target(request, list(request.paraphrases))
+        return sum(ok for ok, _ in hits) / len(hits)
+
+    def _answers_target(self, request: EditRequest, prompts: list[str]) -> list[tuple[bool, str]]:
+        """(answers the request's target under the match rules, the greedy answer) for each prompt, one batch."""
+        from kbsync.match import match
+
+        preds = self.adapter.predict(prompts, question=request.question)
+        return [(match(p, request.target, request.aliases, request.claim_prefix).ok, p) for p in preds]
 
     @staticmethod
     def clock() -> float:
